@@ -1,0 +1,229 @@
+"""The `lnsp` command: parses, builds the config and calls one function per command.
+
+Heavy modules (numpy, torch, faiss) are imported inside the commands that need
+them, so `lnsp --help` and `lnsp status` answer quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+
+import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
+import click
+
+from lnsp.config import ConfigError, TrainConfig, env_name, resolve
+
+BAD_INPUT, STALLED = 2, 3
+
+
+class Fail(click.ClickException):
+    """One line on stderr and the documented exit code, never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = BAD_INPUT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def user_errors(f):
+    """Map the package's user-facing errors onto one line and an exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from lnsp.data import DataError
+
+        try:
+            return f(*args, **kwargs)
+        except (ConfigError, DataError) as e:
+            raise Fail(str(e)) from None
+        except Exception as e:
+            from lnsp.train import TrainingError
+            from lnsp.launch import LaunchError
+
+            if isinstance(e, LaunchError):
+                raise Fail(str(e), e.exit_code) from None
+            if isinstance(e, TrainingError):
+                raise Fail(str(e), 1) from None
+            if isinstance(e, RuntimeError) and str(e).startswith("device "):
+                raise Fail(str(e)) from None
+            raise
+
+    return wrapper
+
+
+def train_options(f):
+    """One option per TrainConfig field; None means 'not given' so that the
+    environment, .env and the defaults can fill it in."""
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + field.name.replace("_", "-")
+        hint = f"{field.metadata['help']} [{env_name(field.name)}; default {field.default!r}]"
+        if isinstance(field.default, bool):
+            option = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=hint)
+        else:
+            kind = field.metadata["choices"] and click.Choice(field.metadata["choices"])
+            option = click.option(flag, field.name, default=None,
+                                  type=kind or type(field.default), help=hint)
+        f = option(f)
+    return f
+
+
+def config_from(values: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return resolve({k: v for k, v in values.items() if k in names})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(lnsp.__version__)
+def main():
+    """lnsp: train a two-tower retrieval model whose runs cannot hang silently."""
+
+
+@main.group()
+def data():
+    """Data directories."""
+
+
+@data.command("synth")
+@click.option("--out", default="data/demo", show_default=True, help="directory to write")
+@click.option("--chains", default=1000, show_default=True)
+@click.option("--length", default=24, show_default=True, help="vectors per chain")
+@click.option("--dim", default=768, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_synth(out, chains, length, dim, seed):
+    """Write the deterministic demo data set (bank.npy, chains.npz).
+
+    Example: lnsp data synth --out data/demo
+    """
+    from lnsp import synth
+
+    path = synth.write(out, chains=chains, length=length, dim=dim, seed=seed)
+    click.echo(f"wrote {chains * length} x {dim} bank and {chains} chains to {path}")
+
+
+@main.command()
+@train_options
+@user_errors
+def train(**values):
+    """Train in the foreground.
+
+    Example: lnsp train --data data/demo --run-dir runs/demo --epochs 4
+    """
+    from lnsp.train import run
+
+    sys.exit(run(config_from(values)))
+
+
+@main.command()
+@click.option("--batch", default=4, show_default=True, help="windows in the step")
+@click.option("--k", default=100, show_default=True, help="negatives mined")
+@click.option("--dim", default=768, show_default=True, help="vector dimension")
+@click.option("--ctx-len", default=10, show_default=True)
+@click.option("--timeout", default=60.0, show_default=True,
+              help="seconds before an all-thread dump and exit code 3")
+@click.option("--data", "data_dir", default=None, help="a data directory (default: built in memory)")
+@click.option("--threads", default=None, help="thread policy (safe, fast or N)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
+@user_errors
+def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
+    """One training step with per-phase timings and a PROBE RESULT block.
+
+    Example: lnsp probe --batch 4 --k 100 --timeout 60
+    """
+    from lnsp.probe import probe as run_probe
+
+    sys.exit(run_probe(batch=batch, k=k, dim=dim, ctx_len=ctx_len, timeout=timeout,
+                       data_dir=data_dir, threads=threads, as_json=as_json))
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker"]))
+@click.option("--session", default=None, help="tmux session name (default: the run's name)")
+@click.option("--replace", is_flag=True, help="tmux: replace a session of that name")
+@click.option("--image", default=None, help="docker: image (default lnsp:latest)")
+@click.option("--cpus", default=None, type=float, help="docker: CPU limit")
+@click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
+@train_options
+@user_errors
+def launch(backend, session, replace, image, cpus, memory, **values):
+    """Start a detached run and print its run directory.
+
+    Example: lnsp launch tmux --epochs 2 --max-restarts 2
+    """
+    from lnsp.launch import start
+
+    config = config_from(values)
+    options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
+               "memory": memory}
+    info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
+    click.echo(info)
+
+
+@main.command()
+@click.argument("runs", nargs=-1)
+@click.option("--root", default="runs", show_default=True, help="where runs live")
+@click.option("--json", "as_json", is_flag=True)
+def status(runs, root, as_json):
+    """State of every run (or the ones named): running, stalled, finished, stopped, failed.
+
+    Example: lnsp status --json
+    """
+    from lnsp.status import show
+
+    click.echo(show(runs, root, as_json))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--native", is_flag=True, help="add native frames with py-spy")
+@click.option("--root", default="runs", show_default=True)
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the dump")
+@user_errors
+def dump(target, native, root, timeout):
+    """All-thread stack dump of a live run (PID or run directory); the run goes on.
+
+    Example: lnsp dump runs/20260101-120000
+    """
+    from lnsp.operate import dump as do_dump
+
+    click.echo(do_dump(target, root, native, timeout))
+
+
+@main.command()
+@click.argument("run")
+@click.option("--grace", default=30.0, show_default=True, help="seconds before SIGKILL")
+@user_errors
+def stop(run, grace):
+    """SIGTERM, wait for the checkpoint, SIGKILL after the grace period.
+
+    Example: lnsp stop runs/20260101-120000 --grace 30
+    """
+    from lnsp.operate import stop as do_stop
+
+    click.echo(do_stop(run, grace))
+
+
+@main.command()
+@click.argument("run")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+@user_errors
+def logs(run, follow):
+    """Print a run's log.
+
+    Example: lnsp logs runs/20260101-120000 -f
+    """
+    from lnsp.operate import logs as do_logs
+
+    do_logs(run, follow)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json):
+    """Threads, BLAS/OpenMP runtimes, environment and tools, with known hazards named.
+
+    Example: lnsp doctor --json
+    """
+    from lnsp.doctor import report
+
+    click.echo(report(as_json))

@@ -1,0 +1,145 @@
+"""The run configuration: one frozen dataclass, resolved from the command line,
+`LNSP_*` environment variables, `.env` and defaults (in that order of precedence)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lnsp.dotenv import read_dotenv
+from lnsp.threads import parse_policy
+
+
+class ConfigError(ValueError):
+    """One or more fields are invalid; the message names every one of them."""
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = _f("data/demo", "data directory: bank.npy, chains.npz, optional index.faiss")
+    run_dir: str = _f("", "run directory (default runs/<timestamp>)")
+    epochs: int = _f(3, "passes over the training windows")
+    batch_size: int = _f(32, "windows per micro-batch")
+    accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    lr: float = _f(3e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    k: int = _f(100, "hard negatives mined per query")
+    temperature: float = _f(0.05, "InfoNCE temperature")
+    ctx_len: int = _f(10, "context vectors per window")
+    hidden: int = _f(384, "GRU hidden size of the query tower")
+    index: str = _f("flat", "miner index: flat (exact inner product) or ivf", ("flat", "ivf"))
+    nlist: int = _f(256, "IVF lists (index ivf)")
+    nprobe: int = _f(8, "IVF lists searched per query (index ivf)")
+    threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")
+    device: str = _f("cpu", "device of the towers: cpu, cuda, mps or auto", ("cpu", "cuda", "mps", "auto"))
+    seed: int = _f(0, "seed of data order, initialisation and split")
+    workers: int = _f(0, "DataLoader worker processes (started with spawn, never fork)")
+    val_fraction: float = _f(0.1, "fraction of chains held out for evaluation")
+    eval_windows: int = _f(2000, "held-out windows evaluated per epoch (0 = all)")
+    log_every: int = _f(20, "optimizer steps between log lines")
+    max_steps: int = _f(0, "stop after this many optimizer steps in all (0 = no cap)")
+    stall_timeout: float = _f(120.0, "seconds without an optimizer step before the watchdog fires")
+    startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
+    on_stall: str = _f("dump", "on a stall: dump (and keep waiting) or exit (code 3)", ("dump", "exit"))
+    max_restarts: int = _f(0, "restarts of a stalled or crashed run (launchers)")
+    mem_margin_mb: float = _f(512.0, "resident growth past the first epoch that is logged as a leak")
+    resume: bool = _f(False, "continue from the run directory's last.pt")
+
+    def validate(self) -> None:
+        """Raise one ConfigError naming every invalid field."""
+        problems = []
+        positive = ("epochs", "batch_size", "accum_steps", "k", "ctx_len", "hidden", "nlist",
+                    "nprobe", "log_every", "lr", "temperature", "stall_timeout", "startup_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        for name in ("workers", "max_steps", "max_restarts", "eval_windows", "weight_decay",
+                     "mem_margin_mb"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} must be one of {', '.join(choices)} "
+                                f"(got {getattr(self, f.name)!r})")
+        try:
+            parse_policy(self.threads)
+        except ValueError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags that reproduce this configuration exactly."""
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool" or isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    return "LNSP_" + field_name.upper()
+
+
+def _convert(f: dataclasses.Field, raw: str, source: str):
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def resolve(cli: dict | None = None, environ: dict | None = None,
+            dotenv_path: str | Path = ".env") -> TrainConfig:
+    """Command line > environment > .env > defaults, then validate."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    dotenv = read_dotenv(dotenv_path)
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        name = env_name(f.name)
+        if f.name in cli:
+            values[f.name] = cli[f.name]
+        elif name in environ:
+            values[f.name] = _convert(f, environ[name], name)
+        elif name in dotenv:
+            values[f.name] = _convert(f, dotenv[name], f".env {name}")
+    config = TrainConfig(**values)
+    if not config.run_dir:
+        config = config.replace(run_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+    config.validate()
+    return config
+
+
+def load(path: str | Path) -> TrainConfig:
+    """The configuration stored in a run directory's config.json or a checkpoint."""
+    data = json.loads(Path(path).read_text()) if not isinstance(path, dict) else path
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data.items() if k in known})

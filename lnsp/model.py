@@ -1,0 +1,43 @@
+"""The query tower: a GRU over the context window, pooled, LayerNorm, L2-normalised.
+The document tower is the identity over the unit-norm bank, so it has no module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QueryTower(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gru = nn.GRU(dim, hidden, batch_first=True)
+        self.proj = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) context vectors -> (B, D) unit queries."""
+        _, last = self.gru(context)  # pooled: the final hidden state
+        return F.normalize(self.norm(self.proj(last[-1])), dim=-1)
+
+
+def flops_per_sample(dim: int, hidden: int, ctx_len: int) -> float:
+    """Multiply-adds x2 of one forward pass; training is ~3x this."""
+    gru = 3 * hidden * (dim + hidden) * ctx_len
+    return 2.0 * (gru + hidden * dim)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device for the towers; a device that is not there is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise RuntimeError("device mps requested but MPS is not available on this machine")
+    return torch.device(name)

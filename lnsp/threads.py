@@ -1,0 +1,125 @@
+"""Thread policy: how many threads each OpenMP/BLAS pool in the process may use.
+
+Set in two stages: environment variables before numpy/torch/faiss are first imported
+(the BLAS libraries read them at load time), then enforced on every loaded pool.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Variables read by the OpenMP and BLAS runtimes when they load.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+POLICIES = ("safe", "fast")
+DEFAULT_POLICY = "fast"
+
+
+def cpu_count() -> int:
+    """Cores this process may use: affinity mask, capped by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def parse_policy(value: str | None) -> tuple[str, int]:
+    """'safe' -> one thread everywhere; 'fast' -> all cores; an integer -> fast with N."""
+    value = (value or DEFAULT_POLICY).strip().lower()
+    if value == "safe":
+        return "safe", 1
+    if value == "fast":
+        return "fast", cpu_count()
+    if value.isdigit() and int(value) > 0:
+        return ("safe", 1) if int(value) == 1 else ("fast", int(value))
+    raise ValueError(f"threads must be safe, fast or a positive integer, not {value!r}")
+
+
+def policy_env(value: str | None) -> dict[str, str]:
+    """The environment a process of this policy needs before its first heavy import.
+
+    BLAS pools stay at one thread in both policies: lnsp's matrix work runs in torch's
+    and faiss's OpenMP pools, and a BLAS pool sized to every core beside them only
+    oversubscribes. Idle OpenMP threads sleep (PASSIVE) instead of spinning, so
+    torch's and faiss's pools can take the cores in turn.
+    """
+    _, n = parse_policy(value)
+    env = {name: "1" for name in THREAD_VARS}
+    env["OMP_NUM_THREADS"] = str(n)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["KMP_BLOCKTIME"] = "0"
+    return env
+
+
+def requested_policy(argv: list[str] | None = None) -> str | None:
+    """The --threads value of a command line, else LNSP_THREADS, else .env's."""
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    if os.environ.get("LNSP_THREADS"):
+        return os.environ["LNSP_THREADS"]
+    from lnsp.dotenv import read_dotenv
+
+    return read_dotenv().get("LNSP_THREADS")
+
+
+def set_env_defaults(argv: list[str] | None = None) -> None:
+    """Before numpy/torch/faiss load: set the thread variables the user has not set."""
+    try:
+        env = policy_env(requested_policy(argv))
+    except ValueError:
+        env = policy_env("safe")  # the bad value is reported by config validation
+    for name, value in env.items():
+        os.environ.setdefault(name, value)
+
+
+def enforce() -> int:
+    """After import: size every loaded pool as the environment says. Returns the
+    OpenMP count. The environment is the source of truth, so a user's own
+    OMP_NUM_THREADS / OPENBLAS_NUM_THREADS win over the policy's."""
+    import faiss
+    import threadpoolctl
+    import torch
+
+    n = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    blas = max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has run
+        pass
+    faiss.omp_set_num_threads(n)
+    threadpoolctl.threadpool_limits(limits=n, user_api="openmp")
+    threadpoolctl.threadpool_limits(limits=blas, user_api="blas")
+    return n
+
+
+def pools() -> list[dict]:
+    """Every loaded BLAS/OpenMP pool with its live thread count."""
+    import threadpoolctl
+
+    return [
+        {
+            "api": p["internal_api"],
+            "threads": p["num_threads"],
+            "library": os.path.basename(p["filepath"]),
+            "version": p.get("version"),
+        }
+        for p in threadpoolctl.threadpool_info()
+    ]
