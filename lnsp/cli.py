@@ -114,6 +114,19 @@ def train(**values):
     sys.exit(run(config_from(values)))
 
 
+@main.command(hidden=True)
+@train_options
+@user_errors
+def supervise(**values):
+    """Run `lnsp train` under the restart supervisor (what the launchers start).
+
+    Example: lnsp supervise --data data/demo --max-restarts 2
+    """
+    from lnsp.supervise import supervise as run_supervised
+
+    sys.exit(run_supervised(config_from(values)))
+
+
 @main.command()
 @click.option("--batch", default=4, show_default=True, help="windows in the step")
 @click.option("--k", default=100, show_default=True, help="negatives mined")

@@ -45,6 +45,7 @@ class TrainConfig:
     val_fraction: float = _f(0.1, "fraction of chains held out for evaluation")
     eval_windows: int = _f(2000, "held-out windows evaluated per epoch (0 = all)")
     log_every: int = _f(20, "optimizer steps between log lines")
+    checkpoint_every: int = _f(100, "optimizer steps between last.pt saves (0 = each epoch only)")
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0 = no cap)")
     stall_timeout: float = _f(120.0, "seconds without an optimizer step before the watchdog fires")
     startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
@@ -61,7 +62,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("workers", "max_steps", "max_restarts", "eval_windows", "weight_decay",
+        for name in ("workers", "max_steps", "checkpoint_every", "max_restarts", "eval_windows",
+                     "weight_decay",
                      "mem_margin_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")

@@ -6,6 +6,7 @@ Set in two stages: environment variables before numpy/torch/faiss are first impo
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 
@@ -99,14 +100,19 @@ def enforce() -> int:
 
     n = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     blas = max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
+    # BLAS first: faiss's OpenBLAS is an OpenMP build, and limiting it resets faiss's
+    # OpenMP pool, so the OpenMP counts must be set after it.
+    threadpoolctl.threadpool_limits(limits=blas, user_api="blas")
+    threadpoolctl.threadpool_limits(limits=n, user_api="openmp")
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work has run
         pass
     faiss.omp_set_num_threads(n)
-    threadpoolctl.threadpool_limits(limits=n, user_api="openmp")
-    threadpoolctl.threadpool_limits(limits=blas, user_api="blas")
+    # Any child process starts fresh: a forked child of a process that ran OpenMP
+    # blocks forever in its first parallel region.
+    multiprocessing.set_start_method("spawn", force=True)
     return n
 
 
@@ -120,6 +126,7 @@ def pools() -> list[dict]:
             "threads": p["num_threads"],
             "library": os.path.basename(p["filepath"]),
             "version": p.get("version"),
+            "threading_layer": p.get("threading_layer"),
         }
         for p in threadpoolctl.threadpool_info()
     ]

@@ -140,8 +140,8 @@ def run(config: TrainConfig) -> int:
     if rd.config.exists() and not config.resume:
         raise data.DataError(f"{rd.root}: run directory already holds a run; "
                              "pass --resume to continue it or choose another --run-dir")
-    if config.resume and not rd.last_checkpoint().exists():
-        raise data.DataError(f"{rd.last_checkpoint()}: missing, nothing to resume")
+    if config.resume and not rd.config.exists():
+        raise data.DataError(f"{rd.root}: no run to resume here")
     log = RunLog(None)
     dumper = Dumper(rd.dumps, log)
     stop = GracefulStop(log).install()
@@ -195,7 +195,9 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending) -> i
         raise data.DataError(f"{ds.root}: {len(job.train_starts)} training windows are fewer "
                              f"than one step ({config.batch_size} x {config.accum_steps})")
     epoch, position, step, best = 0, 0, 0, -1.0
-    if config.resume:
+    if config.resume and not rd.last_checkpoint().exists():
+        log("No checkpoint yet (the run ended before its first): starting from step 0")
+    elif config.resume:
         state = checkpoint.load(rd.last_checkpoint())
         job.model.load_state_dict(state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
@@ -234,6 +236,9 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending) -> i
             rate = window_steps / max(time.perf_counter() - window_t, 1e-9)
             heartbeat.beat(epoch + 1, step, "train", loss,
                            rate * config.batch_size * config.accum_steps)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                watchdog.phase = "checkpoint"
+                save(rd.last_checkpoint(), epoch, position)
             if step % config.log_every == 0 or step == total:
                 log(f"Epoch {epoch + 1}/{config.epochs} | Step {step} | Loss {loss:.4f} "
                     f"| {rate:.2f} it/s")

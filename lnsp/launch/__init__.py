@@ -1,6 +1,16 @@
-"""Launchers: one interface (start, alive, signal) with one backend per module."""
+"""Launchers: one interface with one backend per module (nohup, tmux, docker).
+
+Each backend module has `start(config, options) -> dict` (what goes into run.json),
+`alive(run) -> bool` and `send(run, signum)`. The run's state lives in its run
+directory, so status, dump, stop and logs work the same for every backend.
+"""
 
 from __future__ import annotations
+
+import importlib
+import time
+
+from lnsp.rundir import RunDir, update_json
 
 
 class LaunchError(RuntimeError):
@@ -9,3 +19,34 @@ class LaunchError(RuntimeError):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def backend(name: str):
+    """The module of a backend; runs without one (foreground) are native processes."""
+    module = {"docker": "docker"}.get(name, "native")
+    return importlib.import_module(f"lnsp.launch.{module}")
+
+
+def start(name: str, config, options: dict) -> str:
+    """Start a detached run; returns what to tell the user."""
+    from lnsp.data import load
+
+    load(config.data, config.ctx_len)  # bad input fails here, not in the background
+    rd = RunDir(config.run_dir)
+    if rd.exists() and not config.resume:
+        raise LaunchError(f"{rd.root}: run directory already holds a run; "
+                          "pass --resume to continue it or choose another --run-dir")
+    rd.root.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"lnsp.launch.{name}")
+    # run.json gets the launch facts before the process exists: the trainer and the
+    # supervisor add their own PIDs to it, so nothing is written by two at once.
+    info = module.plan(config, options)
+    update_json(rd.run, backend=name, launch_time=time.time(), **info)
+    module.start(config, info)
+    lines = [f"Started {name} run: {rd.root}"]
+    lines += module.notes(config, info) if hasattr(module, "notes") else []
+    lines += [f"  status: lnsp status {rd.root}      (make status)",
+              f"  logs:   lnsp logs {rd.root} -f     (make logs RUN={rd.root})",
+              f"  dump:   lnsp dump {rd.root}        (make dump RUN={rd.root})",
+              f"  stop:   lnsp stop {rd.root}        (make stop RUN={rd.root})"]
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+# lnsp: every target that needs Python depends on the virtual environment, which is
+# created (and refilled when pyproject.toml or constraints.txt change) on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+LNSP   := $(BIN)/lnsp
+STAMP  := $(VENV)/.installed
+
+DATA   ?= data/demo
+RUN    ?= runs/$(shell date +%Y%m%d-%H%M%S)
+EPOCHS ?=
+NPROC  ?= 2
+ARGS   ?=
+TRAIN_FLAGS = --data $(DATA) --run-dir $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+TARGET = $(if $(PID),$(PID),$(RUN))
+
+help: ## show this help
+	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot]'
+	touch $@
+
+setup: $(STAMP) ## create .venv and install the pinned dependencies
+
+data/demo/bank.npy: | $(STAMP)
+	$(LNSP) data synth --out data/demo
+
+data: data/demo/bank.npy ## write the deterministic demo data set into data/demo
+
+train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
+	$(LNSP) train $(TRAIN_FLAGS)
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
+	$(LNSP) probe $(ARGS)
+
+train-nohup: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run: nohup (+ caffeinate on macOS)
+	$(LNSP) launch nohup $(TRAIN_FLAGS)
+
+train-tmux: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a tmux session (SESSION=)
+	$(LNSP) launch tmux $(TRAIN_FLAGS) $(if $(SESSION),--session $(SESSION))
+
+train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (IMAGE=)
+	$(LNSP) launch docker $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
+
+status: $(STAMP) ## state of every run under runs/ (or RUN=)
+	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN))
+
+dump: $(STAMP) ## all-thread stack dump of a live run (PID= or RUN=); it keeps running
+	@test -n "$(PID)$(filter command line environment,$(origin RUN))" || { echo "make dump PID=... or RUN=..."; exit 2; }
+	$(LNSP) dump $(TARGET) $(ARGS)
+
+stop: $(STAMP) ## graceful stop: SIGTERM, checkpoint, SIGKILL after the grace (RUN=)
+	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make stop RUN=..."; exit 2; }
+	$(LNSP) stop $(RUN) $(ARGS)
+
+logs: $(STAMP) ## print a run's log (RUN=, ARGS=-f to follow)
+	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make logs RUN=..."; exit 2; }
+	$(LNSP) logs $(RUN) $(ARGS)
+
+doctor: $(STAMP) ## threads, BLAS/OpenMP runtimes, tools, known hazards
+	$(LNSP) doctor $(ARGS)
+
+clean: ## remove caches (keeps runs/, data/ and .venv)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help setup data train test probe train-nohup train-tmux train-docker status dump stop logs doctor clean

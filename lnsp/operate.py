@@ -1,0 +1,110 @@
+"""Operations on a live run: an all-thread dump that never kills it, a staged stop
+(SIGTERM, grace, SIGKILL) and its log."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lnsp import procs
+from lnsp.launch import LaunchError, backend
+from lnsp.rundir import RunDir, read_json
+
+
+def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
+    """A run directory (and its run.json) from a PID or a path."""
+    if target.isdigit():
+        pid = int(target)
+        base = Path(root)
+        for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
+            run = read_json(path) or {}
+            if run.get("pid") == pid and run.get("backend") != "docker":
+                return RunDir(path.parent), run
+        args = procs.cmdline(pid)
+        if "--run-dir" in args[:-1]:
+            rd = RunDir(args[args.index("--run-dir") + 1])
+            return rd, {**(read_json(rd.run) or {}), "pid": pid}
+        return None, {"pid": pid, "backend": "foreground"}
+    rd = RunDir(target)
+    run = read_json(rd.run)
+    if run is None:
+        raise LaunchError(f"{target}: not a run directory (no run.json)")
+    return rd, run
+
+
+def check_dumpable(run: dict) -> None:
+    """Refuse unless the target is a live lnsp trainer with its SIGUSR1 handler:
+    SIGUSR1's default action would kill it."""
+    if run.get("backend") == "docker":
+        if not backend("docker").alive(run):
+            raise LaunchError(f"container {run.get('container_id', '?')[:12]} is not running")
+        return
+    pid = run.get("pid")
+    if not procs.alive(pid):
+        raise LaunchError(f"process {pid} is not running")
+    if not procs.is_trainer(pid):
+        raise LaunchError(f"process {pid} is not an lnsp trainer "
+                          f"({' '.join(procs.cmdline(pid))[:80]!r}); not signalling it")
+    if procs.catches(pid, signal.SIGUSR1) is False:
+        raise LaunchError(f"process {pid} has no SIGUSR1 handler installed yet; "
+                          "SIGUSR1 would kill it, so no signal was sent")
+
+
+def dump(target: str, root: str = "runs", native: bool = False, timeout: float = 30.0) -> str:
+    rd, run = resolve_run(target, root)
+    check_dumpable(run)
+    before = set(rd.dumps.glob("*.txt")) if rd else set()
+    backend(run.get("backend", "foreground")).send(run, signal.SIGUSR1)
+    if rd is None:
+        return f"SIGUSR1 sent to {run['pid']}: the dump is in the trainer's log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = sorted(set(rd.dumps.glob("*.txt")) - before)
+        if new:
+            text = f"{new[-1]}\n{new[-1].read_text()}"
+            if native and run.get("backend") != "docker":
+                from lnsp.dumps import native_stacks
+
+                text += "\nNative stacks (py-spy dump --native, from outside):\n" + (
+                    native_stacks(run["pid"]) or "(py-spy not available or not permitted)\n")
+            return text
+        time.sleep(0.1)
+    raise LaunchError(f"no dump appeared in {rd.dumps} within {timeout:g}s "
+                      "(the process may be frozen: try --native)", 3)
+
+
+def stop(target: str, grace: float = 30.0) -> str:
+    rd, run = resolve_run(target)
+    ops = backend(run.get("backend", "foreground"))
+    if not ops.alive(run):
+        ended = read_json(rd.exit) or {}
+        return f"{rd.root}: not running ({ended.get('state', 'no exit record')})"
+    ops.send(run, signal.SIGTERM)
+    if ops.wait_gone(run, grace):
+        ended = read_json(rd.exit) or {}
+        return (f"{rd.root}: {ended.get('state', 'ended')} at step {ended.get('step', '?')}; "
+                f"checkpoint {rd.last_checkpoint()}")
+    ops.send(run, signal.SIGKILL)
+    ops.wait_gone(run, 10)
+    return f"{rd.root}: did not stop within {grace:g}s; killed (SIGKILL)"
+
+
+def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
+    rd, _ = resolve_run(target)
+    if not rd.log.exists():
+        raise LaunchError(f"{rd.log}: no log yet")
+    with open(rd.log) as f:
+        out.write(f.read())
+        out.flush()
+        while follow:
+            line = f.readline()
+            if line:
+                out.write(line)
+                out.flush()
+            elif not backend((read_json(rd.run) or {}).get("backend", "foreground")).alive(
+                    read_json(rd.run) or {}):
+                break
+            else:
+                time.sleep(0.25)

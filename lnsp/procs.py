@@ -1,0 +1,56 @@
+"""Questions about live processes: alive, an lnsp trainer, a SIGUSR1 handler installed."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
+def is_trainer(pid: int) -> bool:
+    """The process runs `lnsp train` (as the lnsp script or `python -m lnsp`)."""
+    args = cmdline(pid)
+    for i, arg in enumerate(args[:-1]):
+        if (arg == "lnsp" or arg.endswith("/lnsp")) and args[i + 1] == "train":
+            return True
+    return False
+
+
+def catches(pid: int, signum: int = signal.SIGUSR1) -> bool | None:
+    """Whether the process has a handler for `signum` (/proc/PID/status SigCgt);
+    None where /proc does not tell (macOS)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        return None
+    return None
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the process to end; True when it has."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return not alive(pid)

@@ -1,0 +1,73 @@
+"""The state of runs, read from their run directories and the live processes:
+running, stalled, finished, stopped or failed (and starting, restarting)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lnsp.rundir import RunDir, read_json
+
+
+def state(rd: RunDir, now: float | None = None) -> dict:
+    from lnsp.launch import backend
+
+    now = now or time.time()
+    run = read_json(rd.run) or {}
+    beat = read_json(rd.heartbeat) or {}
+    ended = read_json(rd.exit)
+    config = read_json(rd.config) or {}
+    kind = run.get("backend", "foreground")
+    ops = backend(kind)
+    alive = ops.alive(run)
+    age = now - beat["time"] if beat.get("time") else None
+    if alive and ops.trainer_alive(run):
+        stall = run.get("stall_timeout") or config.get("stall_timeout", 120)
+        startup = run.get("startup_timeout") or config.get("startup_timeout", 600)
+        fresh = beat.get("pid") == run.get("pid") and age is not None
+        since = age if fresh else now - run.get("start_time", run.get("launch_time", now))
+        label = "stalled" if since > (stall if fresh else startup) else "running"
+    elif alive:
+        label = "restarting" if ended else "starting"
+    elif ended:
+        label = ended["state"]
+    elif not run.get("pid") and now - run.get("launch_time", 0) < 60:
+        label = "starting"
+    else:
+        label = "failed"  # the process is gone and left no exit.json: killed or crashed
+    row = {"run": str(rd.root), "backend": kind, "state": label, "pid": run.get("pid"),
+           "epoch": beat.get("epoch"), "step": (ended or {}).get("step", beat.get("step")),
+           "loss": beat.get("loss"), "samples_per_s": beat.get("samples_per_s"),
+           "heartbeat_age_s": None if age is None else round(age, 1),
+           "exit_code": (ended or {}).get("exit_code"), "restarts": run.get("restarts", 0)}
+    if hasattr(ops, "extra_status"):
+        row.update(ops.extra_status(run))
+    return row
+
+
+def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
+    if runs:
+        return [RunDir(r) for r in runs]
+    base = Path(root)
+    found = [RunDir(p) for p in sorted(base.iterdir()) if (p / "run.json").exists()] \
+        if base.is_dir() else []
+    return found
+
+
+def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> str:
+    rows = [state(rd) for rd in find(runs, root)]
+    if as_json:
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return f"no runs under {root}/"
+    head = f"{'RUN':<28} {'BACKEND':<10} {'STATE':<10} {'PID':>7} {'EPOCH':>5} {'STEP':>7} " \
+           f"{'LOSS':>8} {'SAMPLES/S':>9} {'HEARTBEAT':>9}"
+    lines = [head]
+    for r in rows:
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"{r['run'][-28:]:<28} {r['backend']:<10} {r['state']:<10} "
+                     f"{fmt(r['pid'], 'd'):>7} {fmt(r['epoch'], 'd'):>5} {fmt(r['step'], 'd'):>7} "
+                     f"{fmt(r['loss'], '.4f'):>8} {fmt(r['samples_per_s'], '.1f'):>9} "
+                     f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9}")
+    return "\n".join(lines)
