@@ -134,6 +134,11 @@ def resolve(cli: dict | None = None, environ: dict | None = None,
         elif name in dotenv:
             values[f.name] = _convert(f, dotenv[name], f".env {name}")
     config = TrainConfig(**values)
+    stored = Path(config.run_dir or "-") / "config.json"
+    if config.resume and stored.exists():
+        # A resumed run keeps the configuration it started with; only flags given on
+        # this command line change it (more epochs, say).
+        config = load(stored).replace(**{**cli, "resume": True})
     if not config.run_dir:
         config = config.replace(run_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
     config.validate()

@@ -22,6 +22,7 @@ class Dataset:
     bank: np.ndarray  # (N, D) float32, unit rows; memory-mapped when possible
     ids: np.ndarray  # (M,) int64
     offsets: np.ndarray  # (C+1,) int64
+    index: object = None  # the prebuilt index.faiss, checked against the bank
 
     @property
     def dim(self) -> int:
@@ -102,7 +103,23 @@ def load(root: str | Path, ctx_len: int) -> Dataset:
     if longest < ctx_len + 1:
         raise DataError(f"{root / 'chains.npz'}: no chain is long enough for a window "
                         f"(longest {longest}, ctx_len {ctx_len} needs {ctx_len + 1})")
-    return Dataset(root, bank, ids, offsets)
+    return Dataset(root, bank, ids, offsets, load_index(root / "index.faiss", *bank.shape))
+
+
+def load_index(path: Path, n: int, d: int):
+    """The prebuilt FAISS index when present; it must hold exactly the bank's rows."""
+    if not path.exists():
+        return None
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise DataError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
+    if index.ntotal != n or index.d != d:
+        raise DataError(f"{path}: holds {index.ntotal} vectors of dimension {index.d}, "
+                        f"bank.npy has {n} of dimension {d}")
+    return index
 
 
 def windows(ds: Dataset, ctx_len: int, val_fraction: float, seed: int

@@ -9,8 +9,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from lnsp.data import DataError
-
 ADD_CHUNK = 65536
 
 
@@ -20,21 +18,13 @@ def _add(index, bank: np.ndarray) -> None:
 
 
 def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 8,
-          data_dir: Path | None = None, log=print, seed: int = 0):
-    """An index over `bank`: prebuilt index.faiss if present, else a cached IVF index,
-    else one built now (IVF is then saved beside the data for the next run)."""
+          data_dir: Path | None = None, log=print, seed: int = 0, prebuilt=None):
+    """An index over `bank`: the data's checked index.faiss when given, else a cached
+    IVF index, else one built now (IVF is then saved beside the data for the next run)."""
     n, d = bank.shape
-    if data_dir is not None and (data_dir / "index.faiss").exists():
-        path = data_dir / "index.faiss"
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise DataError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
-        if index.ntotal != n or index.d != d:
-            raise DataError(f"{path}: holds {index.ntotal} vectors of dimension {index.d}, "
-                            f"bank.npy has {n} of dimension {d}")
-        _set_nprobe(index, nprobe)
-        return index
+    if prebuilt is not None:
+        _set_nprobe(prebuilt, nprobe)
+        return prebuilt
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
         _add(index, bank)

@@ -44,7 +44,7 @@ def check_dumpable(run: dict) -> None:
     pid = run.get("pid")
     if not procs.alive(pid):
         raise LaunchError(f"process {pid} is not running")
-    if not procs.is_trainer(pid):
+    if not procs.is_trainer(pid, run):
         raise LaunchError(f"process {pid} is not an lnsp trainer "
                           f"({' '.join(procs.cmdline(pid))[:80]!r}); not signalling it")
     if procs.catches(pid, signal.SIGUSR1) is False:

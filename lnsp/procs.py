@@ -25,8 +25,15 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def is_trainer(pid: int) -> bool:
-    """The process runs `lnsp train` (as the lnsp script or `python -m lnsp`)."""
+def is_trainer(pid: int, run: dict | None = None) -> bool:
+    """The process runs `lnsp train` (the lnsp script or `python -m lnsp`), or is the
+    trainer recorded in `run` (run.json) and not a later process that reused its PID."""
+    if run and run.get("pid") == pid and run.get("start_time"):
+        try:
+            if psutil.Process(pid).create_time() <= run["start_time"] + 1:
+                return True
+        except psutil.Error:
+            return False
     args = cmdline(pid)
     for i, arg in enumerate(args[:-1]):
         if (arg == "lnsp" or arg.endswith("/lnsp")) and args[i + 1] == "train":

@@ -50,7 +50,7 @@ def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None) -> Job:
         watchdog.progress("index")
     t = time.perf_counter()
     index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root, log,
-                        config.seed)
+                        config.seed, prebuilt=ds.index)
     log(f"Index {type(index).__name__}: {index.ntotal} vectors of dimension {index.d} "
         f"in {time.perf_counter() - t:.1f}s")
     model = QueryTower(ds.dim, config.hidden).to(device)
@@ -153,6 +153,7 @@ def run(config: TrainConfig) -> int:
     # Data first: bad input leaves no run directory behind.
     watchdog.progress("load data")
     ds = data.load(config.data, config.ctx_len)
+    resolve_device(config.device)
     rd.root.mkdir(parents=True, exist_ok=True)
     log.file = open(rd.log, "a", buffering=1)
     dumper.enable_crash_dumps(log.file)

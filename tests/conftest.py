@@ -1,0 +1,94 @@
+"""Shared fixtures: small real data sets, real `lnsp` processes, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).resolve().parent / "driver.py"
+# Small and fast: a 64-d bank of 2,400 rows; a step takes a few milliseconds.
+SMALL = {"chains": 150, "length": 16, "dim": 64}
+FAST_TRAIN = ["--hidden", "32", "--batch-size", "16", "--k", "20", "--log-every", "5",
+              "--eval-windows", "200", "--threads", "safe"]
+
+
+def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_json(path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def env(**extra) -> dict:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {k: str(v) for k, v in e.items()}
+
+
+def lnsp(*args, cwd=None, timeout=120, extra_env=None) -> subprocess.CompletedProcess:
+    """Run `python -m lnsp ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "lnsp", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env(**(extra_env or {})), stdin=subprocess.DEVNULL)
+
+
+def spawn(*args, fault: str | None = None, at_step: int = 3, cwd=None, extra_env=None,
+          **kw) -> subprocess.Popen:
+    """Start `lnsp ARGS` in the background, through the fault driver when asked."""
+    extra = dict(extra_env or {})
+    if fault:
+        extra.update(LNSP_TEST_FAULT=fault, LNSP_TEST_FAULT_STEP=at_step)
+        cmd = [sys.executable, str(DRIVER), *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "lnsp", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env(**extra), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """Wait for a spawned process; kill it (and fail) past the timeout."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"process did not end within {timeout}s:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    from lnsp import synth
+
+    return synth.write(tmp_path_factory.mktemp("data") / "small", **SMALL)
+
+
+@pytest.fixture
+def reap():
+    """Processes registered here are killed at the end of the test, whatever happens."""
+    procs: list[int] = []
+    yield procs.append
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

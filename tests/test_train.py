@@ -1,0 +1,107 @@
+"""The trainer learns, writes a complete run directory and resumes exactly."""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from conftest import FAST_TRAIN, finish, lnsp, read_json, spawn, wait_until
+
+
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory):
+    from lnsp import synth
+
+    return synth.write(tmp_path_factory.mktemp("learn"), chains=400, length=16, dim=256)
+
+
+def test_model_beats_copy_last_by_2x(learn_data, tmp_path):
+    run = tmp_path / "run"
+    r = lnsp("train", "--data", learn_data, "--run-dir", run, "--epochs", "2", "--hidden", "64",
+             "--k", "50", "--eval-windows", "500")
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["hit@10"] >= 2 * last["baseline_hit@10"], last
+    assert last["hit@10"] >= 0.5 and last["mrr"] > last["baseline_mrr"], last
+
+
+def test_run_directory_is_complete(small_data, tmp_path):
+    run = tmp_path / "run"
+    r = lnsp("train", "--data", small_data, "--run-dir", run, "--epochs", "2", *FAST_TRAIN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("config.json", "run.json", "training.log", "heartbeat.json", "metrics.jsonl",
+                 "exit.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"):
+        assert (run / name).exists(), name
+    beat = read_json(run / "heartbeat.json")
+    assert set(beat) >= {"pid", "epoch", "step", "phase", "loss", "samples_per_s", "rss_mb",
+                         "time"}
+    run_json = read_json(run / "run.json")
+    assert run_json["backend"] == "foreground" and run_json["pid"] == beat["pid"]
+    assert read_json(run / "exit.json")["state"] == "finished"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(metrics[0]) >= {"epoch", "step", "loss", "hit@1", "hit@5", "hit@10", "mrr",
+                               "baseline_hit@1", "baseline_hit@5", "baseline_hit@10",
+                               "baseline_mrr"}
+    log = (run / "training.log").read_text()
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] Epoch 2/2 \| Step \d+ \| Loss \d+\.\d+ \| "
+                     r"\d+\.\d+ it/s$", log, re.M), log
+    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    assert state["config"]["epochs"] == 2 and state["step"] == beat["step"]
+
+
+def test_stop_and_resume_match_an_uninterrupted_run(small_data, tmp_path):
+    """SIGTERM mid-run, --resume: same steps and the same weights as one run."""
+    common = ["--data", small_data, "--epochs", "3", *FAST_TRAIN, "--checkpoint-every", "0"]
+    whole = tmp_path / "whole"
+    assert lnsp("train", "--run-dir", whole, *common).returncode == 0
+
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    part = tmp_path / "part"
+    proc = spawn("train", "--run-dir", part, *common, fault="blocked_read", at_step=40,
+                 extra_env={"LNSP_TEST_GATE": gate})
+    wait_until(lambda: (read_json(part / "heartbeat.json") or {}).get("step", 0) >= 39, 60,
+               what="step 39")
+    proc.send_signal(signal.SIGTERM)  # lands while step 40 is blocked
+    with open(gate, "wb") as g:
+        g.write(b"x")
+    code, out = finish(proc)
+    assert code == 0, out
+    stopped = read_json(part / "exit.json")
+    assert stopped["state"] == "stopped" and stopped["step"] == 40, stopped
+
+    r = lnsp("train", "--run-dir", part, "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a = torch.load(whole / "checkpoints/last.pt", weights_only=False)
+    b = torch.load(part / "checkpoints/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == read_json(part / "exit.json")["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_non_finite_loss_stops_before_the_step(small_data, tmp_path):
+    proc = spawn("train", "--data", small_data, "--run-dir", tmp_path / "run", *FAST_TRAIN,
+                 fault="nan", at_step=2)
+    code, out = finish(proc)
+    assert code == 1 and "non-finite loss" in out and "Traceback" not in out, out
+    ended = read_json(tmp_path / "run" / "exit.json")
+    assert ended["state"] == "failed" and ended["step"] == 1
+
+
+def test_missing_device_is_a_clear_error(small_data, tmp_path):
+    r = lnsp("train", "--data", small_data, "--run-dir", tmp_path / "run", "--device", "cuda")
+    assert r.returncode == 2 and "cuda" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(small_data, tmp_path):
+    run = tmp_path / "run"
+    assert lnsp("train", "--data", small_data, "--run-dir", run, "--max-steps", "3",
+                *FAST_TRAIN).returncode == 0
+    r = lnsp("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN)
+    assert r.returncode == 2 and "--resume" in r.stderr
