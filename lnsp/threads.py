@@ -68,11 +68,14 @@ def policy_env(value: str | None) -> dict[str, str]:
 def requested_policy(argv: list[str] | None = None) -> str | None:
     """The --threads value of a command line, else LNSP_THREADS, else .env's."""
     argv = sys.argv if argv is None else argv
-    for i, arg in enumerate(argv):
+    found = None
+    for i, arg in enumerate(argv):  # the last one wins, as in click
         if arg == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--threads="):
-            return arg.split("=", 1)[1]
+            found = argv[i + 1]
+        elif arg.startswith("--threads="):
+            found = arg.split("=", 1)[1]
+    if found:
+        return found
     if os.environ.get("LNSP_THREADS"):
         return os.environ["LNSP_THREADS"]
     from lnsp.dotenv import read_dotenv

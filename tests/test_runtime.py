@@ -1,0 +1,114 @@
+"""The hang-proof runtime with real processes and real signals: SIGUSR1 dumps while
+the main thread is blocked in the kernel, the watchdog on real stalls, graceful stop."""
+
+import os
+import signal
+
+import pytest
+
+from conftest import FAST_TRAIN, finish, read_json, spawn, wait_until
+
+STALL = ["--stall-timeout", "2", "--on-stall", "exit"]
+
+
+def blocked_run(small_data, tmp_path, *extra, fault="blocked_read", at_step=5):
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    run = tmp_path / "run"
+    proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, *extra,
+                 fault=fault, at_step=at_step, extra_env={"LNSP_TEST_GATE": gate})
+    return proc, run, gate
+
+
+def dumps(run):
+    return sorted((run / "dumps").glob("*.txt")) if (run / "dumps").exists() else []
+
+
+def test_three_sigusr1_dumps_while_blocked_in_native_code_and_the_run_finishes(
+        small_data, tmp_path):
+    proc, run, gate = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
+               what="step 4")
+    for n in (1, 2, 3):
+        proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: len(dumps(run)) == n, 30, what=f"dump {n}")
+    with open(gate, "wb") as g:
+        g.write(b"x")
+    code, out = finish(proc)
+    assert code == 0, out
+    assert read_json(run / "exit.json")["state"] == "finished"
+    text = dumps(run)[0].read_text()
+    assert "blocked_read" in text and "faulty_step" in text, text  # the stuck frame
+    assert "Native stacks" in text
+    assert (run / "training.log").read_text().count("[DUMP] signal") == 3
+
+
+@pytest.mark.parametrize("fault, frame", [("blocked_read", "blocked_read"),
+                                          ("deadlock", "deadlock"),
+                                          ("never_returns", "never_returns")])
+def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fault, frame):
+    proc, run, _ = blocked_run(small_data, tmp_path, *STALL, fault=fault)
+    code, out = finish(proc, timeout=60)
+    assert code == 3, out
+    log = (run / "training.log").read_text()
+    assert "[WATCHDOG] no progress for" in log and "phase 'optimizer'" in log, log
+    assert frame in dumps(run)[0].read_text()
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 4
+
+
+def test_watchdog_in_dump_mode_keeps_waiting(small_data, tmp_path, reap):
+    proc, run, gate = blocked_run(small_data, tmp_path, "--stall-timeout", "1", "--epochs", "1")
+    reap(proc.pid)
+    wait_until(lambda: dumps(run), 30, what="the watchdog's dump")
+    assert proc.poll() is None  # still alive: dump mode waits
+    with open(gate, "wb") as g:
+        g.write(b"x")
+    code, out = finish(proc)
+    assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out
+
+
+def test_startup_budget_covers_data_loading(small_data, tmp_path):
+    proc = spawn("train", "--data", small_data, "--run-dir", tmp_path / "run", *FAST_TRAIN,
+                 "--startup-timeout", "2", "--on-stall", "exit", fault="startup")
+    code, out = finish(proc, timeout=60)
+    assert code == 3, out
+    assert "phase 'load data'" in out and "start-up and first step" in out, out
+    assert list((tmp_path / "run" / "dumps").glob("*stall*.txt"))
+
+
+def test_sigint_stops_gracefully_and_a_second_exits_at_once(small_data, tmp_path):
+    proc, run, _ = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
+               what="step 4")
+    proc.send_signal(signal.SIGINT)  # the step is blocked: the flag waits for it
+    wait_until(lambda: "SIGINT received" in (run / "training.log").read_text(), 10,
+               what="the first SIGINT logged")
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc, timeout=10)
+    assert code == 130, out
+
+
+def test_sigterm_checkpoints_and_exits_0(small_data, tmp_path):
+    proc, run, gate = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
+               what="step 4")
+    proc.send_signal(signal.SIGTERM)
+    with open(gate, "wb") as g:
+        g.write(b"x")
+    code, out = finish(proc)
+    assert code == 0, out
+    assert read_json(run / "exit.json") | {"time": 0} == {
+        "state": "stopped", "exit_code": 0, "step": 5, "signal": "SIGTERM", "time": 0}
+    assert (run / "checkpoints" / "last.pt").exists()
+
+
+def test_crash_leaves_stacks_in_the_log(small_data, tmp_path):
+    proc, run, _ = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
+               what="step 4")
+    proc.send_signal(signal.SIGSEGV)
+    code, out = finish(proc)
+    assert code == -signal.SIGSEGV
+    log = (run / "training.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log and "blocked_read" in log, log

@@ -1,0 +1,71 @@
+"""The thread policy: set before heavy imports, enforced on every live pool, and the
+fork-after-OpenMP hang unreachable from lnsp."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST_TRAIN, env, lnsp, read_json
+
+READ_POOLS = """
+import json, sys
+import lnsp
+from lnsp import threads
+import numpy, torch, faiss
+threads.enforce()
+print(json.dumps({"pools": threads.pools(), "torch": torch.get_num_threads(),
+                  "faiss": faiss.omp_get_max_threads()}))
+"""
+
+
+def pools(*argv, **extra_env):
+    r = subprocess.run([sys.executable, "-c", READ_POOLS, *argv], capture_output=True,
+                       text=True, env=env(**extra_env), timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(autouse=True)
+def no_user_thread_vars(monkeypatch):
+    from lnsp.threads import THREAD_VARS
+
+    for name in (*THREAD_VARS, "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "LNSP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_safe_policy_gives_one_thread_in_every_pool():
+    live = pools("--threads", "safe")
+    assert live["torch"] == 1 and live["faiss"] == 1
+    assert live["pools"] and all(p["threads"] == 1 for p in live["pools"]), live
+
+
+def test_fast_policy_sizes_openmp_and_keeps_blas_at_one():
+    live = pools("--threads", "2")
+    assert live["torch"] == 2 and live["faiss"] == 2
+    for p in live["pools"]:
+        expected = 2 if p["api"] == "openmp" or p["threading_layer"] == "openmp" else 1
+        assert p["threads"] == expected, p
+
+
+def test_the_users_own_variables_win():
+    live = pools("--threads", "fast", OMP_NUM_THREADS="1")
+    assert live["torch"] == 1 and all(p["threads"] == 1 for p in live["pools"]), live
+
+
+def test_variables_are_set_before_numpy_loads():
+    code = ("import os, lnsp, numpy; "
+            "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'])")
+    r = subprocess.run([sys.executable, "-c", code, "--threads", "safe"], capture_output=True,
+                       text=True, env=env(), timeout=60)
+    assert r.stdout.split() == ["1", "1"], r.stderr
+
+
+def test_dataloader_workers_with_two_threads_finish(small_data, tmp_path):
+    """Workers after OpenMP work would hang if forked; lnsp starts them with spawn."""
+    run = tmp_path / "run"
+    r = lnsp("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, "--threads", "2",
+             "--workers", "2", "--max-steps", "30", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_json(run / "exit.json")["state"] == "finished"
