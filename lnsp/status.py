@@ -22,17 +22,17 @@ def state(rd: RunDir, now: float | None = None) -> dict:
     ops = backend(kind)
     alive = ops.alive(run)
     age = now - beat["time"] if beat.get("time") else None
-    if alive and ops.trainer_alive(run):
+    if ended:  # written just before the trainer exits, removed when one starts
+        label = ended["state"]
+        if label != "finished" and alive and run.get("restarts", 0) < run.get("max_restarts", 0):
+            label = "restarting"
+    elif ops.trainer_alive(run):
         stall = run.get("stall_timeout") or config.get("stall_timeout", 120)
         startup = run.get("startup_timeout") or config.get("startup_timeout", 600)
         fresh = beat.get("pid") == run.get("pid") and age is not None
         since = age if fresh else now - run.get("start_time", run.get("launch_time", now))
         label = "stalled" if since > (stall if fresh else startup) else "running"
-    elif alive:
-        label = "restarting" if ended else "starting"
-    elif ended:
-        label = ended["state"]
-    elif not run.get("pid") and now - run.get("launch_time", 0) < 60:
+    elif alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
         label = "starting"
     else:
         label = "failed"  # the process is gone and left no exit.json: killed or crashed

@@ -18,7 +18,7 @@ import time
 from lnsp.dumps import native_stacks
 from lnsp.rundir import RunDir, RunLog, atomic_write, read_json, update_json, write_json
 
-FROZEN_GRACE_S = 5.0  # past the stall timeout: the trainer's own watchdog goes first
+FROZEN_GRACE_S = 5.0  # past the stall timeout (at most): the trainer's own watchdog goes first
 POLL_S = 0.5
 DONE, BAD_INPUT = 0, 2
 
@@ -66,7 +66,8 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
         beat = read_json(rd.heartbeat) or {}
         fresh = beat.get("pid") == proc.pid
         last = beat["time"] if fresh else started
-        budget = (config.stall_timeout if fresh else config.startup_timeout) + FROZEN_GRACE_S
+        budget = config.stall_timeout if fresh else config.startup_timeout
+        budget += min(FROZEN_GRACE_S, budget)
         age = time.time() - last
         if age <= budget:
             continue

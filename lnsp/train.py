@@ -158,11 +158,11 @@ def run(config: TrainConfig) -> int:
     log.file = open(rd.log, "a", buffering=1)
     dumper.enable_crash_dumps(log.file)
     write_json(rd.config, config.to_json())
+    rd.exit.unlink(missing_ok=True)
     update_json(rd.run, pid=os.getpid(), backend=os.environ.get("LNSP_BACKEND", "foreground"),
                 host=socket.gethostname(), python=sys.executable, argv=sys.argv,
                 start_time=time.time(), stall_timeout=config.stall_timeout,
                 startup_timeout=config.startup_timeout)
-    rd.exit.unlink(missing_ok=True)
     try:
         code = _loop(config, rd, ds, log, watchdog, stop, ending)
     except BaseException as e:

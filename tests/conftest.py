@@ -40,7 +40,12 @@ def read_json(path) -> dict | None:
 
 
 def env(**extra) -> dict:
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
+    """The environment of a child `lnsp`: this process's, less the thread variables
+    that importing lnsp here set (a user's shell has none of them)."""
+    from lnsp.threads import policy_env
+
+    ours = {k: v for k, v in os.environ.items() if k not in policy_env("safe")}
+    e = {**ours, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
     return {k: str(v) for k, v in e.items()}
 
 

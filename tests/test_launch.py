@@ -1,0 +1,181 @@
+"""Background launchers with real processes, a real tmux server and real signals."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import FAST_TRAIN, env, lnsp, read_json, spawn, wait_until
+from lnsp.config import TrainConfig
+from lnsp.launch.command import trainer_argv
+
+
+def launch(backend, run, data, *extra, cwd, extra_env=None):
+    r = lnsp("launch", backend, "--data", data, "--run-dir", run, *FAST_TRAIN, *extra,
+             cwd=cwd, extra_env=extra_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def state(run, cwd):
+    r = lnsp("status", run, "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    import json
+    return json.loads(r.stdout)[0]
+
+
+def trainer_pid(run):
+    return wait_until(lambda: (read_json(run / "run.json") or {}).get("pid"), 60,
+                      what="the trainer's pid in run.json")
+
+
+def test_caffeinate_wraps_the_command_on_macos_only():
+    config = TrainConfig(run_dir="runs/x")
+    mac = trainer_argv(config, platform="darwin")
+    assert mac[:2] == ["caffeinate", "-dims"]
+    assert mac[2:7] == [sys.executable, "-u", "-X", "faulthandler", "-m"]
+    assert mac[7:9] == ["lnsp", "supervise"] and "--run-dir" in mac
+    assert trainer_argv(config, platform="linux")[0] == sys.executable
+
+
+def test_nohup_run_outlives_its_shell_and_records_the_trainers_pid(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    cmd = (f"{sys.executable} -m lnsp launch nohup --data {small_data} --run-dir {run} "
+           f"{' '.join(FAST_TRAIN)} --epochs 30")
+    shell = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env(),
+                           cwd=tmp_path, timeout=60)
+    assert shell.returncode == 0 and "caffeinate: not used" in shell.stdout, shell.stderr
+    pid = trainer_pid(run)
+    reap(pid)
+    proc = psutil.Process(pid)
+    assert proc.is_running() and proc.cmdline()[1:7] == ["-u", "-X", "faulthandler", "-m",
+                                                          "lnsp", "train"]
+    assert proc.name().startswith("python")
+    supervisor = psutil.Process(read_json(run / "run.json")["supervisor_pid"])
+    assert supervisor.pid != pid and os.getsid(supervisor.pid) == supervisor.pid
+    environ = proc.environ()
+    assert environ["PYTHONUNBUFFERED"] == "1" and environ["OMP_NUM_THREADS"] == "1"
+    assert proc.rlimit(psutil.RLIMIT_NOFILE)[0] >= 4096
+    assert state(run, tmp_path)["state"] in ("running", "starting")
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
+               what="the run to finish")
+    assert state(run, tmp_path)["state"] == "finished"
+
+
+@pytest.fixture
+def tmux_socket(tmp_path):
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    name = f"lnsp-test-{os.getpid()}"
+    yield name
+    subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True)
+
+
+def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
+    extra = {"LNSP_TMUX_SOCKET": tmux_socket}
+    run = tmp_path / "run1"
+    out = launch("tmux", run, small_data, "--epochs", "15", cwd=tmp_path, extra_env=extra)
+    assert f"tmux -L {tmux_socket} attach -t run1" in out
+    ls = subprocess.run(["tmux", "-L", tmux_socket, "ls"], capture_output=True, text=True)
+    assert ls.stdout.startswith("run1:"), ls
+    again = lnsp("launch", "tmux", "--data", small_data, "--run-dir", tmp_path / "other",
+                 "--session", "run1", cwd=tmp_path, extra_env=extra)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
+               what="the tmux run to finish")
+    info = read_json(run / "run.json")
+    assert info["backend"] == "tmux" and info["tmux_session"] == "run1"
+    assert "Finished" in (run / "training.log").read_text()
+
+
+def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap):
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    run = tmp_path / "run"
+    proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, "--epochs", "1",
+                 "--stall-timeout", "1.5", fault="blocked_read", at_step=5,
+                 extra_env={"LNSP_TEST_GATE": gate}, cwd=tmp_path)
+    reap(proc.pid)
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
+               what="step 4")
+    assert state(run, tmp_path)["state"] == "running"
+    stalled = wait_until(lambda: state(run, tmp_path)["state"] == "stalled", 30,
+                         what="status stalled")
+    assert stalled
+    with open(gate, "wb") as g:
+        g.write(b"x")
+    proc.wait(60)
+    final = state(run, tmp_path)
+    assert final["state"] == "finished" and final["exit_code"] == 0
+
+
+def test_dump_by_pid_and_run_keeps_the_run_alive(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    launch("nohup", run, small_data, "--epochs", "200", cwd=tmp_path)
+    pid = trainer_pid(run)
+    reap(pid)
+    wait_until(lambda: read_json(run / "heartbeat.json"), 60, what="a heartbeat")
+    for target in (str(pid), str(run), str(run)):
+        r = lnsp("dump", target, "--root", tmp_path / "nowhere", cwd=tmp_path)
+        assert r.returncode == 0 and "Thread" in r.stdout, r.stderr
+    assert len(list((run / "dumps").glob("*.txt"))) == 3
+    assert psutil.pid_exists(pid) and state(run, tmp_path)["state"] == "running"
+    r = lnsp("stop", run, "--grace", "30", cwd=tmp_path)
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+
+
+def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
+    other = subprocess.Popen(["sleep", "60"])
+    reap(other.pid)
+    r = lnsp("dump", other.pid, cwd=tmp_path)
+    assert r.returncode == 2 and "not an lnsp trainer" in r.stderr, r.stderr
+    time.sleep(0)  # no wait needed: the check is synchronous
+    assert other.poll() is None  # still alive: no signal was sent
+
+
+def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    launch("nohup", run, small_data, "--epochs", "40", cwd=tmp_path)
+    reap(trainer_pid(run))
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 20, 60,
+               what="step 20")
+    r = lnsp("stop", run, cwd=tmp_path)
+    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    assert state(run, tmp_path)["state"] == "stopped"
+    r = lnsp("train", "--run-dir", run, "--resume", cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    config = read_json(run / "config.json")
+    ended = read_json(run / "exit.json")
+    from lnsp import data
+    ds = data.load(small_data, config["ctx_len"])
+    train_starts, _ = data.windows(ds, config["ctx_len"], config["val_fraction"], config["seed"])
+    assert ended["state"] == "finished"
+    assert ended["step"] == config["epochs"] * (len(train_starts) // config["batch_size"])
+
+
+def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    launch("nohup", run, small_data, "--epochs", "60", "--stall-timeout", "2",
+           "--max-restarts", "1", "--checkpoint-every", "10", cwd=tmp_path)
+    first = trainer_pid(run)
+    reap(first)
+    reap(read_json(run / "run.json")["supervisor_pid"])
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 30, 60,
+               what="step 30")
+    os.kill(first, signal.SIGSTOP)  # frozen: its own watchdog cannot run
+    wait_until(lambda: (read_json(run / "run.json") or {}).get("restarts") == 1, 60,
+               what="the restart")
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
+    ended = wait_until(lambda: (lambda e: e if e and e["state"] == "finished" else None)(
+        read_json(run / "exit.json")), 180, what="the restarted run to finish")
+    assert list((run / "dumps").glob("dump-frozen-*.txt"))
+    log = (run / "training.log").read_text()
+    assert "[SUPERVISOR] trainer pid" in log and "restart 1/1" in log and "Resumed from" in log
+    metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    config = read_json(run / "config.json")
+    assert len(metrics) == config["epochs"] and ended["step"] % config["epochs"] == 0
