@@ -14,6 +14,7 @@ RUN    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 EPOCHS ?=
 NPROC  ?= 2
 ARGS   ?=
+OFFLINE_BASE ?= lnsp-base:bookworm
 TRAIN_FLAGS = --data $(DATA) --run-dir $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 TARGET = $(if $(PID),$(PID),$(RUN))
 
@@ -71,8 +72,24 @@ logs: $(STAMP) ## print a run's log (RUN=, ARGS=-f to follow)
 doctor: $(STAMP) ## threads, BLAS/OpenMP runtimes, tools, known hazards
 	$(LNSP) doctor $(ARGS)
 
+docker-build: $(STAMP) ## build the image lnsp:latest through docker-py (BASE_IMAGE=)
+	$(LNSP) image build $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
+
+docker-base: ## offline Python 3.11 base image from Debian packages (debootstrap; root)
+	scripts/make-base-image.sh $(OFFLINE_BASE)
+
+wheelhouse: $(STAMP) ## download the image's wheels into .cache/wheelhouse
+	scripts/make-wheelhouse.sh
+
+docker-offline: docker-base wheelhouse ## build the image with no registry: base + wheelhouse
+	$(LNSP) image build --base-image $(OFFLINE_BASE)
+
+compare: $(STAMP) ## the probe natively and in the container, side by side
+	$(LNSP) compare $(ARGS)
+
 clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data train test probe train-nohup train-tmux train-docker status dump stop logs doctor clean
+.PHONY: help setup data train test probe train-nohup train-tmux train-docker status dump stop \
+	logs doctor docker-build docker-base wheelhouse docker-offline compare clean

@@ -240,3 +240,40 @@ def doctor(as_json):
     from lnsp.doctor import report
 
     click.echo(report(as_json))
+
+
+@main.group()
+def image():
+    """The container image."""
+
+
+@image.command("build")
+@click.option("--base-image", default=None, help="FROM image (default python:3.11-slim)")
+@click.option("--tag", default="lnsp:latest", show_default=True)
+@user_errors
+def image_build(base_image, tag):
+    """Build the image through docker-py, showing progress.
+
+    Example: lnsp image build --base-image lnsp-base:bookworm
+    """
+    from lnsp.image import build
+
+    build(base_image, tag, echo=click.echo)
+
+
+@main.command()
+@click.option("--image", default="lnsp:latest", show_default=True)
+@click.option("--threads", default=None, help="thread policy for both sides")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--k", default=100, show_default=True)
+@click.option("--timeout", default=60.0, show_default=True)
+@user_errors
+def compare(image, threads, batch, k, timeout):
+    """The probe natively and in the container, side by side, differences marked.
+
+    Example: lnsp compare --threads safe
+    """
+    from lnsp.compare import compare as run_compare
+
+    args = ["--batch", str(batch), "--k", str(k), "--timeout", str(timeout)]
+    click.echo(run_compare(args, image, threads, timeout))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,11 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
               **{f"{p}_ms": phases.get(p, 0.0) * 1e3 for p in PHASES},
               "step_ms": step_s * 1e3, "total_s": time.perf_counter() - started,
               "loss": loss, "torch": torch.__version__, "numpy": np.__version__,
-              "pid": os.getpid()}
+              "pid": os.getpid(), "platform": platform.platform(),
+              "python": platform.python_version(),
+              "pools": [f"{p['api']} x{p['threads']} {p['library']}"
+                        for p in thread_policy.pools()],
+              "thread_env": {k: os.environ.get(k) for k in thread_policy.THREAD_VARS}}
     lines = ["PROBE RESULT",
              f"  config    : bank {result['bank']} x {ds.dim}, batch {batch}, K {k}, "
              f"ctx_len {ctx_len}, threads {config.threads} ({n_threads} OpenMP)",

@@ -34,8 +34,10 @@ def supervise(config) -> int:
         if child["proc"] and child["proc"].poll() is None:
             child["proc"].send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # In a container the engine's signals reach the init process, then this one: pass
+    # each on (SIGUSR1 too, whose default action would end the supervisor).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, forward)
     restarts, resume = 0, config.resume
     while True:
         argv = [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "train",

@@ -1,0 +1,126 @@
+"""docker backend (docker-py): a detached container named and labelled after the run,
+with an init process so signals reach the trainer, the data mounted read-only, the
+run directory read-write, the invoking user's uid:gid and SYS_PTRACE for native dumps.
+
+Both are mounted at their own absolute paths, so config.json holds the same paths
+inside and out, and a run can be resumed natively or in a container alike."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lnsp.launch import LaunchError
+from lnsp.launch.command import environment
+
+IMAGE = "lnsp:latest"
+LABEL = "lnsp.run"
+
+
+def client():
+    try:
+        import docker
+
+        c = docker.from_env(timeout=30)
+        c.ping()
+        return c
+    except Exception as e:  # any failure here means: no usable engine
+        raise LaunchError(f"Docker engine not reachable ({type(e).__name__}: {e}); "
+                          "start it (sudo dockerd, or Docker Desktop) and retry", 1) from None
+
+
+def container_name(run_dir: str) -> str:
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in Path(run_dir).name)
+    return f"lnsp-{name}"
+
+
+def plan(config, options: dict) -> dict:
+    c = client()
+    image = options.get("image") or IMAGE
+    try:
+        c.images.get(image)
+    except Exception:
+        raise LaunchError(f"image {image} not found; build it with `make docker-build` "
+                          "(or `make docker-offline` with no registry)") from None
+    name = container_name(config.run_dir)
+    old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
+    if old is not None and old.status == "running":
+        raise LaunchError(f"container {name} is already running")
+    if old is not None:  # an ended container of this run (stopped, say): make room
+        old.remove()
+    return {"container_name": name, "image": image, "cpus": options.get("cpus"),
+            "memory": options.get("memory")}
+
+
+def start(config, info: dict) -> None:
+    from lnsp.rundir import RunDir, update_json
+
+    rd = RunDir(config.run_dir)
+    data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
+    inside = config.replace(data=data, run_dir=run)
+    env = {**environment(config, "docker"), "HOME": "/tmp"}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("LNSP_")
+                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
+    kwargs = {}
+    if info.get("cpus"):
+        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
+    if info.get("memory"):
+        kwargs["mem_limit"] = info["memory"]
+    container = client().containers.create(
+        info["image"], command=["supervise", *inside.to_argv()], name=info["container_name"],
+        labels={LABEL: Path(run).name, "lnsp.run_dir": run},
+        init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
+        volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
+        working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
+        **kwargs)
+    update_json(rd.run, container_id=container.id)
+    container.start()
+
+
+def notes(config, info: dict) -> list[str]:
+    return [f"  container: {info['container_name']} (image {info['image']})"]
+
+
+def _container(run: dict):
+    try:
+        return client().containers.get(run["container_id"])
+    except LaunchError:
+        raise
+    except Exception:
+        return None
+
+
+def alive(run: dict) -> bool:
+    c = _container(run) if run.get("container_id") else None
+    return bool(c and c.status in ("created", "running", "restarting"))
+
+
+trainer_alive = alive
+
+
+def send(run: dict, signum: int) -> None:
+    """Through the engine: the init process passes the signal to the supervisor,
+    which passes it to the trainer."""
+    c = _container(run)
+    if c is None:
+        raise LaunchError(f"container {run.get('container_id', '?')[:12]} not found")
+    c.kill(signal=int(signum))
+
+
+def wait_gone(run: dict, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(run):
+            return True
+        time.sleep(0.2)
+    return not alive(run)
+
+
+def extra_status(run: dict) -> dict:
+    c = _container(run) if run.get("container_id") else None
+    if c is None:
+        return {"container": None}
+    state = c.attrs.get("State", {})
+    return {"container": c.short_id, "container_state": state.get("Status"),
+            "container_exit_code": None if state.get("Running") else state.get("ExitCode")}

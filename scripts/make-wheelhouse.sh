@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Download every wheel the container needs, for its Python (3.11) and platform
+# (manylinux x86_64), so that `docker build` installs them with --no-index: pip inside
+# a container often cannot reach or verify a package index.
+# Usage: scripts/make-wheelhouse.sh [DIR]   (default .cache/wheelhouse)
+set -euo pipefail
+DIR=${1:-.cache/wheelhouse}
+PIP=${PIP:-.venv/bin/pip}
+mkdir -p "$DIR"
+"$PIP" download --quiet --dest "$DIR" --only-binary=:all: \
+    --python-version 3.11 --implementation cp --abi cp311 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+    --platform manylinux1_x86_64 --platform any \
+    -c constraints.txt \
+    torch faiss-cpu numpy click threadpoolctl psutil docker py-spy
+echo "wheelhouse $DIR: $(ls "$DIR" | wc -l) wheels, $(du -sh "$DIR" | cut -f1)"

@@ -1,0 +1,145 @@
+"""The container path against the real engine: image, a run to the end, dumps, stop,
+resume, status, compare. The `docker` CLI is used here as a second, real client.
+
+Without an engine these tests skip with the reason; with LNSP_REQUIRE_DOCKER=1 (CI)
+they fail instead."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import FAST_TRAIN, lnsp, read_json, wait_until
+
+pytestmark = pytest.mark.docker
+IMAGE = "lnsp:latest"
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return None
+    except Exception as e:
+        return f"no Docker engine reachable ({type(e).__name__})"
+
+
+@pytest.fixture(scope="module")
+def image():
+    problem = _engine_problem()
+    if problem:
+        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
+            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
+        pytest.skip(problem)
+    base = os.environ.get("LNSP_BASE_IMAGE")
+    if not base and subprocess.run(["docker", "image", "inspect", "lnsp-base:bookworm"],
+                                   capture_output=True).returncode == 0:
+        base = "lnsp-base:bookworm"  # the offline base (make docker-base) when present
+    r = lnsp("image", "build", *(["--base-image", base] if base else []), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    assert f"built {IMAGE}" in r.stdout
+    return IMAGE
+
+
+def docker_cli(*args) -> str:
+    if not shutil.which("docker"):
+        pytest.skip("docker CLI not installed")
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def status(run, cwd):
+    r = lnsp("status", run, "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+@pytest.fixture
+def cleanup():
+    names = []
+    yield names.append
+    for name in names:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_image_bakes_the_thread_environment(image):
+    config = json.loads(docker_cli("image", "inspect", image))[0]["Config"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        assert env[name] == "1", name
+    assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONFAULTHANDLER"] == "1"
+    assert config["Entrypoint"] == ["lnsp"] and config["User"] == "lnsp"
+    out = docker_cli("run", "--rm", "--entrypoint", "py-spy", image, "--version")
+    assert out.startswith("py-spy")
+    out = docker_cli("run", "--rm", image, "doctor", "--json")
+    pools = json.loads(out)["pools"]
+    assert pools and all(p["threads"] == 1 for p in pools), pools
+
+
+def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, cleanup):
+    run = tmp_path / "crun"
+    cleanup("lnsp-crun")
+    r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+             "--epochs", "200", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = read_json(run / "run.json")
+    attrs = json.loads(docker_cli("inspect", info["container_id"]))[0]
+    assert attrs["Name"] == "/lnsp-crun" and attrs["Config"]["Labels"]["lnsp.run"] == "crun"
+    host = attrs["HostConfig"]
+    assert host["Init"] is True and "SYS_PTRACE" in host["CapAdd"]
+    assert host["ShmSize"] >= 2**30 and attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
+    mounts = {m["Destination"]: m["RW"] for m in attrs["Mounts"]}
+    assert mounts == {str(small_data.resolve()): False, str(run.resolve()): True}
+
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 5, 120,
+               what="the container's first steps")
+    assert status(run, tmp_path)["state"] == "running"
+    for n in (1, 2, 3):
+        r = lnsp("dump", run, cwd=tmp_path)
+        assert r.returncode == 0 and "Thread" in r.stdout, r.stderr
+        assert len(list((run / "dumps").glob("*.txt"))) == n
+    assert status(run, tmp_path)["state"] == "running"
+
+    r = lnsp("stop", run, "--grace", "60", cwd=tmp_path)
+    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    stopped = status(run, tmp_path)
+    assert stopped["state"] == "stopped" and stopped["container_exit_code"] == 0
+    assert (run / "checkpoints" / "last.pt").stat().st_uid == os.getuid()
+
+    r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_until(lambda: status(run, tmp_path)["state"] == "finished", 180,
+               what="the resumed container run to finish")
+    log = (run / "training.log").read_text()
+    assert "Resumed from" in log and "Finished" in log
+    for path in run.rglob("*"):
+        assert path.stat().st_uid == os.getuid(), path
+
+
+def test_a_killed_container_is_reported_failed_with_its_exit_code(image, small_data, tmp_path,
+                                                                   cleanup):
+    run = tmp_path / "killed"
+    cleanup("lnsp-killed")
+    r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+             "--epochs", "200", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: read_json(run / "heartbeat.json"), 120, what="a heartbeat")
+    docker_cli("kill", "lnsp-killed")
+    row = wait_until(lambda: (lambda s: s if s["state"] == "failed" else None)(
+        status(run, tmp_path)), 30, what="status failed")
+    assert row["container_state"] == "exited" and row["container_exit_code"] == 137
+
+
+def test_compare_prints_native_and_container_columns(image, tmp_path):
+    r = lnsp("compare", "--threads", "safe", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    head, *rows = r.stdout.splitlines()
+    assert "native" in head and "container" in head
+    values = {row[2:15].strip(): row[15:].split() for row in rows if row[2:15].strip()}
+    assert values["threads"] == ["safe", "safe"] and values["omp_threads"] == ["1", "1"]
+    assert len(values["forward_ms"]) == 2
