@@ -277,3 +277,41 @@ def compare(image, threads, batch, k, timeout):
 
     args = ["--batch", str(batch), "--k", str(k), "--timeout", str(timeout)]
     click.echo(run_compare(args, image, threads, timeout))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="a checkpoint (runs/NAME/checkpoints/best.pt)")
+@click.option("--data", "data_dir", default="data/demo", show_default=True)
+@click.option("--start", type=int, default=None, help="chain whose first ctx_len ids start it")
+@click.option("--context-ids", default=None, help="comma-separated bank ids to start from")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--lane", default="neutral", show_default=True,
+              type=click.Choice(["conservative", "neutral", "creative"]))
+@click.option("--tau-snap", type=float, default=None, help="override the lane's SNAP threshold")
+@click.option("--tau-novel", type=float, default=None, help="override the lane's NOVEL threshold")
+@click.option("--k", type=int, default=None, help="override the lane's neighbour count")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default=None, help="JSON lines, one per step")
+@user_errors
+def generate(checkpoint, data_dir, start, context_ids, steps, lane, tau_snap, tau_novel, k,
+             seed, out):
+    """Dual-path generation (SNAP / BLEND / NOVEL) from a checkpoint.
+
+    Example: lnsp generate --checkpoint runs/x/checkpoints/best.pt --steps 20 --out gen.jsonl
+    """
+    import json
+
+    from lnsp import decider
+    from lnsp.generate import generate as run_generate
+
+    try:
+        profile = decider.lane(lane, tau_snap, tau_novel, k)
+        ids = [int(x) for x in context_ids.split(",")] if context_ids else None
+    except ValueError as e:
+        raise Fail(str(e)) from None
+    if not __import__("os").path.exists(checkpoint):
+        raise Fail(f"{checkpoint}: checkpoint not found")
+    summary = run_generate(checkpoint, data_dir, steps, profile, start, ids, seed, out,
+                           echo=click.echo)
+    click.echo(json.dumps(summary, indent=2))

@@ -122,20 +122,27 @@ def load_index(path: Path, n: int, d: int):
     return index
 
 
-def windows(ds: Dataset, ctx_len: int, val_fraction: float, seed: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Start positions (into ds.ids) of training and held-out windows, split by chain."""
+def split_chains(ds: Dataset, ctx_len: int, val_fraction: float, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Chain indices for training and held out (at least one each when possible)."""
     lengths = np.diff(ds.offsets)
     usable = np.flatnonzero(lengths >= ctx_len + 1)
     order = np.random.default_rng(seed).permutation(usable)
     n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
-    n_val = min(max(n_val, 1 if len(order) > 1 else 0), len(order) - 1)
+    n_val = min(max(n_val, 1 if len(order) > 1 else 0), max(len(order) - 1, 0))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def windows(ds: Dataset, ctx_len: int, val_fraction: float, seed: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions (into ds.ids) of training and held-out windows, split by chain."""
 
     def starts(chains: np.ndarray) -> np.ndarray:
-        parts = [np.arange(ds.offsets[c], ds.offsets[c + 1] - ctx_len) for c in np.sort(chains)]
+        parts = [np.arange(ds.offsets[c], ds.offsets[c + 1] - ctx_len) for c in chains]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    return starts(order[n_val:]), starts(order[:n_val])
+    train, held_out = split_chains(ds, ctx_len, val_fraction, seed)
+    return starts(train), starts(held_out)
 
 
 def window_ids(ds: Dataset, starts: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:

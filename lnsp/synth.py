@@ -1,9 +1,10 @@
 """Deterministic demo data with structure a model can learn and copy-last cannot.
 
 Each chain walks a low-dimensional latent sphere by a fixed rotation (60 degrees in
-every plane) plus a little noise; the bank rows are those latents embedded in D
-dimensions with isotropic noise. The next vector is predictable from the context,
-but sits at cosine ~0.45 to the last one, so copying the last vector finds it rarely.
+every plane) plus noise whose size varies from chain to chain; the bank rows are
+those latents embedded in D dimensions with a little isotropic noise. The next vector
+is predictable from the context (closely on quiet chains, loosely on noisy ones), but
+sits at cosine ~0.5 to the last one, so copying the last vector finds it rarely.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 
 def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
-         angle: float = np.pi / 3, step_noise: float = 0.15, embed_noise: float = 0.3,
+         angle: float = np.pi / 3, step_noise: float = 0.6, embed_noise: float = 0.15,
          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bank (N, D) float32 unit rows, ids (N,), offsets (chains+1,))."""
     rng = np.random.default_rng(seed)
@@ -28,10 +29,11 @@ def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
 
     z = rng.standard_normal((chains, latent))
     z /= np.linalg.norm(z, axis=1, keepdims=True)
+    noise = step_noise * rng.uniform(0.05, 1.0, size=(chains, 1)) / np.sqrt(latent)
     walk = np.empty((chains, length, latent))
     for t in range(length):
         walk[:, t] = z
-        z = z @ rotation.T + step_noise / np.sqrt(latent) * rng.standard_normal(z.shape)
+        z = z @ rotation.T + noise * rng.standard_normal(z.shape)
         z /= np.linalg.norm(z, axis=1, keepdims=True)
     x = walk.reshape(-1, latent) @ embed.T
     x += embed_noise / np.sqrt(dim) * rng.standard_normal(x.shape)

@@ -66,7 +66,8 @@ def policy_env(value: str | None) -> dict[str, str]:
 
 
 def requested_policy(argv: list[str] | None = None) -> str | None:
-    """The --threads value of a command line, else LNSP_THREADS, else .env's."""
+    """The --threads value of a command line, else a resumed run's, else LNSP_THREADS,
+    else .env's."""
     argv = sys.argv if argv is None else argv
     found = None
     for i, arg in enumerate(argv):  # the last one wins, as in click
@@ -76,11 +77,28 @@ def requested_policy(argv: list[str] | None = None) -> str | None:
             found = arg.split("=", 1)[1]
     if found:
         return found
+    stored = _resumed_policy(argv)
+    if stored:
+        return stored
     if os.environ.get("LNSP_THREADS"):
         return os.environ["LNSP_THREADS"]
     from lnsp.dotenv import read_dotenv
 
     return read_dotenv().get("LNSP_THREADS")
+
+
+def _resumed_policy(argv: list[str]) -> str | None:
+    """A resumed run keeps the policy stored in its run directory's config.json."""
+    if "--resume" not in argv or "--run-dir" not in argv[:-1]:
+        return None
+    import json
+
+    path = os.path.join(argv[argv.index("--run-dir") + 1], "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("threads")
+    except (OSError, ValueError):
+        return None
 
 
 def set_env_defaults(argv: list[str] | None = None) -> None:

@@ -69,3 +69,11 @@ def test_dataloader_workers_with_two_threads_finish(small_data, tmp_path):
              "--workers", "2", "--max-steps", "30", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert read_json(run / "exit.json")["state"] == "finished"
+
+
+def test_a_resumed_run_keeps_its_stored_policy(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"threads": "safe"}))
+    code = "import os, lnsp; print(os.environ['OMP_NUM_THREADS'])"
+    r = subprocess.run([sys.executable, "-c", code, "train", "--run-dir", str(tmp_path),
+                        "--resume"], capture_output=True, text=True, env=env(), timeout=60)
+    assert r.stdout.strip() == "1", r.stderr
