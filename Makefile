@@ -87,9 +87,20 @@ docker-offline: docker-base wheelhouse ## build the image with no registry: base
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)
 
+bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
+	$(LNSP) bench $(ARGS)
+
+plot: $(STAMP) ## redraw a run's plots.png (RUN=)
+	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make plot RUN=..."; exit 2; }
+	$(LNSP) plot $(RUN)
+
+generate: $(STAMP) ## dual-path generation from RUN=...'s best.pt (ARGS='--steps 20 --lane neutral')
+	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make generate RUN=..."; exit 2; }
+	$(LNSP) generate --checkpoint $(RUN)/checkpoints/best.pt --data $(DATA) $(ARGS)
+
 clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help setup data train test probe train-nohup train-tmux train-docker status dump stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare clean
+	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

@@ -315,3 +315,59 @@ def generate(checkpoint, data_dir, start, context_ids, steps, lane, tau_snap, ta
     summary = run_generate(checkpoint, data_dir, steps, profile, start, ids, seed, out,
                            echo=click.echo)
     click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("run")
+@user_errors
+def plot(run):
+    """Redraw a run's plots.png (loss per step, Hit@10 per epoch beside copy-last).
+
+    Example: lnsp plot runs/20260101-120000
+    """
+    from lnsp.rundir import RunDir
+
+    rd = RunDir(run)
+    if not rd.exists():
+        raise Fail(f"{run}: not a run directory")
+    try:
+        from lnsp.plot import draw
+        click.echo(f"wrote {draw(rd)}")
+    except ImportError:
+        raise Fail("matplotlib is not installed: pip install 'lnsp[plot]' "
+                   "(or .venv/bin/pip install matplotlib)", 1) from None
+
+
+@main.command()
+@click.option("--seconds", default=8.0, show_default=True, help="timed seconds per policy")
+@click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
+              help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
+@click.option("--out", default="bench.json", show_default=True)
+@click.option("--part", type=click.Choice(["worker", "seed"]), default=None, hidden=True)
+@click.option("--batch", default=8, hidden=True)
+@click.option("--threads", default=None, hidden=True)
+def bench(seconds, seed_scale, out, part, batch, threads):
+    """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
+    at scale; prints a table, writes bench.json and bench.png.
+
+    Example: lnsp bench --seconds 8
+    """
+    import json
+
+    from lnsp import bench as b
+
+    if part == "worker":
+        click.echo(json.dumps(b.worker(batch, threads or "fast", seconds)))
+        return
+    if part == "seed":
+        click.echo(json.dumps(b.seed_scale()))
+        return
+    result = b.run(seconds, seed_scale, echo=click.echo)
+    lines, ratios = b.summary(result)
+    result["ratios"] = ratios
+    from lnsp.rundir import write_json
+
+    write_json(out, result)
+    chart = b.chart(result, __import__("pathlib").Path(out).with_suffix(".png"))
+    click.echo("\n".join(lines))
+    click.echo(f"wrote {out}" + (f" and {chart}" if chart else ""))

@@ -1,7 +1,7 @@
 """Deterministic demo data with structure a model can learn and copy-last cannot.
 
-Each chain walks a low-dimensional latent sphere by a fixed rotation (60 degrees in
-every plane) plus noise whose size varies from chain to chain; the bank rows are
+Each chain walks a low-dimensional latent sphere by a fixed rotation (about 60
+degrees in every plane) plus noise whose size varies from chain to chain; the bank rows are
 those latents embedded in D dimensions with a little isotropic noise. The next vector
 is predictable from the context (closely on quiet chains, loosely on noisy ones), but
 sits at cosine ~0.5 to the last one, so copying the last vector finds it rarely.
@@ -20,10 +20,12 @@ def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
     """(bank (N, D) float32 unit rows, ids (N,), offsets (chains+1,))."""
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.standard_normal((latent, latent)))
-    c, s = np.cos(angle), np.sin(angle)
+    # A different angle in every plane, so that no power of the rotation is close to
+    # the identity: a chain never comes back to where it was a few steps before.
+    angles = angle * rng.uniform(0.75, 1.25, size=latent // 2)
     block = np.zeros((latent, latent))
-    for i in range(0, latent - 1, 2):
-        block[i:i + 2, i:i + 2] = [[c, -s], [s, c]]
+    for i, a in zip(range(0, latent - 1, 2), angles):
+        block[i:i + 2, i:i + 2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
     rotation = basis @ block @ basis.T
     embed, _ = np.linalg.qr(rng.standard_normal((dim, latent)))
 

@@ -224,6 +224,7 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending) -> i
                 _write_exit(rd, "stopped", 0, step, signal=stop.requested)
                 log(f"Stopped on {stop.requested} at step {step}; checkpoint "
                     f"{rd.last_checkpoint()} (continue with --resume)")
+                _plot(rd, log)
                 return 0
             # Accumulate gradients over micro-batches, then one optimizer step.
             loss = sum(train_step(job, next(feed), 1 / config.accum_steps, watchdog=watchdog)
@@ -256,7 +257,7 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending) -> i
         done_epoch = position >= steps_per_epoch
         epoch, position = (epoch + 1, 0) if done_epoch else (epoch, position)
         watchdog.progress("checkpoint")
-        if metrics["hit@10"] > best:
+        if metrics["hit@10"] >= best:  # on a tie the later, longer-trained model
             best = metrics["hit@10"]
             save(rd.checkpoints / "best.pt", epoch, position)
         save(rd.checkpoints / f"epoch_{epoch:03d}.pt", epoch, position)

@@ -1,0 +1,310 @@
+"""`lnsp bench`: ratios measured in one process tree on one machine, because absolute
+times on shared machines are noise. Each thread policy runs in its own process (the
+policy is fixed before the heavy imports); bare and hardened loops alternate there.
+
+Measures: hardened / bare throughput, each policy against `safe`, the fraction of
+measured GEMM FLOP/s that training reaches, the probe's wall time, the miner and
+memory at the seed's scale (771,115 x 768), and the decider's latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100}
+SEED_BANK = 771_115
+TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.7,
+           "probe_wall_s": 5.0, "ivf_p95_ms": 2.5, "rss_over_baseline_gb": 1.0,
+           "decider_p99_ms": 1.0}
+
+
+# ---------------------------------------------------------------- one policy, one process
+def _job(batch: int, threads: str):
+    from lnsp import data, synth, train
+    from lnsp.config import TrainConfig
+
+    chains = WORKLOAD["bank"] // 24 + 1
+    bank, ids, offsets = synth.make(chains=chains, length=24, dim=WORKLOAD["dim"], seed=0)
+    ds = data.Dataset(None, bank, ids, offsets)
+    config = TrainConfig(batch_size=batch, k=WORKLOAD["k"], ctx_len=WORKLOAD["ctx_len"],
+                         threads=threads, run_dir="-")
+    return train.setup(config, ds, lambda m: None)
+
+
+def _gemm_flops(n: int = 1024, repeats: int = 20) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
+def worker(batch: int, threads: str, seconds: float) -> dict:
+    """Bare and hardened steps, alternating in blocks, in this process."""
+    from lnsp import threads as policy, train
+    from lnsp.dumps import Dumper
+    from lnsp.model import flops_per_sample
+    from lnsp.rundir import RunDir, RunLog
+    from lnsp.watchdog import Heartbeat, Watchdog
+
+    n_threads = policy.enforce()
+    job = _job(batch, threads)
+    batches = train.epoch_batches(job, 0)
+    tmp = Path(tempfile.mkdtemp(prefix="lnsp-bench-"))
+    rd = RunDir(tmp)
+    log = RunLog(rd.log, echo=False)
+    watchdog = Watchdog(600, 120, "dump", Dumper(rd.dumps, log, native=False), log)
+    watchdog.start()
+    heartbeat = Heartbeat(rd.heartbeat, log, 512)
+
+    def bare(i):  # the same math, nothing else
+        loss = train.train_step(job, batches[i % len(batches)])
+        train.optimizer_step(job, loss)
+
+    def hardened(i):  # what the training loop adds around the same step
+        loss = train.train_step(job, batches[i % len(batches)], watchdog=watchdog)
+        watchdog.phase = "optimizer"
+        train.optimizer_step(job, loss)
+        watchdog.first_step_done()
+        heartbeat.beat(1, i, "train", loss, 0.0)
+        if i % 20 == 0:
+            log(f"Epoch 1/1 | Step {i} | Loss {loss:.4f} | 0.00 it/s")
+
+    for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
+        bare(i)
+    timing = {"bare": [0.0, 0], "hardened": [0.0, 0]}
+    block = 10
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline or timing["hardened"][1] < 2 * block:
+        for name, fn in (("bare", bare), ("hardened", hardened)):
+            t = time.perf_counter()
+            for _ in range(block):
+                fn(i)
+                i += 1
+            timing[name][0] += time.perf_counter() - t
+            timing[name][1] += block
+    watchdog.stop()
+    rate = {k: batch * n / s for k, (s, n) in timing.items()}
+    gemm = _gemm_flops()
+    cfg = job.config
+    model_flops = 3 * flops_per_sample(WORKLOAD["dim"], cfg.hidden, cfg.ctx_len)
+    return {"batch": batch, "threads": threads, "omp_threads": n_threads,
+            "bare_samples_per_s": rate["bare"], "hardened_samples_per_s": rate["hardened"],
+            "hardened_ratio": rate["hardened"] / rate["bare"], "gemm_flops": gemm,
+            "flop_fraction": model_flops * rate["bare"] / gemm,
+            "model_flops_per_sample": model_flops}
+
+
+# ---------------------------------------------------------------- the seed's scale
+def seed_scale(n: int = SEED_BANK, dim: int = 768, queries: int = 200) -> dict:
+    import faiss
+    import psutil
+
+    from lnsp import miner, threads as policy
+
+    policy.enforce()
+    process = psutil.Process()
+    folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-bank-"))
+    path = folder / "bank.npy"
+    rng = np.random.default_rng(0)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for s in range(0, n, 65536):  # written in chunks: never a second copy in memory
+        rows = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
+        out[s:s + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    out.flush()
+    del out
+    bank = np.load(path, mmap_mode="r")
+    baseline_rss = process.memory_info().rss
+    result = {"bank_rows": n, "dim": dim}
+    q = np.ascontiguousarray(bank[rng.choice(n, 8 * queries, replace=False)])
+    for kind, nlist in (("flat", 0), ("ivf", 1024)):
+        t = time.perf_counter()
+        index = miner.build(bank, kind, nlist=nlist or 256, nprobe=8, log=lambda m: None)
+        build_s = time.perf_counter() - t
+        lat = []
+        for i in range(queries):
+            t = time.perf_counter()
+            miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
+            lat.append((time.perf_counter() - t) * 1e3)
+        result[kind] = {"build_s": build_s, "p50_ms": float(np.percentile(lat, 50)),
+                        "p95_ms": float(np.percentile(lat, 95)),
+                        "index_bytes": int(faiss.serialize_index(index).nbytes)
+                        if kind == "ivf" else n * dim * 4}
+        if kind == "ivf":
+            result["train_samples_per_s"] = _train_rate(bank, index)
+        del index
+    # Peak resident memory of the whole process (the memmap's touched pages count).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    bank_bytes = n * dim * 4
+    result["peak_rss_gb"] = peak / 2**30
+    result["baseline_gb"] = (bank_bytes + result["flat"]["index_bytes"]) / 2**30
+    result["rss_over_baseline_gb"] = (peak - baseline_rss) / 2**30 - result["baseline_gb"]
+    path.unlink()
+    folder.rmdir()
+    return result
+
+
+def _train_rate(bank, index, batch: int = 8, steps: int = 30) -> float:
+    """Training samples/s at this scale: random chains over the bank, IVF miner."""
+    from lnsp import data, train
+    from lnsp.config import TrainConfig
+
+    n = bank.shape[0]
+    ids = np.random.default_rng(1).permutation(n)[:24 * 2000]
+    ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24), index=index)
+    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index="ivf",
+                                  run_dir="-"), ds, lambda m: None)
+    batches = train.epoch_batches(job, 0)
+    for i in range(3):
+        train.optimizer_step(job, train.train_step(job, batches[i]))
+    t = time.perf_counter()
+    for i in range(steps):
+        train.optimizer_step(job, train.train_step(job, batches[3 + i]))
+    return batch * steps / (time.perf_counter() - t)
+
+
+def decider_latency(k: int = 500, dim: int = 768, steps: int = 2000) -> dict:
+    from lnsp.decider import LANES, decide
+
+    rng = np.random.default_rng(0)
+    neighbors = rng.standard_normal((k, dim)).astype(np.float32)
+    neighbors /= np.linalg.norm(neighbors, axis=1, keepdims=True)
+    ids = np.arange(k)
+    lat = []
+    for i in range(steps):
+        v = neighbors[i % k] + 0.3 * rng.standard_normal(dim).astype(np.float32)
+        t = time.perf_counter()
+        decide(v, neighbors, ids, LANES["neutral"], recent=list(range(8)))
+        lat.append((time.perf_counter() - t) * 1e3)
+    return {"k": k, "dim": dim, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99))}
+
+
+# ---------------------------------------------------------------- orchestration
+def _child(args: list[str], threads: str, timeout: float) -> dict:
+    from lnsp.threads import policy_env
+
+    env = {**{k: v for k, v in os.environ.items() if k not in policy_env("safe")},
+           **policy_env(threads)}
+    r = subprocess.run([sys.executable, "-m", "lnsp", "bench", "--part", *args,
+                        "--threads", threads], capture_output=True, text=True, env=env,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench part {args} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def probe_wall() -> dict:
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lnsp", "probe", "--json"],
+                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    wall = None
+    for line in proc.stdout:
+        if line.startswith("PROBE RESULT") and wall is None:
+            wall = time.perf_counter() - t
+        if line.startswith("{"):
+            result = json.loads(line)
+    proc.wait(120)
+    return {"wall_s": wall, "import_s": result["import_s"], "setup_s": result["setup_s"]}
+
+
+def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
+    out = {"workload": WORKLOAD, "targets": TARGETS, "policies": []}
+    for batch in (8, 64):
+        for threads in ("safe", "fast"):
+            echo(f"bench: batch {batch}, threads {threads} ...")
+            out["policies"].append(_child(["worker", "--batch", str(batch), "--seconds",
+                                           str(seconds)], threads, 600))
+    echo("bench: probe wall time ...")
+    out["probe"] = probe_wall()
+    echo("bench: decider latency ...")
+    out["decider"] = decider_latency()
+    if seed:
+        echo(f"bench: seed scale, {SEED_BANK:,} x 768 (a few minutes) ...")
+        out["seed_scale"] = _child(["seed"], "fast", 900)
+    return out
+
+
+def summary(b: dict) -> tuple[list[str], dict]:
+    """The table, and the ratios checked against their targets."""
+    by = {(p["batch"], p["threads"]): p for p in b["policies"]}
+    ratios = {
+        "hardened_ratio": min(p["hardened_ratio"] for p in b["policies"]
+                              if p["threads"] == "fast"),
+        "fast_vs_safe_b64": by[(64, "fast")]["bare_samples_per_s"]
+        / by[(64, "safe")]["bare_samples_per_s"],
+        "flop_fraction_b64": by[(64, "fast")]["flop_fraction"],
+        "probe_wall_s": b["probe"]["wall_s"],
+        "decider_p99_ms": b["decider"]["p99_ms"],
+    }
+    if "seed_scale" in b:
+        ratios["ivf_p95_ms"] = b["seed_scale"]["ivf"]["p95_ms"]
+        ratios["rss_over_baseline_gb"] = b["seed_scale"]["rss_over_baseline_gb"]
+    lines = [f"{'batch':>5} {'threads':<7} {'bare s/s':>9} {'hardened':>9} {'ratio':>6} "
+             f"{'vs safe':>7} {'FLOP frac':>9}"]
+    for p in b["policies"]:
+        safe = by[(p["batch"], "safe")]["bare_samples_per_s"]
+        lines.append(f"{p['batch']:>5} {p['threads']:<7} {p['bare_samples_per_s']:>9.1f} "
+                     f"{p['hardened_samples_per_s']:>9.1f} {p['hardened_ratio']:>6.3f} "
+                     f"{p['bare_samples_per_s'] / safe:>7.2f} {p['flop_fraction']:>9.3f}")
+    lines.append(f"probe: {b['probe']['wall_s']:.2f}s to PROBE RESULT "
+                 f"(imports {b['probe']['import_s']:.2f}s)")
+    lines.append(f"decider (K 500, D 768): p50 {b['decider']['p50_ms']:.3f} ms, "
+                 f"p99 {b['decider']['p99_ms']:.3f} ms")
+    if "seed_scale" in b:
+        s = b["seed_scale"]
+        lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']}: flat build "
+                     f"{s['flat']['build_s']:.1f}s p50 {s['flat']['p50_ms']:.1f} ms p95 "
+                     f"{s['flat']['p95_ms']:.1f} ms | IVF1024/nprobe 8 build "
+                     f"{s['ivf']['build_s']:.1f}s p50 {s['ivf']['p50_ms']:.2f} ms p95 "
+                     f"{s['ivf']['p95_ms']:.2f} ms")
+        lines.append(f"  training {s['train_samples_per_s']:.1f} samples/s (batch 8, IVF); "
+                     f"peak RSS {s['peak_rss_gb']:.2f} GB; bank + index "
+                     f"{s['baseline_gb']:.2f} GB; above that {s['rss_over_baseline_gb']:.2f} GB")
+    lines.append("")
+    lines.append(f"{'measure':<22} {'value':>9} {'target':>9}  met")
+    for key, value in ratios.items():
+        target = TARGETS[key]
+        lower_is_better = key in ("probe_wall_s", "ivf_p95_ms", "rss_over_baseline_gb",
+                                  "decider_p99_ms")
+        met = value <= target if lower_is_better else value >= target
+        lines.append(f"{key:<22} {value:>9.3f} {('<=' if lower_is_better else '>=')}"
+                     f"{target:>7}  {'yes' if met else 'NO'}")
+    return lines, ratios
+
+
+def chart(b: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"b{p['batch']} {p['threads']}" for p in b["policies"]]
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, [p["bare_samples_per_s"] for p in b["policies"]], 0.4, label="bare")
+    ax.bar(x + 0.2, [p["hardened_samples_per_s"] for p in b["policies"]], 0.4,
+           label="hardened")
+    ax.set_xticks(x, labels)
+    ax.set(ylabel="samples/s", title="lnsp training throughput (same machine, one run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
