@@ -54,6 +54,9 @@ train-tmux: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## det
 train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (IMAGE=)
 	$(LNSP) launch docker $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
 
+train-ddp: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## data-parallel run under torchrun (NPROC=2)
+	$(LNSP) launch ddp --nproc $(NPROC) $(TRAIN_FLAGS)
+
 status: $(STAMP) ## state of every run under runs/ (or RUN=)
 	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN))
 
@@ -102,5 +105,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data train test probe train-nohup train-tmux train-docker status dump stop \
+.PHONY: help setup data train test probe train-nohup train-tmux train-docker train-ddp status dump stop \
 	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

@@ -150,7 +150,8 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker"]))
+@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp"]))
+@click.option("--nproc", default=None, type=int, help="ddp: ranks on this machine (default 2)")
 @click.option("--session", default=None, help="tmux session name (default: the run's name)")
 @click.option("--replace", is_flag=True, help="tmux: replace a session of that name")
 @click.option("--image", default=None, help="docker: image (default lnsp:latest)")
@@ -158,7 +159,7 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
 @user_errors
-def launch(backend, session, replace, image, cpus, memory, **values):
+def launch(backend, nproc, session, replace, image, cpus, memory, **values):
     """Start a detached run and print its run directory.
 
     Example: lnsp launch tmux --epochs 2 --max-restarts 2
@@ -167,7 +168,7 @@ def launch(backend, session, replace, image, cpus, memory, **values):
 
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
-               "memory": memory}
+               "memory": memory, "nproc": nproc}
     info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
     click.echo(info)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     stall_timeout: float = _f(120.0, "seconds without an optimizer step before the watchdog fires")
     startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
     on_stall: str = _f("dump", "on a stall: dump (and keep waiting) or exit (code 3)", ("dump", "exit"))
+    pg_timeout: float = _f(300.0, "seconds a collective waits for the other ranks (torchrun)")
     max_restarts: int = _f(0, "restarts of a stalled or crashed run (launchers)")
     mem_margin_mb: float = _f(512.0, "resident growth past the first epoch that is logged as a leak")
     resume: bool = _f(False, "continue from the run directory's last.pt")
@@ -58,7 +59,8 @@ class TrainConfig:
         """Raise one ConfigError naming every invalid field."""
         problems = []
         positive = ("epochs", "batch_size", "accum_steps", "k", "ctx_len", "hidden", "nlist",
-                    "nprobe", "log_every", "lr", "temperature", "stall_timeout", "startup_timeout")
+                    "nprobe", "log_every", "lr", "temperature", "stall_timeout", "startup_timeout",
+                    "pg_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")

@@ -133,16 +133,17 @@ def split_chains(ds: Dataset, ctx_len: int, val_fraction: float, seed: int
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def windows(ds: Dataset, ctx_len: int, val_fraction: float, seed: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Start positions (into ds.ids) of training and held-out windows, split by chain."""
+def windows(ds: Dataset, ctx_len: int, val_fraction: float, seed: int, rank: int = 0,
+            world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions (into ds.ids) of training and held-out windows, split by chain;
+    with several ranks, each takes every world-th training chain."""
 
     def starts(chains: np.ndarray) -> np.ndarray:
         parts = [np.arange(ds.offsets[c], ds.offsets[c + 1] - ctx_len) for c in chains]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     train, held_out = split_chains(ds, ctx_len, val_fraction, seed)
-    return starts(train), starts(held_out)
+    return starts(train[rank::world]), starts(held_out)
 
 
 def window_ids(ds: Dataset, starts: np.ndarray, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:

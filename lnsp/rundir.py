@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:
     """Write to a temporary file beside `path`, then os.replace it into place, so a
-    reader never sees half a file."""
+    reader never sees half a file. `durable` also fsyncs (checkpoints, not heartbeats:
+    a reader needs a whole file, not one that survives a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
@@ -22,15 +23,16 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_json(path: str | Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, obj: dict, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", durable)
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -75,12 +77,12 @@ class RunDir:
 class RunLog:
     """Timestamped lines into training.log (flushed at once) and to stdout."""
 
-    def __init__(self, path: str | Path | None, echo: bool = True):
+    def __init__(self, path: str | Path | None, echo: bool = True, prefix: str = ""):
         self.file = open(path, "a", buffering=1) if path else None
-        self.echo = echo
+        self.echo, self.prefix = echo, prefix
 
     def __call__(self, message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        line = f"[{time.strftime('%H:%M:%S')}] {self.prefix}{message}"
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()

@@ -43,6 +43,14 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "exit_code": (ended or {}).get("exit_code"), "restarts": run.get("restarts", 0)}
     if hasattr(ops, "extra_status"):
         row.update(ops.extra_status(run))
+    if run.get("world_size", 1) > 1:  # one line per rank
+        row["ranks"] = []
+        for r in run.get("ranks", []):
+            b = read_json(rd.root / f"heartbeat-rank{r['rank']}.json") or {}
+            row["ranks"].append({"rank": r["rank"], "pid": r["pid"], "host": r["host"],
+                                 "step": b.get("step"), "phase": b.get("phase"),
+                                 "heartbeat_age_s": round(now - b["time"], 1)
+                                 if b.get("time") else None})
     return row
 
 
@@ -70,4 +78,8 @@ def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> st
                      f"{fmt(r['pid'], 'd'):>7} {fmt(r['epoch'], 'd'):>5} {fmt(r['step'], 'd'):>7} "
                      f"{fmt(r['loss'], '.4f'):>8} {fmt(r['samples_per_s'], '.1f'):>9} "
                      f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9}")
+        for k in r.get("ranks", []):
+            lines.append(f"  rank {k['rank']:<3} pid {k['pid']:<7} {k['host']:<12} step "
+                         f"{fmt(k['step'], 'd'):>6} phase {k['phase'] or '-':<10} heartbeat "
+                         f"{fmt(k['heartbeat_age_s'], '.1f')}s")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -17,16 +18,18 @@ import psutil
 from lnsp.rundir import write_json
 
 STALL_EXIT_CODE = 3
+HOST = socket.gethostname()
 
 
 class Watchdog(threading.Thread):
     def __init__(self, startup_timeout: float, stall_timeout: float, on_stall: str,
-                 dumper, log, on_exit=None, label: str = ""):
+                 dumper, log, on_exit=None, label: str = "", describe=None):
         super().__init__(name="lnsp-watchdog", daemon=True)
         self.startup_timeout, self.stall_timeout = startup_timeout, stall_timeout
         self.on_stall, self.dumper, self.log = on_stall, dumper, log
         self.on_exit = on_exit  # called with the phase before a stall exit
         self.label = label
+        self.describe = describe  # extra words for the stall line (which rank stalled)
         self.phase = "startup"
         self.started_steps = False
         self.last = time.monotonic()
@@ -57,8 +60,10 @@ class Watchdog(threading.Thread):
                 continue  # already reported this stall; wait for progress
             fired_at = self.last
             kind = "step" if self.started_steps else "start-up and first step"
+            extra = self.describe() if self.describe else ""
             self.log(f"[WATCHDOG] {self.label}no progress for {idle:.1f}s in phase "
-                     f"'{self.phase}' (budget {budget:g}s for {kind}); dumping all threads")
+                     f"'{self.phase}' (budget {budget:g}s for {kind}); dumping all threads"
+                     + (f"; {extra}" if extra else ""))
             self.dumper.dump("stall")
             if self.on_stall == "exit":
                 self.log(f"[WATCHDOG] {self.label}exiting with code {STALL_EXIT_CODE} "
@@ -82,10 +87,11 @@ class Heartbeat:
         return self.process.memory_info().rss / 2**20
 
     def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float) -> None:
-        write_json(self.path, {"pid": os.getpid(), "epoch": epoch, "step": step,
+        write_json(self.path, {"pid": os.getpid(), "host": HOST, "epoch": epoch, "step": step,
                                "phase": phase, "loss": loss,
                                "samples_per_s": samples_per_s,
-                               "rss_mb": round(self.rss_mb(), 1), "time": time.time()})
+                               "rss_mb": round(self.rss_mb(), 1), "time": time.time()},
+                   durable=False)
 
     def epoch_end(self, epoch: int) -> None:
         rss = self.rss_mb()

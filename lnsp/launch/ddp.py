@@ -1,0 +1,71 @@
+"""ddp backend: a detached torchrun job (data parallel, gloo on CPU), restarted by
+torchrun's elastic agent (--max-restarts); every rank resumes from last.pt."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from lnsp import procs
+from lnsp.launch.command import environment
+from lnsp.launch.nohup import _raise_open_files
+from lnsp.rundir import RunDir, read_json
+
+
+def torchrun_argv(config, nproc: int, nnodes: int = 1, node_rank: int = 0,
+                  master: str | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... -m lnsp train ...` for one node."""
+    if nnodes == 1:
+        where = ["--standalone"]
+    else:
+        host, _, port = (master or "127.0.0.1:29500").partition(":")
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={host}",
+                 f"--master-port={port or 29500}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where,
+            f"--nproc-per-node={nproc}", f"--max-restarts={config.max_restarts}",
+            "--monitor-interval=1", "-m", "lnsp", "train", *config.to_argv()]
+
+
+def plan(config, options: dict) -> dict:
+    return {"nproc": int(options.get("nproc") or 2)}
+
+
+def start(config, info: dict) -> None:
+    rd = RunDir(config.run_dir)
+    with open(rd.console, "ab") as out:
+        subprocess.Popen(torchrun_argv(config, info["nproc"]), stdin=subprocess.DEVNULL,
+                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, **environment(config, "ddp")},
+                         preexec_fn=_raise_open_files)
+
+
+def notes(config, info: dict) -> list[str]:
+    return [f"  torchrun: {info['nproc']} ranks, gloo; console output "
+            f"{RunDir(config.run_dir).console}"]
+
+
+def rank_pids(run: dict) -> list[int]:
+    """Live PIDs of the job's ranks on this host (rank 0 records them in run.json)."""
+    here = socket.gethostname()
+    return [r["pid"] for r in run.get("ranks", [])
+            if r.get("host") == here and procs.alive(r["pid"])]
+
+
+def alive(run: dict) -> bool:
+    return procs.alive(run.get("supervisor_pid")) or bool(rank_pids(run))
+
+
+def trainer_alive(run: dict) -> bool:
+    return bool(rank_pids(run))
+
+
+def send(run: dict, signum: int) -> None:
+    """To every rank: a dump from each, or a stop that all ranks agree on."""
+    for pid in rank_pids(run):
+        os.kill(pid, signum)
+
+
+def wait_gone(run: dict, timeout: float) -> bool:
+    return procs.wait_gone(run.get("supervisor_pid") or run["pid"], timeout)

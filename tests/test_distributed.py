@@ -1,0 +1,146 @@
+"""torch.distributed through torchrun, with real processes on loopback: a 2-rank run,
+a frozen rank detected and the job restarted, a rank that leaves making the others
+fail fast, two "nodes", and the same results as one rank."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+from lnsp.config import TrainConfig
+from lnsp.launch.ddp import torchrun_argv
+
+DDP = [a for a in FAST_TRAIN if a not in ("--batch-size", "16")] + ["--batch-size", "32"]
+
+
+def launch(run, data, *extra, cwd):
+    r = lnsp("launch", "ddp", "--nproc", "2", "--data", data, "--run-dir", run, *DDP, *extra,
+             cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return wait_until(lambda: (read_json(run / "run.json") or {}).get("ranks"), 90,
+                      what="the ranks in run.json")
+
+
+def ended(run):
+    e = read_json(run / "exit.json")
+    return e if e and e["state"] != "stalled" else None
+
+
+@pytest.fixture
+def reap_ranks():
+    runs = []
+    yield runs.append
+    for run in runs:
+        info = read_json(run / "run.json") or {}
+        for pid in [r["pid"] for r in info.get("ranks", [])] + [info.get("supervisor_pid")]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, TypeError):
+                pass
+
+
+def test_two_ranks_finish_a_run(small_data, tmp_path, reap_ranks):
+    run = tmp_path / "run"
+    reap_ranks(run)
+    ranks = launch(run, small_data, "--epochs", "3", cwd=tmp_path)
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    done = wait_until(lambda: ended(run), 120, what="the 2-rank run to finish")
+    assert done["state"] == "finished"
+    for r in (0, 1):
+        assert read_json(run / f"heartbeat-rank{r}.json")["step"] == done["step"]
+    log = (run / "training.log").read_text()
+    assert "2 ranks" in log and "[rank 1] Epoch" not in log  # rank 0 alone logs steps
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    rows = json.loads(lnsp("status", run, "--json", cwd=tmp_path).stdout)
+    assert rows[0]["state"] == "finished" and [k["rank"] for k in rows[0]["ranks"]] == [0, 1]
+    text = lnsp("status", run, cwd=tmp_path).stdout
+    assert "rank 0" in text and "rank 1" in text
+
+
+def test_a_frozen_rank_is_named_dumped_killed_and_the_job_restarts(small_data, tmp_path,
+                                                                    reap_ranks):
+    run = tmp_path / "run"
+    reap_ranks(run)
+    ranks = launch(run, small_data, "--epochs", "40", "--max-restarts", "1", "--pg-timeout",
+                   "6", "--stall-timeout", "3", "--checkpoint-every", "10", cwd=tmp_path)
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 30, 90,
+               what="step 30")
+    frozen = next(r["pid"] for r in ranks if r["rank"] == 1)
+    os.kill(frozen, signal.SIGSTOP)
+    done = wait_until(lambda: ended(run), 180, what="the restarted job to finish")
+    assert done["state"] == "finished", done
+    log = (run / "training.log").read_text()
+    assert "[WATCHDOG] no progress" in log and f"rank 1 stalled (pid {frozen}" in log
+    assert "[DISTRIBUTED] rank 0: a collective timed out" in log
+    assert f"killing stalled rank pid {frozen}" in log and "Resumed from" in log
+    assert list((run / "dumps").glob("rank0-*stall*.txt"))
+    config = read_json(run / "config.json")
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(epochs)) == list(range(1, config["epochs"] + 1))
+    assert done["step"] == read_json(run / "heartbeat-rank1.json")["step"]
+
+
+def test_a_rank_that_leaves_makes_the_others_fail_fast(small_data, tmp_path, reap_ranks):
+    run = tmp_path / "run"
+    reap_ranks(run)
+    ranks = launch(run, small_data, "--epochs", "200", "--pg-timeout", "120", cwd=tmp_path)
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 10, 90,
+               what="step 10")
+    os.kill(next(r["pid"] for r in ranks if r["rank"] == 1), signal.SIGKILL)
+    t = time.monotonic()
+    rank0 = next(r["pid"] for r in ranks if r["rank"] == 0)
+    wait_until(lambda: not os.path.exists(f"/proc/{rank0}") or
+               open(f"/proc/{rank0}/stat").read().split()[2] == "Z", 30,
+               what="rank 0 to end")
+    assert time.monotonic() - t < 30  # far inside the 120 s collective timeout
+    text = (run / "training.log").read_text() + (run / "console.log").read_text()
+    assert "another rank left the job" in text or "SIGTERM received" in text, text[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(small_data, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(data=str(small_data), run_dir=str(run), epochs=2, hidden=32, k=20,
+                         batch_size=32, eval_windows=200, threads="safe")
+    master = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen(torchrun_argv(config, 1, 2, r, master), env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tmp_path) for r in (0, 1)]
+    try:
+        outs = [n.communicate(timeout=150)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert read_json(run / "exit.json")["state"] == "finished"
+    assert read_json(run / "run.json")["world_size"] == 2
+
+
+def test_two_ranks_learn_as_well_as_one(tmp_path):
+    from lnsp import synth
+
+    data = synth.write(tmp_path / "data", chains=400, length=16, dim=256)
+    config = TrainConfig(data=str(data), epochs=2, hidden=64, k=50, batch_size=32,
+                         eval_windows=500, threads="safe")
+    one = lnsp("train", *config.replace(run_dir=str(tmp_path / "one")).to_argv(), timeout=180)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun_argv(config.replace(run_dir=str(tmp_path / "two")), 2),
+                         env=env(), capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+
+    def hit10(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["hit@10"], json.loads(lines[-1])["baseline_hit@10"]
+
+    (a, base), (b, _) = hit10("one"), hit10("two")
+    assert a >= 2 * base and b >= 2 * base and abs(a - b) <= 0.1, (a, b, base)
