@@ -188,7 +188,7 @@ def decider_latency(k: int = 500, dim: int = 768, steps: int = 2000) -> dict:
     for i in range(steps):
         v = neighbors[i % k] + 0.3 * rng.standard_normal(dim).astype(np.float32)
         t = time.perf_counter()
-        decide(v, neighbors, ids, LANES["neutral"], recent=list(range(8)))
+        decide(v, neighbors, ids, LANES["neutral"], recent_ids=list(range(8)))
         lat.append((time.perf_counter() - t) * 1e3)
     return {"k": k, "dim": dim, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99))}

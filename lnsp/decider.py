@@ -72,11 +72,13 @@ def decide(v: np.ndarray, neighbors: np.ndarray, neighbor_ids: np.ndarray, profi
     v = _unit(np.asarray(v, dtype=np.float64))
     if len(neighbors) == 0:
         return Decision("NOVEL", v.astype(np.float32), None, None, None)
-    n = np.asarray(neighbors, dtype=np.float64)
-    cos = n @ v / np.maximum(np.linalg.norm(n, axis=1), 1e-12)
-    best = int(np.argmax(cos))
-    c, nid = float(cos[best]), int(neighbor_ids[best])
-    neighbor = _unit(n[best])
+    # Find the best neighbour in float32 (fast at K = 500), then compute its cosine
+    # in float64, so that the thresholds are applied exactly.
+    n = np.asarray(neighbors, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", n, n))
+    best = int(np.argmax((n @ v.astype(np.float32)) / np.maximum(norms, 1e-12)))
+    neighbor = _unit(n[best].astype(np.float64))
+    c, nid = float(neighbor @ v), int(neighbor_ids[best])
     if c > DUP_COSINE and nid in list(recent_ids)[-DUP_WINDOW:]:
         return Decision("NOVEL_DUP_DROP", v.astype(np.float32), c, nid, None)
     if c >= profile.tau_snap:

@@ -62,6 +62,25 @@ def test_two_ranks_finish_a_run(small_data, tmp_path, reap_ranks):
     assert "rank 0" in text and "rank 1" in text
 
 
+def test_dump_reaches_every_rank_and_stop_ends_them_together(small_data, tmp_path,
+                                                             reap_ranks):
+    run = tmp_path / "run"
+    reap_ranks(run)
+    launch(run, small_data, "--epochs", "300", cwd=tmp_path)
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 5, 90,
+               what="step 5")
+    r = lnsp("dump", run, cwd=tmp_path)
+    assert r.returncode == 0 and "Thread" in r.stdout, r.stderr
+    wait_until(lambda: {p.name[:5] for p in (run / "dumps").glob("rank*.txt")} ==
+               {"rank0", "rank1"}, 60, what="a dump from each rank")
+    r = lnsp("stop", run, "--grace", "60", cwd=tmp_path)
+    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    stopped = read_json(run / "exit.json")
+    assert stopped["state"] == "stopped"
+    beats = [read_json(run / f"heartbeat-rank{k}.json")["step"] for k in (0, 1)]
+    assert beats == [stopped["step"]] * 2  # both ranks stopped at the same step
+
+
 def test_a_frozen_rank_is_named_dumped_killed_and_the_job_restarts(small_data, tmp_path,
                                                                     reap_ranks):
     run = tmp_path / "run"

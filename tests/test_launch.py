@@ -86,6 +86,7 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
     again = lnsp("launch", "tmux", "--data", small_data, "--run-dir", tmp_path / "other",
                  "--session", "run1", cwd=tmp_path, extra_env=extra)
     assert again.returncode == 2 and "already exists" in again.stderr
+    assert not (tmp_path / "other").exists()
     wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
                what="the tmux run to finish")
     info = read_json(run / "run.json")

@@ -105,3 +105,41 @@ def test_existing_run_is_not_overwritten(small_data, tmp_path):
                 *FAST_TRAIN).returncode == 0
     r = lnsp("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN)
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_ivf_index_is_built_once_and_saved_beside_the_data(small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    args = ["--data", data, "--index", "ivf", "--nlist", "16", "--nprobe", "4",
+            "--max-steps", "3", *FAST_TRAIN]
+    first = lnsp("train", "--run-dir", tmp_path / "a", *args)
+    assert first.returncode == 0, first.stderr
+    assert "Saved IVF index" in first.stdout and list(data.glob("index.ivf16.faiss"))
+    second = lnsp("train", "--run-dir", tmp_path / "b", *args)
+    assert second.returncode == 0 and "Loaded cached IVF index" in second.stdout
+
+
+def test_memory_growth_past_the_first_epoch_is_logged(tmp_path):
+    from lnsp.watchdog import Heartbeat
+
+    said = []
+    beat = Heartbeat(tmp_path / "heartbeat.json", said.append, margin_mb=16)
+    beat.epoch_end(1)
+    hoard = bytearray(64 * 2**20)  # 64 MB, touched so that it is resident
+    for i in range(0, len(hoard), 4096):
+        hoard[i] = 1
+    beat.epoch_end(2)
+    assert any("[MEMORY] warning" in line for line in said), said
+    del hoard
+
+
+def test_logs_prints_the_run_log(small_data, tmp_path):
+    run = tmp_path / "run"
+    assert lnsp("train", "--data", small_data, "--run-dir", run, "--max-steps", "5",
+                *FAST_TRAIN).returncode == 0
+    r = lnsp("logs", run, "-f")  # a finished run: -f returns at the end of the log
+    assert r.returncode == 0 and "Finished: 5 steps" in r.stdout
+    r = lnsp("logs", tmp_path / "nothing")
+    assert r.returncode == 2 and "not a run directory" in r.stderr

@@ -22,8 +22,9 @@ class LaunchError(RuntimeError):
 
 
 def backend(name: str):
-    """The module of a backend; runs without one (foreground) are native processes."""
-    module = {"docker": "docker"}.get(name, "native")
+    """The module that operates a backend's runs (nohup, tmux and foreground runs are
+    plain processes on this machine)."""
+    module = {"docker": "docker", "ddp": "ddp"}.get(name, "native")
     return importlib.import_module(f"lnsp.launch.{module}")
 
 
@@ -36,11 +37,11 @@ def start(name: str, config, options: dict) -> str:
     if rd.exists() and not config.resume:
         raise LaunchError(f"{rd.root}: run directory already holds a run; "
                           "pass --resume to continue it or choose another --run-dir")
-    rd.root.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"lnsp.launch.{name}")
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)
+    rd.root.mkdir(parents=True, exist_ok=True)
     update_json(rd.run, backend=name, launch_time=time.time(), **info)
     module.start(config, info)
     lines = [f"Started {name} run: {rd.root}"]

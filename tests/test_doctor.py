@@ -1,0 +1,28 @@
+"""`lnsp doctor`: the live thread pools, the environment, the tools, the hazards."""
+
+import json
+import subprocess
+import sys
+
+from conftest import env, lnsp
+
+
+def test_doctor_json_names_pools_tools_and_hazards():
+    r = lnsp("doctor", "--json", extra_env={"LNSP_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert {p["api"] for p in facts["pools"]} >= {"openmp", "openblas"}
+    assert facts["thread_env"]["OMP_NUM_THREADS"] == "2"
+    assert facts["start_method"] == "spawn"
+    assert set(facts["tools"]) == {"caffeinate", "tmux", "docker", "py-spy"}
+    assert facts["docker_engine"]
+    assert any("OpenMP runtimes loaded" in h for h in facts["hazards"])
+
+
+def test_doctor_names_block_buffered_output():
+    e = env()
+    e.pop("PYTHONUNBUFFERED")
+    r = subprocess.run([sys.executable, "-m", "lnsp", "doctor"], capture_output=True,
+                       text=True, env=e, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "block-buffered" in r.stdout and "PYTHONUNBUFFERED unset" in r.stdout
