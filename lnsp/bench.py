@@ -28,7 +28,7 @@ TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64":
 
 
 # ---------------------------------------------------------------- one policy, one process
-def _job(batch: int, threads: str):
+def _job(batch: int, threads: str, index: str = "flat"):
     from lnsp import data, synth, train
     from lnsp.config import TrainConfig
 
@@ -36,7 +36,7 @@ def _job(batch: int, threads: str):
     bank, ids, offsets = synth.make(chains=chains, length=24, dim=WORKLOAD["dim"], seed=0)
     ds = data.Dataset(None, bank, ids, offsets)
     config = TrainConfig(batch_size=batch, k=WORKLOAD["k"], ctx_len=WORKLOAD["ctx_len"],
-                         threads=threads, run_dir="-")
+                         threads=threads, run_dir="-", index=index)
     return train.setup(config, ds, lambda m: None)
 
 
@@ -52,7 +52,7 @@ def _gemm_flops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t)
 
 
-def worker(batch: int, threads: str, seconds: float) -> dict:
+def worker(batch: int, threads: str, seconds: float, index: str = "flat") -> dict:
     """Bare and hardened steps, alternating in blocks, in this process."""
     from lnsp import threads as policy, train
     from lnsp.dumps import Dumper
@@ -61,7 +61,7 @@ def worker(batch: int, threads: str, seconds: float) -> dict:
     from lnsp.watchdog import Heartbeat, Watchdog
 
     n_threads = policy.enforce()
-    job = _job(batch, threads)
+    job = _job(batch, threads, index)
     batches = train.epoch_batches(job, 0)
     tmp = Path(tempfile.mkdtemp(prefix="lnsp-bench-"))
     rd = RunDir(tmp)
@@ -102,7 +102,7 @@ def worker(batch: int, threads: str, seconds: float) -> dict:
     gemm = _gemm_flops()
     cfg = job.config
     model_flops = 3 * flops_per_sample(WORKLOAD["dim"], cfg.hidden, cfg.ctx_len)
-    return {"batch": batch, "threads": threads, "omp_threads": n_threads,
+    return {"batch": batch, "threads": threads, "index": index, "omp_threads": n_threads,
             "bare_samples_per_s": rate["bare"], "hardened_samples_per_s": rate["hardened"],
             "hardened_ratio": rate["hardened"] / rate["bare"], "gemm_flops": gemm,
             "flop_fraction": model_flops * rate["bare"] / gemm,
@@ -110,63 +110,60 @@ def worker(batch: int, threads: str, seconds: float) -> dict:
 
 
 # ---------------------------------------------------------------- the seed's scale
-def seed_scale(n: int = SEED_BANK, dim: int = 768, queries: int = 200) -> dict:
+def seed_write(path: str, n: int = SEED_BANK, dim: int = 768) -> dict:
+    """The seed-scale bank: random unit rows, written in chunks into a .npy file."""
+    rng = np.random.default_rng(0)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for s in range(0, n, 65536):  # never a second copy in memory
+        rows = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
+        out[s:s + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    out.flush()
+    return {"bank_rows": n, "dim": dim}
+
+
+def seed_index(path: str, kind: str, queries: int = 200) -> dict:
+    """In a process of its own: memory-map the bank, build one index, time batches of
+    8 queries, train a few steps, and compare peak RSS with runtime + bank + index."""
     import faiss
     import psutil
 
     from lnsp import miner, threads as policy
 
     policy.enforce()
-    process = psutil.Process()
-    folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-bank-"))
-    path = folder / "bank.npy"
-    rng = np.random.default_rng(0)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    for s in range(0, n, 65536):  # written in chunks: never a second copy in memory
-        rows = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
-        out[s:s + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    out.flush()
-    del out
+    runtime = psutil.Process().memory_info().rss  # interpreter, torch, faiss
     bank = np.load(path, mmap_mode="r")
-    baseline_rss = process.memory_info().rss
-    result = {"bank_rows": n, "dim": dim}
-    q = np.ascontiguousarray(bank[rng.choice(n, 8 * queries, replace=False)])
-    for kind, nlist in (("flat", 0), ("ivf", 1024)):
+    rng = np.random.default_rng(1)
+    q = np.ascontiguousarray(bank[np.sort(rng.choice(len(bank), 8 * queries, replace=False))])
+    t = time.perf_counter()
+    index = miner.build(bank, kind, nlist=1024, nprobe=8, log=lambda m: None)
+    build_s = time.perf_counter() - t
+    lat = []
+    for i in range(queries):
         t = time.perf_counter()
-        index = miner.build(bank, kind, nlist=nlist or 256, nprobe=8, log=lambda m: None)
-        build_s = time.perf_counter() - t
-        lat = []
-        for i in range(queries):
-            t = time.perf_counter()
-            miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
-            lat.append((time.perf_counter() - t) * 1e3)
-        result[kind] = {"build_s": build_s, "p50_ms": float(np.percentile(lat, 50)),
-                        "p95_ms": float(np.percentile(lat, 95)),
-                        "index_bytes": int(faiss.serialize_index(index).nbytes)
-                        if kind == "ivf" else n * dim * 4}
-        if kind == "ivf":
-            result["train_samples_per_s"] = _train_rate(bank, index)
-        del index
-    # Peak resident memory of the whole process (the memmap's touched pages count).
+        miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
+        lat.append((time.perf_counter() - t) * 1e3)
+    index_bytes = (faiss.serialize_index(index).nbytes if kind == "ivf"
+                   else bank.shape[0] * bank.shape[1] * 4)
+    rate = _train_rate(bank, index, kind)
+    # Peak resident memory of the process; the memory map's touched pages count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    bank_bytes = n * dim * 4
-    result["peak_rss_gb"] = peak / 2**30
-    result["baseline_gb"] = (bank_bytes + result["flat"]["index_bytes"]) / 2**30
-    result["rss_over_baseline_gb"] = (peak - baseline_rss) / 2**30 - result["baseline_gb"]
-    path.unlink()
-    folder.rmdir()
-    return result
+    baseline = runtime + bank.nbytes + index_bytes
+    return {"index": kind, "build_s": build_s, "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)), "train_samples_per_s": rate,
+            "bank_gb": bank.nbytes / 2**30, "index_gb": index_bytes / 2**30,
+            "runtime_gb": runtime / 2**30, "peak_rss_gb": peak / 2**30,
+            "over_baseline_gb": (peak - baseline) / 2**30}
 
 
-def _train_rate(bank, index, batch: int = 8, steps: int = 30) -> float:
-    """Training samples/s at this scale: random chains over the bank, IVF miner."""
+def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30) -> float:
+    """Training samples/s at this scale: random chains over the bank, this miner."""
     from lnsp import data, train
     from lnsp.config import TrainConfig
 
     n = bank.shape[0]
     ids = np.random.default_rng(1).permutation(n)[:24 * 2000]
     ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24), index=index)
-    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index="ivf",
+    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind,
                                   run_dir="-"), ds, lambda m: None)
     batches = train.epoch_batches(job, 0)
     for i in range(3):
@@ -233,9 +230,22 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
     out["probe"] = probe_wall()
     echo("bench: decider latency ...")
     out["decider"] = decider_latency()
+    echo("bench: batch 64, threads fast, index exact (torch) ...")
+    out["exact"] = _child(["worker", "--batch", "64", "--seconds", str(seconds), "--index",
+                           "exact"], "fast", 600)
     if seed:
-        echo(f"bench: seed scale, {SEED_BANK:,} x 768 (a few minutes) ...")
-        out["seed_scale"] = _child(["seed"], "fast", 900)
+        folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-bank-"))
+        bank = folder / "bank.npy"
+        try:
+            echo(f"bench: seed scale, writing a {SEED_BANK:,} x 768 bank ...")
+            out["seed_scale"] = _child(["seed-write", "--path", str(bank)], "fast", 900)
+            for kind in ("flat", "ivf"):
+                echo(f"bench: seed scale, {kind} index ...")
+                out["seed_scale"][kind] = _child(["seed-index", "--path", str(bank), "--index",
+                                                  kind], "fast", 900)
+        finally:
+            bank.unlink(missing_ok=True)
+            folder.rmdir()
     return out
 
 
@@ -253,7 +263,8 @@ def summary(b: dict) -> tuple[list[str], dict]:
     }
     if "seed_scale" in b:
         ratios["ivf_p95_ms"] = b["seed_scale"]["ivf"]["p95_ms"]
-        ratios["rss_over_baseline_gb"] = b["seed_scale"]["rss_over_baseline_gb"]
+        ratios["rss_over_baseline_gb"] = max(b["seed_scale"][k]["over_baseline_gb"]
+                                             for k in ("flat", "ivf"))
     lines = [f"{'batch':>5} {'threads':<7} {'bare s/s':>9} {'hardened':>9} {'ratio':>6} "
              f"{'vs safe':>7} {'FLOP frac':>9}"]
     for p in b["policies"]:
@@ -265,16 +276,20 @@ def summary(b: dict) -> tuple[list[str], dict]:
                  f"(imports {b['probe']['import_s']:.2f}s)")
     lines.append(f"decider (K 500, D 768): p50 {b['decider']['p50_ms']:.3f} ms, "
                  f"p99 {b['decider']['p99_ms']:.3f} ms")
+    e = b["exact"]
+    lines.append(f"   64 fast, exact (torch GEMM) miner: {e['bare_samples_per_s']:.1f} samples/s "
+                 f"({e['bare_samples_per_s'] / by[(64, 'fast')]['bare_samples_per_s']:.2f}x "
+                 f"flat), FLOP fraction {e['flop_fraction']:.3f}")
     if "seed_scale" in b:
         s = b["seed_scale"]
-        lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']}: flat build "
-                     f"{s['flat']['build_s']:.1f}s p50 {s['flat']['p50_ms']:.1f} ms p95 "
-                     f"{s['flat']['p95_ms']:.1f} ms | IVF1024/nprobe 8 build "
-                     f"{s['ivf']['build_s']:.1f}s p50 {s['ivf']['p50_ms']:.2f} ms p95 "
-                     f"{s['ivf']['p95_ms']:.2f} ms")
-        lines.append(f"  training {s['train_samples_per_s']:.1f} samples/s (batch 8, IVF); "
-                     f"peak RSS {s['peak_rss_gb']:.2f} GB; bank + index "
-                     f"{s['baseline_gb']:.2f} GB; above that {s['rss_over_baseline_gb']:.2f} GB")
+        lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']} (batches of 8 queries, K 100):")
+        for kind in ("flat", "ivf"):
+            k = s[kind]
+            lines.append(f"  {kind:<4} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
+                         f"p95 {k['p95_ms']:8.2f} ms  train {k['train_samples_per_s']:6.1f} "
+                         f"samples/s  peak RSS {k['peak_rss_gb']:.2f} GB = runtime "
+                         f"{k['runtime_gb']:.2f} + bank {k['bank_gb']:.2f} + index "
+                         f"{k['index_gb']:.2f} {k['over_baseline_gb']:+.2f} GB")
     lines.append("")
     lines.append(f"{'measure':<22} {'value':>9} {'target':>9}  met")
     for key, value in ratios.items():

@@ -344,10 +344,13 @@ def plot(run):
 @click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
               help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
 @click.option("--out", default="bench.json", show_default=True)
-@click.option("--part", type=click.Choice(["worker", "seed"]), default=None, hidden=True)
+@click.option("--part", type=click.Choice(["worker", "seed-write", "seed-index"]), default=None,
+              hidden=True)
 @click.option("--batch", default=8, hidden=True)
 @click.option("--threads", default=None, hidden=True)
-def bench(seconds, seed_scale, out, part, batch, threads):
+@click.option("--index", default="flat", hidden=True)
+@click.option("--path", default=None, hidden=True)
+def bench(seconds, seed_scale, out, part, batch, threads, index, path):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -357,11 +360,11 @@ def bench(seconds, seed_scale, out, part, batch, threads):
 
     from lnsp import bench as b
 
-    if part == "worker":
-        click.echo(json.dumps(b.worker(batch, threads or "fast", seconds)))
-        return
-    if part == "seed":
-        click.echo(json.dumps(b.seed_scale()))
+    parts = {"worker": lambda: b.worker(batch, threads or "fast", seconds, index),
+             "seed-write": lambda: b.seed_write(path),
+             "seed-index": lambda: b.seed_index(path, index)}
+    if part:  # one measurement in this process (the orchestrator starts these)
+        click.echo(json.dumps(parts[part]()))
         return
     result = b.run(seconds, seed_scale, echo=click.echo)
     lines, ratios = b.summary(result)

@@ -35,7 +35,8 @@ class TrainConfig:
     temperature: float = _f(0.05, "InfoNCE temperature")
     ctx_len: int = _f(10, "context vectors per window")
     hidden: int = _f(384, "GRU hidden size of the query tower")
-    index: str = _f("flat", "miner index: flat (exact inner product) or ivf", ("flat", "ivf"))
+    index: str = _f("flat", "miner: flat (FAISS exact inner product), ivf, or exact (torch GEMM)",
+                    ("flat", "ivf", "exact"))
     nlist: int = _f(256, "IVF lists (index ivf)")
     nprobe: int = _f(8, "IVF lists searched per query (index ivf)")
     threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")
@@ -152,3 +153,18 @@ def load(path: str | Path) -> TrainConfig:
     data = json.loads(Path(path).read_text()) if not isinstance(path, dict) else path
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def env_example() -> str:
+    """The text of .env.example: every key with its default and a one-line comment."""
+    lines = ["# lnsp settings: every key, its default and what it does.",
+             "# Copy to .env to change them; precedence: command line > environment > .env "
+             "> defaults.", "# Regenerate: python -m lnsp.config > .env.example", ""]
+    for f in dataclasses.fields(TrainConfig):
+        value = str(f.default).lower() if isinstance(f.default, bool) else f.default
+        lines += [f"# {f.metadata['help']}", f"{env_name(f.name)}={value}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(env_example(), end="")
