@@ -22,6 +22,7 @@ import numpy as np
 
 WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100}
 SEED_BANK = 771_115
+SEED_INDEXES = ("flat", "ivf", "ivf-sq8")
 TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.7,
            "probe_wall_s": 5.0, "ivf_p95_ms": 2.5, "rss_over_baseline_gb": 1.0,
            "decider_p99_ms": 1.0}
@@ -85,20 +86,20 @@ def worker(batch: int, threads: str, seconds: float, index: str = "flat") -> dic
 
     for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
         bare(i)
-    timing = {"bare": [0.0, 0], "hardened": [0.0, 0]}
-    block = 10
+    # Blocks of the same batches alternate, and the medians of the block times are
+    # compared: a burst of load from elsewhere spoils one block, not the ratio.
+    blocks = {"bare": [], "hardened": []}
+    block, i = 5, 0
     deadline = time.perf_counter() + seconds
-    i = 0
-    while time.perf_counter() < deadline or timing["hardened"][1] < 2 * block:
+    while time.perf_counter() < deadline or len(blocks["hardened"]) < 4:
         for name, fn in (("bare", bare), ("hardened", hardened)):
             t = time.perf_counter()
-            for _ in range(block):
-                fn(i)
-                i += 1
-            timing[name][0] += time.perf_counter() - t
-            timing[name][1] += block
+            for j in range(block):
+                fn(i + j)
+            blocks[name].append(time.perf_counter() - t)
+        i += block
     watchdog.stop()
-    rate = {k: batch * n / s for k, (s, n) in timing.items()}
+    rate = {k: batch * block / float(np.median(v)) for k, v in blocks.items()}
     gemm = _gemm_flops()
     cfg = job.config
     model_flops = 3 * flops_per_sample(WORKLOAD["dim"], cfg.hidden, cfg.ctx_len)
@@ -121,7 +122,7 @@ def seed_write(path: str, n: int = SEED_BANK, dim: int = 768) -> dict:
     return {"bank_rows": n, "dim": dim}
 
 
-def seed_index(path: str, kind: str, queries: int = 200) -> dict:
+def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
     """In a process of its own: memory-map the bank, build one index, time batches of
     8 queries, train a few steps, and compare peak RSS with runtime + bank + index."""
     import faiss
@@ -130,6 +131,7 @@ def seed_index(path: str, kind: str, queries: int = 200) -> dict:
     from lnsp import miner, threads as policy
 
     policy.enforce()
+    queries = queries or (200 if kind.startswith("ivf") else 40)  # exact: ~0.5 s a batch
     runtime = psutil.Process().memory_info().rss  # interpreter, torch, faiss
     bank = np.load(path, mmap_mode="r")
     rng = np.random.default_rng(1)
@@ -142,7 +144,7 @@ def seed_index(path: str, kind: str, queries: int = 200) -> dict:
         t = time.perf_counter()
         miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
         lat.append((time.perf_counter() - t) * 1e3)
-    index_bytes = (faiss.serialize_index(index).nbytes if kind == "ivf"
+    index_bytes = (faiss.serialize_index(index).nbytes if kind.startswith("ivf")
                    else bank.shape[0] * bank.shape[1] * 4)
     rate = _train_rate(bank, index, kind)
     # Peak resident memory of the process; the memory map's touched pages count.
@@ -239,7 +241,7 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
         try:
             echo(f"bench: seed scale, writing a {SEED_BANK:,} x 768 bank ...")
             out["seed_scale"] = _child(["seed-write", "--path", str(bank)], "fast", 900)
-            for kind in ("flat", "ivf"):
+            for kind in SEED_INDEXES:
                 echo(f"bench: seed scale, {kind} index ...")
                 out["seed_scale"][kind] = _child(["seed-index", "--path", str(bank), "--index",
                                                   kind], "fast", 900)
@@ -262,9 +264,10 @@ def summary(b: dict) -> tuple[list[str], dict]:
         "decider_p99_ms": b["decider"]["p99_ms"],
     }
     if "seed_scale" in b:
-        ratios["ivf_p95_ms"] = b["seed_scale"]["ivf"]["p95_ms"]
+        ratios["ivf_p95_ms"] = min(b["seed_scale"][k]["p95_ms"] for k in SEED_INDEXES
+                                   if k.startswith("ivf"))
         ratios["rss_over_baseline_gb"] = max(b["seed_scale"][k]["over_baseline_gb"]
-                                             for k in ("flat", "ivf"))
+                                             for k in SEED_INDEXES)
     lines = [f"{'batch':>5} {'threads':<7} {'bare s/s':>9} {'hardened':>9} {'ratio':>6} "
              f"{'vs safe':>7} {'FLOP frac':>9}"]
     for p in b["policies"]:
@@ -283,9 +286,9 @@ def summary(b: dict) -> tuple[list[str], dict]:
     if "seed_scale" in b:
         s = b["seed_scale"]
         lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']} (batches of 8 queries, K 100):")
-        for kind in ("flat", "ivf"):
+        for kind in SEED_INDEXES:
             k = s[kind]
-            lines.append(f"  {kind:<4} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
+            lines.append(f"  {kind:<7} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
                          f"p95 {k['p95_ms']:8.2f} ms  train {k['train_samples_per_s']:6.1f} "
                          f"samples/s  peak RSS {k['peak_rss_gb']:.2f} GB = runtime "
                          f"{k['runtime_gb']:.2f} + bank {k['bank_gb']:.2f} + index "
@@ -323,3 +326,24 @@ def chart(b: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def part(name: str, batch: int, threads: str, seconds: float, index: str, path: str) -> str:
+    """One measurement, as the JSON line its orchestrator reads."""
+    parts = {"worker": lambda: worker(batch, threads, seconds, index),
+             "seed-write": lambda: seed_write(path),
+             "seed-index": lambda: seed_index(path, index)}
+    return json.dumps(parts[name]())
+
+
+def main(seconds: float, seed: bool, out: str, echo=print) -> dict:
+    """Run everything, print the table, write bench.json and bench.png."""
+    from lnsp.rundir import write_json
+
+    result = run(seconds, seed, echo=echo)
+    lines, result["ratios"] = summary(result)
+    write_json(out, result)
+    drawn = chart(result, Path(out).with_suffix(".png"))
+    echo("\n".join(lines))
+    echo(f"wrote {out}" + (f" and {drawn}" if drawn else ""))
+    return result

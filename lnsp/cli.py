@@ -281,7 +281,7 @@ def compare(image, threads, batch, k, timeout):
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="a checkpoint (runs/NAME/checkpoints/best.pt)")
 @click.option("--data", "data_dir", default="data/demo", show_default=True)
 @click.option("--start", type=int, default=None, help="chain whose first ctx_len ids start it")
@@ -311,8 +311,6 @@ def generate(checkpoint, data_dir, start, context_ids, steps, lane, tau_snap, ta
         ids = [int(x) for x in context_ids.split(",")] if context_ids else None
     except ValueError as e:
         raise Fail(str(e)) from None
-    if not __import__("os").path.exists(checkpoint):
-        raise Fail(f"{checkpoint}: checkpoint not found")
     summary = run_generate(checkpoint, data_dir, steps, profile, start, ids, seed, out,
                            echo=click.echo)
     click.echo(json.dumps(summary, indent=2))
@@ -356,22 +354,10 @@ def bench(seconds, seed_scale, out, part, batch, threads, index, path):
 
     Example: lnsp bench --seconds 8
     """
-    import json
-
     from lnsp import bench as b
 
-    parts = {"worker": lambda: b.worker(batch, threads or "fast", seconds, index),
-             "seed-write": lambda: b.seed_write(path),
-             "seed-index": lambda: b.seed_index(path, index)}
     if part:  # one measurement in this process (the orchestrator starts these)
-        click.echo(json.dumps(parts[part]()))
+        click.echo(b.part(part, batch=batch, threads=threads or "fast", seconds=seconds,
+                          index=index, path=path))
         return
-    result = b.run(seconds, seed_scale, echo=click.echo)
-    lines, ratios = b.summary(result)
-    result["ratios"] = ratios
-    from lnsp.rundir import write_json
-
-    write_json(out, result)
-    chart = b.chart(result, __import__("pathlib").Path(out).with_suffix(".png"))
-    click.echo("\n".join(lines))
-    click.echo(f"wrote {out}" + (f" and {chart}" if chart else ""))
+    b.main(seconds, seed_scale, out, echo=click.echo)

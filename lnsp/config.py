@@ -35,8 +35,8 @@ class TrainConfig:
     temperature: float = _f(0.05, "InfoNCE temperature")
     ctx_len: int = _f(10, "context vectors per window")
     hidden: int = _f(384, "GRU hidden size of the query tower")
-    index: str = _f("flat", "miner: flat (FAISS exact inner product), ivf, or exact (torch GEMM)",
-                    ("flat", "ivf", "exact"))
+    index: str = _f("flat", "miner: flat (FAISS exact inner product), ivf, ivf-sq8 (8-bit codes) "
+                    "or exact (torch GEMM)", ("flat", "ivf", "ivf-sq8", "exact"))
     nlist: int = _f(256, "IVF lists (index ivf)")
     nprobe: int = _f(8, "IVF lists searched per query (index ivf)")
     threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")

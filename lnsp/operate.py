@@ -92,9 +92,11 @@ def stop(target: str, grace: float = 30.0) -> str:
 
 
 def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
-    rd, _ = resolve_run(target)
+    """Print the log; with `follow`, keep printing until the run's process is gone."""
+    rd, run = resolve_run(target)
     if not rd.log.exists():
         raise LaunchError(f"{rd.log}: no log yet")
+    ops = backend(run.get("backend", "foreground"))
     with open(rd.log) as f:
         out.write(f.read())
         out.flush()
@@ -103,8 +105,7 @@ def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
             if line:
                 out.write(line)
                 out.flush()
-            elif not backend((read_json(rd.run) or {}).get("backend", "foreground")).alive(
-                    read_json(rd.run) or {}):
-                break
-            else:
+            elif ops.alive(read_json(rd.run) or run):  # pids change on a restart
                 time.sleep(0.25)
+            else:
+                break

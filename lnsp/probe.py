@@ -37,7 +37,7 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
     import_s = time.perf_counter() - t
     n_threads = thread_policy.enforce()
     config = TrainConfig(batch_size=batch, k=k, ctx_len=ctx_len, threads=threads or "fast",
-                         data=data_dir or "", run_dir="-", hidden=TrainConfig.hidden)
+                         data=data_dir or "", run_dir="-")
     config.validate()
     t = time.perf_counter()
     if data_dir:

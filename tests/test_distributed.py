@@ -15,6 +15,8 @@ from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
 from lnsp.config import TrainConfig
 from lnsp.launch.ddp import torchrun_argv
 
+pytestmark = pytest.mark.timeout(300)  # torchrun start-ups and a restart
+
 DDP = [a for a in FAST_TRAIN if a not in ("--batch-size", "16")] + ["--batch-size", "32"]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import FAST_TRAIN, lnsp, read_json, wait_until
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
 IMAGE = "lnsp:latest"
 
 

@@ -159,6 +159,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     assert ended["step"] == config["epochs"] * (len(train_starts) // config["batch_size"])
 
 
+@pytest.mark.timeout(300)
 def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, tmp_path, reap):
     run = tmp_path / "run"
     launch("nohup", run, small_data, "--epochs", "60", "--stall-timeout", "2",
