@@ -30,16 +30,22 @@ def python_stacks() -> str:
 
 
 def native_stacks(pid: int, timeout: float = 20.0) -> str | None:
-    """`py-spy dump --native` of a process, or None when py-spy cannot do it here."""
+    """`py-spy dump --native` of a process, or None when py-spy cannot do it here. A
+    stopped process cannot be suspended for native frames: then its Python frames,
+    read without stopping it (--nonblocking)."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not os.path.exists(exe):
         return None
-    try:
-        out = subprocess.run([exe, "dump", "--native", "--pid", str(pid)], capture_output=True,
-                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except (subprocess.TimeoutExpired, OSError):
-        return None
-    return out.stdout if out.returncode == 0 else None
+    for mode, label in (("--native", ""), ("--nonblocking", "(Python frames only: the "
+                                                            "process could not be suspended)\n")):
+        try:
+            out = subprocess.run([exe, "dump", mode, "--pid", str(pid)], capture_output=True,
+                                 text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except (subprocess.TimeoutExpired, OSError):
+            continue
+        if out.returncode == 0:
+            return label + out.stdout
+    return None
 
 
 class Dumper:

@@ -175,7 +175,8 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
     ended = wait_until(lambda: (lambda e: e if e and e["state"] == "finished" else None)(
         read_json(run / "exit.json")), 180, what="the restarted run to finish")
-    assert list((run / "dumps").glob("dump-frozen-*.txt"))
+    frozen_dump = next((run / "dumps").glob("dump-frozen-*.txt")).read_text()
+    assert f"Process {first}" in frozen_dump and "_loop" in frozen_dump, frozen_dump
     log = (run / "training.log").read_text()
     assert "[SUPERVISOR] trainer pid" in log and "restart 1/1" in log and "Resumed from" in log
     metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
