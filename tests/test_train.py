@@ -33,7 +33,7 @@ def test_run_directory_is_complete(small_data, tmp_path):
     r = lnsp("train", "--data", small_data, "--run-dir", run, "--epochs", "2", *FAST_TRAIN)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("config.json", "run.json", "training.log", "heartbeat.json", "metrics.jsonl",
-                 "exit.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "exit.json", "plots.png", "checkpoints/last.pt", "checkpoints/best.pt",
                  "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"):
         assert (run / name).exists(), name
     beat = read_json(run / "heartbeat.json")
