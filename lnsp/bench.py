@@ -125,7 +125,6 @@ def seed_write(path: str, n: int = SEED_BANK, dim: int = 768) -> dict:
 def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
     """In a process of its own: memory-map the bank, build one index, time batches of
     8 queries, train a few steps, and compare peak RSS with runtime + bank + index."""
-    import faiss
     import psutil
 
     from lnsp import miner, threads as policy

@@ -53,11 +53,16 @@ def catches(pid: int, signum: int = signal.SIGUSR1) -> bool | None:
     return None
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait up to `timeout` seconds for the process to end; True when it has."""
+def wait_for(gone, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `gone()` for up to `timeout` seconds; True once it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive(pid):
+        if gone():
             return True
-        time.sleep(0.1)
-    return not alive(pid)
+        time.sleep(interval)
+    return gone()
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the process to end; True when it has."""
+    return wait_for(lambda: not alive(pid), timeout)

@@ -11,7 +11,7 @@ import sys
 from lnsp import procs
 from lnsp.launch.command import environment
 from lnsp.launch.nohup import _raise_open_files
-from lnsp.rundir import RunDir, read_json
+from lnsp.rundir import RunDir
 
 
 def torchrun_argv(config, nproc: int, nnodes: int = 1, node_rank: int = 0,

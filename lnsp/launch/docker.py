@@ -8,9 +8,9 @@ inside and out, and a run can be resumed natively or in a container alike."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
+from lnsp import procs
 from lnsp.launch import LaunchError
 from lnsp.launch.command import environment
 
@@ -109,12 +109,7 @@ def send(run: dict, signum: int) -> None:
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(run):
-            return True
-        time.sleep(0.2)
-    return not alive(run)
+    return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 
 
 def extra_status(run: dict) -> dict:
