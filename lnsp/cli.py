@@ -15,7 +15,7 @@ import click
 
 from lnsp.config import ConfigError, TrainConfig, env_name, resolve
 
-BAD_INPUT, STALLED = 2, 3
+BAD_INPUT = 2
 
 
 class Fail(click.ClickException):
@@ -45,8 +45,6 @@ def user_errors(f):
                 raise Fail(str(e), e.exit_code) from None
             if isinstance(e, TrainingError):
                 raise Fail(str(e), 1) from None
-            if isinstance(e, RuntimeError) and str(e).startswith("device "):
-                raise Fail(str(e)) from None
             raise
 
     return wrapper
@@ -149,7 +147,7 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
                        data_dir=data_dir, threads=threads, as_json=as_json))
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp"]))
 @click.option("--nproc", default=None, type=int, help="ddp: ranks on this machine (default 2)")
 @click.option("--session", default=None, help="tmux session name (default: the run's name)")

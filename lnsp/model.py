@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lnsp.config import ConfigError
+
 
 class QueryTower(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -36,8 +38,8 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+        raise ConfigError("device cuda requested but torch sees no CUDA device")
     if name == "mps" and not (getattr(torch.backends, "mps", None)
                               and torch.backends.mps.is_available()):
-        raise RuntimeError("device mps requested but MPS is not available on this machine")
+        raise ConfigError("device mps requested but MPS is not available on this machine")
     return torch.device(name)

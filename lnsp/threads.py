@@ -18,7 +18,6 @@ THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-POLICIES = ("safe", "fast")
 DEFAULT_POLICY = "fast"
 
 

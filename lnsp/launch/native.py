@@ -7,17 +7,20 @@ import os
 from lnsp import procs
 
 
-def alive(run: dict) -> bool:
-    return procs.alive(run.get("pid")) or procs.alive(run.get("supervisor_pid"))
-
-
 def trainer_alive(run: dict) -> bool:
-    return procs.alive(run.get("pid"))
+    """The recorded trainer runs (not a later process that reused its PID)."""
+    return procs.alive(run.get("pid")) and procs.is_trainer(run["pid"], run)
+
+
+def alive(run: dict) -> bool:
+    return trainer_alive(run) or procs.alive(run.get("supervisor_pid"))
 
 
 def send(run: dict, signum: int) -> None:
-    os.kill(run["pid"], signum)
+    """To the trainer; between two trainers (a restart), to the supervisor, which
+    passes it on."""
+    os.kill(run["pid"] if trainer_alive(run) else run["supervisor_pid"], signum)
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
-    return procs.wait_gone(run["pid"], timeout)
+    return procs.wait_for(lambda: not alive(run), timeout)
