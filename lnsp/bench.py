@@ -189,6 +189,40 @@ def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30) -> floa
     return batch * steps / (time.perf_counter() - t)
 
 
+def ddp_scaling(steps: int = 60, batch: int = 64) -> dict:
+    """Training samples/s of one process against two torchrun ranks at the same global
+    batch, on this machine (each rank gets its share of the cores)."""
+    import re
+
+    from lnsp import synth
+    from lnsp.config import TrainConfig
+    from lnsp.launch.command import environment
+    from lnsp.launch.ddp import torchrun_argv
+
+    folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-ddp-"))
+    data = synth.write(folder / "data", chains=WORKLOAD["bank"] // 24 + 1, length=24,
+                       dim=WORKLOAD["dim"])
+    rates = {}
+    for ranks in (1, 2):
+        config = TrainConfig(data=str(data), run_dir=str(folder / f"run{ranks}"), epochs=100,
+                             max_steps=steps, batch_size=batch, k=WORKLOAD["k"], log_every=10,
+                             eval_windows=100, threads="fast")
+        argv = (torchrun_argv(config, ranks) if ranks > 1 else
+                [sys.executable, "-m", "lnsp", "train", *config.to_argv()])
+        env = {**{k: v for k, v in os.environ.items() if k not in environment(config, "x")},
+               **environment(config, "foreground", ranks)}
+        subprocess.run(argv, env=env, capture_output=True, timeout=600, check=True,
+                       stdin=subprocess.DEVNULL)
+        log = (folder / f"run{ranks}" / "training.log").read_text()
+        its = [float(x) for x in re.findall(r"\| ([0-9.]+) it/s", log)][1:]  # after warm-up
+        rates[ranks] = batch * float(np.median(its))
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"one_rank_samples_per_s": rates[1], "two_ranks_samples_per_s": rates[2],
+            "scaling": rates[2] / rates[1]}
+
+
 def decider_latency(k: int = 500, dim: int = 768, steps: int = 2000) -> dict:
     from lnsp.decider import LANES, decide
 
@@ -245,6 +279,8 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
     out["probe"] = probe_wall()
     echo("bench: decider latency ...")
     out["decider"] = decider_latency()
+    echo("bench: torch.distributed, 1 process against 2 ranks ...")
+    out["ddp"] = ddp_scaling()
     echo("bench: batch 64, threads fast, index exact (torch) ...")
     out["exact"] = _child(["worker", "--batch", "64", "--seconds", str(seconds), "--index",
                            "exact"], "fast", 600)
@@ -292,6 +328,9 @@ def summary(b: dict) -> tuple[list[str], dict]:
                  f"(imports {b['probe']['import_s']:.2f}s)")
     lines.append(f"decider (K 500, D 768): p50 {b['decider']['p50_ms']:.3f} ms, "
                  f"p99 {b['decider']['p99_ms']:.3f} ms")
+    d = b["ddp"]
+    lines.append(f"torchrun, batch 64: 1 process {d['one_rank_samples_per_s']:.1f} samples/s, "
+                 f"2 ranks {d['two_ranks_samples_per_s']:.1f} ({d['scaling']:.2f}x)")
     e = b["exact"]
     lines.append(f"   64 fast, exact (torch GEMM) miner: {e['bare_samples_per_s']:.1f} samples/s "
                  f"({e['bare_samples_per_s'] / by[(64, 'fast')]['bare_samples_per_s']:.2f}x "

@@ -28,9 +28,10 @@ def supervise(config) -> int:
     rd.root.mkdir(parents=True, exist_ok=True)
     log = RunLog(rd.log, echo=True)
     update_json(rd.run, supervisor_pid=os.getpid(), max_restarts=config.max_restarts)
-    child = {"proc": None}
+    child = {"proc": None, "stop": False}
 
     def forward(signum, frame):  # a stop for the supervisor is a stop for the trainer
+        child["stop"] |= signum != signal.SIGUSR1
         if child["proc"] and child["proc"].poll() is None:
             child["proc"].send_signal(signum)
 
@@ -45,7 +46,7 @@ def supervise(config) -> int:
         started = time.time()
         child["proc"] = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         code = _watch(proc, rd, config, started, log)
-        if code in (DONE, BAD_INPUT):
+        if code in (DONE, BAD_INPUT) or child["stop"]:  # never restart what was stopped
             return code
         if restarts >= config.max_restarts:
             if config.max_restarts:

@@ -36,19 +36,21 @@ def cpu_count() -> int:
     return n
 
 
-def parse_policy(value: str | None) -> tuple[str, int]:
-    """'safe' -> one thread everywhere; 'fast' -> all cores; an integer -> fast with N."""
+def parse_policy(value: str | None, ranks: int | None = None) -> tuple[str, int]:
+    """'safe' -> one thread everywhere; 'fast' -> the cores, shared by the ranks on this
+    machine (torchrun's LOCAL_WORLD_SIZE); an integer -> fast with N."""
     value = (value or DEFAULT_POLICY).strip().lower()
     if value == "safe":
         return "safe", 1
     if value == "fast":
-        return "fast", cpu_count()
+        ranks = ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return "fast", max(1, cpu_count() // max(1, ranks))
     if value.isdigit() and int(value) > 0:
         return ("safe", 1) if int(value) == 1 else ("fast", int(value))
     raise ValueError(f"threads must be safe, fast or a positive integer, not {value!r}")
 
 
-def policy_env(value: str | None) -> dict[str, str]:
+def policy_env(value: str | None, ranks: int | None = None) -> dict[str, str]:
     """The environment a process of this policy needs before its first heavy import.
 
     BLAS pools stay at one thread in both policies: lnsp's matrix work runs in torch's
@@ -56,7 +58,7 @@ def policy_env(value: str | None) -> dict[str, str]:
     oversubscribes. Idle OpenMP threads sleep (PASSIVE) instead of spinning, so
     torch's and faiss's pools can take the cores in turn.
     """
-    _, n = parse_policy(value)
+    _, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
     env["OMP_NUM_THREADS"] = str(n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -77,3 +77,12 @@ def test_a_resumed_run_keeps_its_stored_policy(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "train", "--run-dir", str(tmp_path),
                         "--resume"], capture_output=True, text=True, env=env(), timeout=60)
     assert r.stdout.strip() == "1", r.stderr
+
+
+def test_fast_shares_the_cores_between_the_ranks_of_a_machine():
+    from lnsp.threads import cpu_count, parse_policy
+
+    assert parse_policy("fast", ranks=1)[1] == cpu_count()
+    assert parse_policy("fast", ranks=cpu_count())[1] == 1
+    assert parse_policy("fast", ranks=4 * cpu_count())[1] == 1
+    assert parse_policy("3", ranks=2)[1] == 3  # an explicit count stays as given

@@ -11,10 +11,10 @@ from lnsp.threads import policy_env
 OPEN_FILES = 4096
 
 
-def environment(config, backend: str) -> dict[str, str]:
-    """The thread variables of the run's policy (the user's own values win),
-    unbuffered output and faulthandler on."""
-    env = {k: os.environ.get(k, v) for k, v in policy_env(config.threads).items()}
+def environment(config, backend: str, ranks: int = 1) -> dict[str, str]:
+    """The thread variables of the run's policy for each of `ranks` processes on this
+    machine (the user's own values win), unbuffered output and faulthandler on."""
+    env = {k: os.environ.get(k, v) for k, v in policy_env(config.threads, ranks).items()}
     env.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", LNSP_BACKEND=backend)
     return env
 

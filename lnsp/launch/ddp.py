@@ -37,7 +37,7 @@ def start(config, info: dict) -> None:
     with open(rd.console, "ab") as out:
         subprocess.Popen(torchrun_argv(config, info["nproc"]), stdin=subprocess.DEVNULL,
                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, **environment(config, "ddp")},
+                         env={**os.environ, **environment(config, "ddp", info["nproc"])},
                          preexec_fn=_raise_open_files)
 
 
