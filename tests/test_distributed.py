@@ -87,7 +87,7 @@ def test_a_frozen_rank_is_named_dumped_killed_and_the_job_restarts(small_data, t
                                                                     reap_ranks):
     run = tmp_path / "run"
     reap_ranks(run)
-    ranks = launch(run, small_data, "--epochs", "40", "--max-restarts", "1", "--pg-timeout",
+    ranks = launch(run, small_data, "--epochs", "20", "--max-restarts", "1", "--pg-timeout",
                    "6", "--stall-timeout", "3", "--checkpoint-every", "10", cwd=tmp_path)
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 30, 90,
                what="step 30")

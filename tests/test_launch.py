@@ -141,7 +141,7 @@ def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
 
 def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     run = tmp_path / "run"
-    launch("nohup", run, small_data, "--epochs", "40", cwd=tmp_path)
+    launch("nohup", run, small_data, "--epochs", "10", cwd=tmp_path)
     reap(trainer_pid(run))
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 20, 60,
                what="step 20")
@@ -162,7 +162,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
 @pytest.mark.timeout(300)
 def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, tmp_path, reap):
     run = tmp_path / "run"
-    launch("nohup", run, small_data, "--epochs", "60", "--stall-timeout", "2",
+    launch("nohup", run, small_data, "--epochs", "15", "--stall-timeout", "2",
            "--max-restarts", "1", "--checkpoint-every", "10", cwd=tmp_path)
     first = trainer_pid(run)
     reap(first)
