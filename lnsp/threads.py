@@ -19,6 +19,7 @@ THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
 )
 DEFAULT_POLICY = "fast"
+DEFAULTS_MARK = "LNSP_THREAD_DEFAULTS"  # names of the thread variables lnsp set itself
 
 
 def cpu_count() -> int:
@@ -103,13 +104,27 @@ def _resumed_policy(argv: list[str]) -> str | None:
 
 
 def set_env_defaults(argv: list[str] | None = None) -> None:
-    """Before numpy/torch/faiss load: set the thread variables the user has not set."""
+    """Before numpy/torch/faiss load: set the thread variables the user has not set,
+    and remember which ones lnsp set (a child process chooses its own)."""
     try:
         env = policy_env(requested_policy(argv))
     except ValueError:
         env = policy_env("safe")  # the bad value is reported by config validation
+    ours = set(os.environ.get(DEFAULTS_MARK, "").split(","))
+    set_here = []
     for name, value in env.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ or name in ours:
+            os.environ[name] = value
+            set_here.append(name)
+    os.environ[DEFAULTS_MARK] = ",".join(set_here)
+
+
+def user_environment(environ=None) -> dict[str, str]:
+    """The environment less the thread variables that lnsp set itself: what the user
+    set wins; what lnsp chose for this process is not passed on as if it were theirs."""
+    environ = os.environ if environ is None else environ
+    ours = set(environ.get(DEFAULTS_MARK, "").split(","))
+    return {k: v for k, v in environ.items() if k not in ours and k != DEFAULTS_MARK}
 
 
 def enforce() -> int:

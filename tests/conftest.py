@@ -42,10 +42,9 @@ def read_json(path) -> dict | None:
 def env(**extra) -> dict:
     """The environment of a child `lnsp`: this process's, less the thread variables
     that importing lnsp here set (a user's shell has none of them)."""
-    from lnsp.threads import policy_env
+    from lnsp.threads import user_environment
 
-    ours = {k: v for k, v in os.environ.items() if k not in policy_env("safe")}
-    e = {**ours, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
+    e = {**user_environment(), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
     return {k: str(v) for k, v in e.items()}
 
 

@@ -86,3 +86,25 @@ def test_fast_shares_the_cores_between_the_ranks_of_a_machine():
     assert parse_policy("fast", ranks=cpu_count())[1] == 1
     assert parse_policy("fast", ranks=4 * cpu_count())[1] == 1
     assert parse_policy("3", ranks=2)[1] == 3  # an explicit count stays as given
+
+
+LAUNCH_ENV = """
+import lnsp  # chooses this process's own thread variables, as every lnsp command does
+from lnsp.config import TrainConfig
+from lnsp.launch.command import environment
+from lnsp.threads import cpu_count
+print(environment(TrainConfig(threads="safe"), "nohup")["OMP_NUM_THREADS"],
+      environment(TrainConfig(threads="fast"), "ddp", cpu_count())["OMP_NUM_THREADS"])
+"""
+
+
+def test_a_launcher_passes_on_the_runs_policy_not_its_own():
+    r = subprocess.run([sys.executable, "-c", LAUNCH_ENV], capture_output=True, text=True,
+                       env=env(), timeout=60)
+    assert r.stdout.split() == ["1", "1"], r.stderr
+
+
+def test_a_launcher_passes_on_the_users_own_values():
+    r = subprocess.run([sys.executable, "-c", LAUNCH_ENV], capture_output=True, text=True,
+                       env=env(OMP_NUM_THREADS="3"), timeout=60)
+    assert r.stdout.split() == ["3", "3"], r.stderr

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import resource
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
-from lnsp.threads import policy_env
+from lnsp.threads import policy_env, user_environment
 
 OPEN_FILES = 4096
 
@@ -14,9 +16,25 @@ OPEN_FILES = 4096
 def environment(config, backend: str, ranks: int = 1) -> dict[str, str]:
     """The thread variables of the run's policy for each of `ranks` processes on this
     machine (the user's own values win), unbuffered output and faulthandler on."""
-    env = {k: os.environ.get(k, v) for k, v in policy_env(config.threads, ranks).items()}
+    user = user_environment()
+    env = {k: user.get(k, v) for k, v in policy_env(config.threads, ranks).items()}
     env.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", LNSP_BACKEND=backend)
     return env
+
+
+def _raise_open_files() -> None:  # `ulimit -n 4096` for the child
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+
+
+def detach(argv: list[str], env: dict[str, str], console: Path) -> None:
+    """Start `argv` in a session of its own: stdin from /dev/null, output appended to
+    `console`, a raised open-file limit; it outlives the shell that started it."""
+    with open(console, "ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**user_environment(), **env},
+                         preexec_fn=_raise_open_files)
 
 
 def caffeinate(platform: str = sys.platform) -> tuple[list[str], str]:

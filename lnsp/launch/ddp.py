@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 
 from lnsp import procs
-from lnsp.launch.command import environment
-from lnsp.launch.nohup import _raise_open_files
+from lnsp.launch.command import detach, environment
 from lnsp.rundir import RunDir
 
 
@@ -33,12 +31,8 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    rd = RunDir(config.run_dir)
-    with open(rd.console, "ab") as out:
-        subprocess.Popen(torchrun_argv(config, info["nproc"]), stdin=subprocess.DEVNULL,
-                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, **environment(config, "ddp", info["nproc"])},
-                         preexec_fn=_raise_open_files)
+    detach(torchrun_argv(config, info["nproc"]), environment(config, "ddp", info["nproc"]),
+           RunDir(config.run_dir).console)
 
 
 def notes(config, info: dict) -> list[str]:

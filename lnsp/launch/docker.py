@@ -13,6 +13,7 @@ from pathlib import Path
 from lnsp import procs
 from lnsp.launch import LaunchError
 from lnsp.launch.command import environment
+from lnsp.threads import user_environment
 
 IMAGE = "lnsp:latest"
 LABEL = "lnsp.run"
@@ -60,7 +61,7 @@ def start(config, info: dict) -> None:
     data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
     inside = config.replace(data=data, run_dir=run)
     env = {**environment(config, "docker"), "HOME": "/tmp"}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("LNSP_")
+    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
                 and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
     kwargs = {}
     if info.get("cpus"):

@@ -3,18 +3,8 @@ unbuffered output into the run directory, caffeinate on macOS."""
 
 from __future__ import annotations
 
-import os
-import resource
-import subprocess
-
-from lnsp.launch.command import OPEN_FILES, caffeinate, environment, trainer_argv
+from lnsp.launch.command import caffeinate, detach, environment, trainer_argv
 from lnsp.rundir import RunDir
-
-
-def _raise_open_files() -> None:  # `ulimit -n 4096` for the child
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
 def plan(config, options: dict) -> dict:
@@ -22,12 +12,7 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    rd = RunDir(config.run_dir)
-    with open(rd.console, "ab") as out:
-        subprocess.Popen(trainer_argv(config), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **environment(config, "nohup")},
-                                preexec_fn=_raise_open_files)
+    detach(trainer_argv(config), environment(config, "nohup"), RunDir(config.run_dir).console)
 
 
 def notes(config, info: dict) -> list[str]:
