@@ -10,7 +10,6 @@ memory at the seed's scale (771,115 x 768), and the decider's latency.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from lnsp.threads import user_environment
 
 WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100}
 SEED_BANK = 771_115
@@ -30,12 +31,10 @@ TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64":
 
 # ---------------------------------------------------------------- one policy, one process
 def _job(batch: int, threads: str, index: str = "flat"):
-    from lnsp import data, synth, train
+    from lnsp import synth, train
     from lnsp.config import TrainConfig
 
-    chains = WORKLOAD["bank"] // 24 + 1
-    bank, ids, offsets = synth.make(chains=chains, length=24, dim=WORKLOAD["dim"], seed=0)
-    ds = data.Dataset(None, bank, ids, offsets)
+    ds = synth.dataset(WORKLOAD["bank"], WORKLOAD["dim"])
     config = TrainConfig(batch_size=batch, k=WORKLOAD["k"], ctx_len=WORKLOAD["ctx_len"],
                          threads=threads, run_dir="-", index=index)
     return train.setup(config, ds, lambda m: None)
@@ -209,8 +208,7 @@ def ddp_scaling(steps: int = 60, batch: int = 64) -> dict:
                              eval_windows=100, threads="fast")
         argv = (torchrun_argv(config, ranks) if ranks > 1 else
                 [sys.executable, "-m", "lnsp", "train", *config.to_argv()])
-        env = {**{k: v for k, v in os.environ.items() if k not in environment(config, "x")},
-               **environment(config, "foreground", ranks)}
+        env = {**user_environment(), **environment(config, "foreground", ranks)}
         subprocess.run(argv, env=env, capture_output=True, timeout=600, check=True,
                        stdin=subprocess.DEVNULL)
         log = (folder / f"run{ranks}" / "training.log").read_text()
@@ -244,8 +242,7 @@ def decider_latency(k: int = 500, dim: int = 768, steps: int = 2000) -> dict:
 def _child(args: list[str], threads: str, timeout: float) -> dict:
     from lnsp.threads import policy_env
 
-    env = {**{k: v for k, v in os.environ.items() if k not in policy_env("safe")},
-           **policy_env(threads)}
+    env = {**user_environment(), **policy_env(threads)}
     r = subprocess.run([sys.executable, "-m", "lnsp", "bench", "--part", *args,
                         "--threads", threads], capture_output=True, text=True, env=env,
                        timeout=timeout, stdin=subprocess.DEVNULL)

@@ -59,20 +59,20 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
     backend(run.get("backend", "foreground")).send(run, signal.SIGUSR1)
     if rd is None:
         return f"SIGUSR1 sent to {run['pid']}: the dump is in the trainer's log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = sorted(set(rd.dumps.glob("*.txt")) - before)
-        if new:
-            text = f"{new[-1]}\n{new[-1].read_text()}"
-            if native and run.get("backend") != "docker":
-                from lnsp.dumps import native_stacks
+    def fresh():
+        return sorted(set(rd.dumps.glob("*.txt")) - before)
 
-                text += "\nNative stacks (py-spy dump --native, from outside):\n" + (
-                    native_stacks(run["pid"]) or "(py-spy not available or not permitted)\n")
-            return text
-        time.sleep(0.1)
-    raise LaunchError(f"no dump appeared in {rd.dumps} within {timeout:g}s "
-                      "(the process may be frozen: try --native)", 3)
+    if not procs.wait_for(fresh, timeout):
+        raise LaunchError(f"no dump appeared in {rd.dumps} within {timeout:g}s "
+                          "(the process may be frozen: try --native)", 3)
+    newest = fresh()[-1]
+    text = f"{newest}\n{newest.read_text()}"
+    if native and run.get("backend") != "docker":
+        from lnsp.dumps import native_stacks
+
+        text += "\nNative stacks (py-spy dump --native, from outside):\n" + (
+            native_stacks(run["pid"]) or "(py-spy not available or not permitted)\n")
+    return text
 
 
 def stop(target: str, grace: float = 30.0) -> str:

@@ -43,8 +43,7 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
     if data_dir:
         ds = data.load(data_dir, ctx_len)
     else:
-        bank, ids, offsets = synth.make(chains=420, length=24, dim=dim, seed=0)
-        ds = data.Dataset(None, bank, ids, offsets)
+        ds = synth.dataset(10_000, dim)
     job = train.setup(config, ds, lambda m: None)
     setup_s = time.perf_counter() - t
 

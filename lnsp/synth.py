@@ -49,6 +49,14 @@ def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
     return bank, ids, offsets
 
 
+def dataset(rows: int = 10_000, dim: int = 768, length: int = 24, seed: int = 0):
+    """The demo data in memory, about `rows` bank rows (the probe's and the bench's)."""
+    from lnsp.data import Dataset
+
+    bank, ids, offsets = make(chains=-(-rows // length), length=length, dim=dim, seed=seed)
+    return Dataset(None, bank, ids, offsets)
+
+
 def write(out: str | Path, **kwargs) -> Path:
     """Write a data directory (bank.npy, chains.npz); files land whole or not at all."""
     from lnsp.rundir import atomic_write
