@@ -26,7 +26,7 @@ help: ## show this help
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies
@@ -90,6 +90,9 @@ docker-offline: docker-base wheelhouse ## build the image with no registry: base
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)
 
+realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
+	scripts/realtext.sh
+
 bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
@@ -106,4 +109,4 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help setup data train test probe train-nohup train-tmux train-docker train-ddp status dump stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean
+	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

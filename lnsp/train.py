@@ -101,12 +101,17 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
         query = job.model(context)
     # Mine with the current query; the TRUE next vector stays the positive.
     with phase("retrieve"):
-        _, candidates = miner.search(job.index, query.detach().float().cpu().numpy(), cfg.k + 1)
-        ok = (candidates != next_ids[:, None]) & (candidates != -1)
+        # k + ctx_len + 1 so that k candidates remain once the context is masked out.
+        _, candidates = miner.search(job.index, query.detach().float().cpu().numpy(),
+                                     cfg.k + cfg.ctx_len + 1)
+        # Evaluation never ranks the context: neither may training push away from it.
+        in_context = (candidates[:, :, None] == context_ids[:, None, :]).any(-1)
+        ok = (candidates != next_ids[:, None]) & (candidates != -1) & ~in_context
         mined = vectors(job.ds, np.where(ok, candidates, 0), job.device)
     with phase("loss"):
         loss = info_nce(query, positive, mined, torch.from_numpy(ok).to(job.device),
-                        torch.from_numpy(next_ids).to(job.device), cfg.temperature)
+                        torch.from_numpy(next_ids).to(job.device), cfg.temperature,
+                        torch.from_numpy(context_ids).to(job.device), cfg.cosine_weight)
     with phase("backward"):  # with ranks, gradients are all-reduced in here
         (loss * scale).backward()
     return float(loss.detach())
@@ -323,15 +328,20 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
         done_epoch = position >= steps_per_epoch
         next_epoch, next_position = (epoch + 1, 0) if done_epoch else (epoch, position)
         if dist.main:
+            if "decay" not in ending:  # the best blend, chosen once on training windows
+                ending["decay"] = evaluate.choose_decay(ds, job.index, job.train_starts,
+                                                        config.ctx_len, config.seed)
             metrics = {"epoch": epoch + 1, "step": step, "loss": loss,
                        **evaluate.evaluate(job.module, ds, job.index, val, config.ctx_len,
-                                           job.device)}
+                                           job.device, decay=ending["decay"])}
             with open(rd.metrics, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             say(f"Eval epoch {epoch + 1}: Hit@1 {metrics['hit@1']:.3f} "
                 f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
                 f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
-                f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
+                f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f} "
+                f"| blend({metrics['blend_decay']:g}) Hit@10 {metrics['blend_hit@10']:.3f} "
+                f"MRR {metrics['blend_mrr']:.3f}")
             watchdog.progress("checkpoint")
             if metrics["hit@10"] >= best:  # on a tie the later, longer-trained model
                 best = metrics["hit@10"]
