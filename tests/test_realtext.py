@@ -82,7 +82,7 @@ def test_corpus_command_writes_documents(numpy_docs):
 def test_model_beats_every_baseline_on_real_text(numpy_docs, tmp_path):
     run = tmp_path / "run"
     r = lnsp("train", "--data", numpy_docs, "--run-dir", run, "--threads", "safe",
-             "--val-fraction", "0.2", timeout=240)
+             "--val-fraction", "0.2", timeout=360)
     assert r.returncode == 0, r.stdout + r.stderr
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     best = max(metrics, key=lambda m: m["hit@10"])  # what best.pt holds
