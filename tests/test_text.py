@@ -17,8 +17,12 @@ from click.testing import CliRunner
 
 from conftest import FAST_TRAIN, env, finish, lnsp, wait_until
 
-pytest.importorskip("sentence_transformers", reason="the text extra: pip install 'lnsp[text]'")
-pytest.importorskip("syntok", reason="the text extra: pip install 'lnsp[text]'")
+try:  # `make setup` installs the text extra: its absence is a failure here, never a skip
+    import sentence_transformers  # noqa: F401
+    import syntok  # noqa: F401
+except ImportError as e:
+    pytest.fail(f"the text extra is missing ({e}): make setup, or pip install -e '.[text]'",
+                pytrace=False)
 
 WORDS = ["index", "query", "window", "bank", "chain", "miner", "tower", "epoch", "shard",
          "vector", "batch", "token", "probe", "heartbeat", "dump"]
