@@ -344,6 +344,12 @@ def ingest(src: str | Path, out: str | Path, encoder: str = DEFAULT_ENCODER,
     check_out(out, force)
     if not src.exists():
         raise DataError(f"{src}: no such file or folder")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents or target == src.resolve() or \
+            target in src.resolve().parents:
+        # --force replaces DIR whole: never the source, the working folder or above them
+        raise DataError(f"{out}: --out must be a folder of its own, outside SRC and "
+                        f"not the current folder or one above it")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -454,9 +460,9 @@ def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, signals, out:
                                      shape=(n, dim))
     progress = Progress(n)
     row = 0
-    # Several encoder batches per call, so that the encoder can sort them by length and
-    # pad less; one call is also the unit between interrupt checks and progress lines.
-    for texts in _batches(tmp / "texts.jsonl", batch_size * 8):
+    # One encoder batch per call: the unit between interrupt checks and progress
+    # updates, so that SIGINT/SIGTERM is answered within one batch.
+    for texts in _batches(tmp / "texts.jsonl", batch_size):
         vectors = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
                                normalize_embeddings=False, show_progress_bar=False)
         vectors = np.asarray(vectors, dtype=np.float32)

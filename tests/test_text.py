@@ -196,6 +196,8 @@ BAD_INPUTS = {
                              ["--encoder", "./no/such/model"], "no such folder"),
     "output not empty": (lambda t: _folder(t, {"a.txt": GOOD}), ["--out", "{tmp}/src"],
                          "exists and is not empty (--force replaces it)"),
+    "output holds the source": (lambda t: _folder(t, {"a.txt": GOOD}),
+                                ["--out", "{tmp}", "--force"], "outside SRC"),
 }
 
 
