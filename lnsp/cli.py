@@ -122,11 +122,8 @@ def data_from_text(src, out, encoder, unit, batch_size, min_chain, threads, forc
         parse_policy(threads)  # the policy itself was applied when lnsp was imported
     except ValueError as e:
         raise Fail(str(e)) from None
-    try:
-        manifest = text.ingest(src, out, encoder or text.DEFAULT_ENCODER, unit, batch_size,
-                               min_chain, force, threads)
-    except text.Interrupted as e:
-        raise Fail(str(e), e.exit_code) from None
+    manifest = text.ingest(src, out, encoder or text.DEFAULT_ENCODER, unit, batch_size,
+                           min_chain, force, threads)
     click.echo(text.summary(manifest, out))
 
 

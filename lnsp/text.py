@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from lnsp.data import DataError
+from lnsp.errors import DataError, LnspError
 
 SUFFIXES = (".txt", ".md", ".rst")
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -43,8 +43,9 @@ _BLANK = re.compile(r"\n[ \t\r\f\v]*\n")
 _WORD = re.compile(r"\w")
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM during an ingest: nothing was written; exit 128 + signal."""
+class Interrupted(LnspError):
+    """SIGINT or SIGTERM during an ingest: nothing was written. The exit code is the
+    shell's for a death by that signal (130, 143), though the process ended cleanly."""
 
     def __init__(self, signum: int, out: Path):
         super().__init__(f"interrupted by {signal.Signals(signum).name}: "

@@ -3,6 +3,7 @@ package), real processes and signals; each test embeds a few dozen sentences."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -286,3 +287,34 @@ def test_train_runs_on_the_result(built, tmp_path):
     assert ending["state"] == "finished" and ending["step"] >= 3, ending
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and 0 <= metrics[-1]["hit@10"] <= 1, metrics
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr does in a shell."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    from lnsp.text import Progress
+
+    log = io.StringIO()
+    p = Progress(100, stream=log, interval=0)
+    for _ in range(4):
+        p.update(25)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("embedding 100/100 sentences 100.0%")
+    assert all("/s" in line and "ETA" in line for line in lines), lines
+
+    quiet = io.StringIO()
+    p = Progress(100, stream=quiet, interval=3600)
+    p.update(50)
+    p.update(50)  # only the last one, past no interval: the total is reached
+    assert len(quiet.getvalue().splitlines()) == 1
+
+    tty = _Terminal()
+    p = Progress(10, stream=tty)
+    p.update(10)
+    assert tty.getvalue().startswith("\rembedding |########################| 10/10")
+    assert tty.getvalue().endswith("\n")
