@@ -57,7 +57,6 @@ class Interrupted(LnspError):
 class Document:
     id: str
     text: str
-    where: str  # the file, or file:line, for messages
     title: str | None = None
 
 
@@ -86,11 +85,11 @@ def documents(src: Path) -> Iterator[Document]:
             raise DataError(f"{src}: no {', '.join(SUFFIXES)} files in this folder "
                             f"or below it")
         for path in files:
-            yield Document(path.relative_to(src).as_posix(), read_text(path), str(path))
+            yield Document(path.relative_to(src).as_posix(), read_text(path))
     elif src.suffix.lower() == ".jsonl":
         yield from jsonl_documents(src)
     elif src.suffix.lower() in SUFFIXES:
-        yield Document(src.name, read_text(src), str(src))
+        yield Document(src.name, read_text(src))
     else:
         raise DataError(f"{src}: expected a folder of {', '.join(SUFFIXES)} files "
                         f"or a .jsonl file (one document per line)")
@@ -146,35 +145,51 @@ def jsonl_documents(src: Path) -> Iterator[Document]:
             doc_id = record.get("id")
             seen = True
             yield Document(str(doc_id) if doc_id is not None else f"{src.name}:{lineno}",
-                           record["text"], where, str(title) if title is not None else None)
+                           record["text"], str(title) if title is not None else None)
     if not seen:
         raise DataError(f"{src}: no documents (every line is blank)")
 
 
 # ---------------------------------------------------------------- splitting
 
+def join_lines(lines: list[str]) -> str:
+    """The lines of one block as one line: single spaces, and a word that groff
+    hyphenated at a line end (U+2010, as man pages print it) made whole again."""
+    text = "\n".join(line.strip() for line in lines)
+    text = re.sub("\u2010\n(?=[a-z])", "", text)
+    return " ".join(text.split())
+
+
 def blocks(text: str) -> Iterator[str]:
     """Paragraphs (split on blank lines), each further cut before list items and
-    headings (markers dropped) and at rule lines; a block's lines joined by spaces."""
+    headings (markers dropped), at rule lines and where the indentation changes;
+    a block's lines joined by spaces."""
     for paragraph in _BLANK.split(text):
         block: list[str] = []
-        for line in paragraph.splitlines():
+        indent = None
+        for line in paragraph.expandtabs().splitlines():
             rule, item = _RULE.match(line), _ITEM.match(line)
-            if (rule or item) and block:
-                yield " ".join(" ".join(block).split())
+            # A change of indentation ends a block: a man-page section name or option
+            # above its indented text, a numpy parameter line above its description.
+            here = item.end() if item else len(line) - len(line.lstrip())
+            if block and (rule or item or here != indent):
+                yield join_lines(block)
                 block = []
             if item:  # the marker ("- ", "1. ", "## ") is layout, not text
                 line = line[item.end():]
             if not rule and line.strip():
                 block.append(line)
+                indent = here
         if block:
-            yield " ".join(" ".join(block).split())
+            yield join_lines(block)
 
 
 def split(text: str, unit: str = "sentence") -> list[str]:
     """The units of a document in reading order: sentences, or paragraphs."""
-    if unit == "paragraph":
-        return [" ".join(p.split()) for p in _BLANK.split(text) if p.strip()]
+    if unit == "paragraph":  # rule lines (reST adornment) are layout here too
+        units = (join_lines([line for line in p.splitlines() if not _RULE.match(line)])
+                 for p in _BLANK.split(text))
+        return [u for u in units if u]
     # syntok, of the three splitters tried on man pages and numpy docstrings (pysbd,
     # syntok, blingfire): pysbd splits dotfile paths ("~/." | "ssh/config") and is
     # 6x slower than syntok; blingfire splits best but ships only x86_64 native

@@ -157,6 +157,24 @@ def test_paragraph_unit(tmp_path):
     assert np.load(out / "bank.npy").shape == (5, 384)
 
 
+def test_splitter_on_man_page_and_markdown_layout():
+    from lnsp.text import split
+
+    page = ("NOTE\n       This manpage is a short description of GNU tar.  For a detailed discus\u2010\n"
+            "       sion, see the manual, e.g. with info tar.  Use ~/.ssh/config and\n"
+            "       v1.34 rules.\n\nOptions\n=======\n\n- First item.\n- Second item,\n"
+            "  wrapped.\n1. Numbered item.\n\n----\n")
+    assert split(page) == [
+        "NOTE", "This manpage is a short description of GNU tar.",
+        "For a detailed discussion, see the manual, e.g. with info tar.",
+        "Use ~/.ssh/config and v1.34 rules.", "Options", "First item.",
+        "Second item, wrapped.", "Numbered item."]
+    assert split(page, "paragraph") == [
+        "NOTE This manpage is a short description of GNU tar. For a detailed discussion, "
+        "see the manual, e.g. with info tar. Use ~/.ssh/config and v1.34 rules.",
+        "Options", "- First item. - Second item, wrapped. 1. Numbered item."]
+
+
 def _folder(tmp_path, files: dict) -> Path:
     src = tmp_path / "src"
     src.mkdir()
