@@ -205,6 +205,9 @@ BAD_INPUTS = {
     "jsonl without text": (lambda t: _jsonl(t, [json.dumps({"text": GOOD}), "",
                                                 json.dumps({"body": GOOD})]), [],
                            "docs.jsonl:3: no 'text' field"),
+    "jsonl line not UTF-8": (lambda t: _folder(t, {"d.jsonl": json.dumps({"text": GOOD}).encode()
+                                                   + b'\n{"text": "caf\xe9"}\n'}) / "d.jsonl",
+                             [], "d.jsonl:2: not UTF-8 (byte 0xe9 at column 14)"),
     "jsonl text not a string": (lambda t: _jsonl(t, [json.dumps({"text": ["a"]})]), [],
                                 "docs.jsonl:1: 'text' is list"),
     "source of another kind": (lambda t: _folder(t, {"a.txt": GOOD}) / "a.txt.gz", [],
