@@ -336,13 +336,7 @@ def plot(run):
 @click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
               help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
 @click.option("--out", default="bench.json", show_default=True)
-@click.option("--part", type=click.Choice(["worker", "seed-write", "seed-index"]), default=None,
-              hidden=True)
-@click.option("--batch", default=8, hidden=True)
-@click.option("--threads", default=None, hidden=True)
-@click.option("--index", default="flat", hidden=True)
-@click.option("--path", default=None, hidden=True)
-def bench(seconds, seed_scale, out, part, batch, threads, index, path):
+def bench(seconds, seed_scale, out):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -350,8 +344,4 @@ def bench(seconds, seed_scale, out, part, batch, threads, index, path):
     """
     from lnsp import bench as b
 
-    if part:  # one measurement in this process (the orchestrator starts these)
-        click.echo(b.part(part, batch=batch, threads=threads or "fast", seconds=seconds,
-                          index=index, path=path))
-        return
     b.main(seconds, seed_scale, out, echo=click.echo)

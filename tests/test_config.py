@@ -7,8 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lnsp.cli import main
-from lnsp.config import ConfigError, TrainConfig, env_example, env_name, resolve
-from lnsp.dotenv import read_dotenv
+from lnsp.config import ConfigError, TrainConfig, env_example, env_name, read_env_file, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -17,7 +16,7 @@ FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 def test_env_example_lists_every_field_with_its_default():
     assert (ROOT / ".env.example").read_text() == env_example(), \
         "regenerate: python -m lnsp.config > .env.example"
-    example = read_dotenv(ROOT / ".env.example")
+    example = read_env_file(ROOT / ".env.example")
     assert sorted(example) == sorted(env_name(f) for f in FIELDS)
     for f in dataclasses.fields(TrainConfig):
         value = example[env_name(f.name)]
