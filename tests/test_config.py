@@ -59,10 +59,13 @@ def test_bad_environment_value_is_one_line_exit_2(tmp_path):
     assert "LNSP_EPOCHS" in r.output and "Traceback" not in r.output
 
 
-def test_to_argv_round_trips():
-    c = TrainConfig(epochs=5, resume=True, run_dir="runs/x")
-    r = CliRunner().invoke(main, ["train", "--help"])  # flags exist (above); parse back:
-    assert r.exit_code == 0
-    argv = c.to_argv()
-    parsed = dict(zip(argv[::2], argv[1::2]))
-    assert parsed["--epochs"] == "5" and "--resume" in argv
+def test_to_argv_round_trips(tmp_path, monkeypatch):
+    from lnsp.cli import config_from, train
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout's
+    c = TrainConfig(epochs=5, resume=True, run_dir="runs/x", lr=0.0007, index="ivf-sq8",
+                    threads="3", stall_timeout=2.5, on_stall="exit", max_restarts=2)
+    ctx = train.make_context("train", c.to_argv())  # parsed back by the real command
+    assert config_from(ctx.params) == c
+    assert config_from(train.make_context("train", c.replace(resume=False).to_argv())
+                       .params).resume is False
