@@ -7,7 +7,6 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
@@ -328,7 +327,7 @@ def plot(run):
         click.echo(f"wrote {draw(rd)}")
     except ImportError:
         raise Fail("matplotlib is not installed: pip install 'lnsp[plot]' "
-                   "(or .venv/bin/pip install matplotlib)", 1) from None
+                   "(or .venv/bin/pip install matplotlib)", ExitCode.INTERNAL) from None
 
 
 @main.command()

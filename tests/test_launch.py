@@ -194,3 +194,15 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
     config = read_json(run / "config.json")
     assert len(metrics) == config["epochs"] and ended["step"] % config["epochs"] == 0
+
+
+def test_wait_gone_waits_for_the_process_and_not_past_its_end(reap):
+    from lnsp import procs
+
+    child = subprocess.Popen(["sleep", "60"])
+    reap(child.pid)
+    assert procs.wait_gone(child.pid, 0.3) is False  # still running: the full wait
+    child.kill()  # a zombie until reaped: it has ended all the same
+    assert procs.wait_gone([child.pid, None], 10) is True
+    child.wait(5)  # reaped: gone for good
+    assert procs.wait_gone(child.pid, 10) is True
