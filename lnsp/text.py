@@ -107,7 +107,10 @@ def text_files(root: Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -120,7 +123,11 @@ def read_text(path: Path) -> str:
 
 def jsonl_documents(src: Path) -> Iterator[Document]:
     seen = False
-    with open(src, "rb") as f:
+    try:
+        f = open(src, "rb")
+    except OSError as e:
+        raise DataError(f"{src}: cannot be read ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             where = f"{src}:{lineno}"
             try:
@@ -387,6 +394,9 @@ def ingest(src: str | Path, out: str | Path, encoder: str = DEFAULT_ENCODER,
                                   batch_size, threads_used, time.monotonic() - started)
             _check(signals, out)
             publish(tmp, out, force)
+        except OSError as e:  # the disk, not the input: one line, exit code 1
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LnspError(f"{out}: cannot be written ({e}); nothing written") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -474,6 +484,11 @@ def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, signals, out:
 
     bank = np.lib.format.open_memmap(tmp / "bank.npy", mode="w+", dtype=np.float32,
                                      shape=(n, dim))
+    if hasattr(os, "posix_fallocate"):
+        # Reserve the blocks now: a full disk is then an OSError here, where writing
+        # into a sparse memory map would kill the process with SIGBUS mid-way.
+        with open(tmp / "bank.npy", "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     progress = Progress(n)
     row, first = 0, True
     # Batches are cut from a window of 8, sorted by length: less padding, about a quarter
