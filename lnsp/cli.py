@@ -104,7 +104,8 @@ def data_synth(out, chains, length, dim, seed):
               show_default=True, help="one bank row per sentence, or per blank-line paragraph")
 @click.option("--batch-size", default=64, show_default=True, help="sentences per encoder batch")
 @click.option("--min-chain", type=int, default=None,
-              help="drop documents with fewer units [default: one window, ctx_len + 1 = 11]")
+              help="drop documents with fewer units [default: one window, ctx_len + 1; "
+                   "ctx_len from LNSP_CTX_LEN or .env, else 10]")
 @click.option("--threads", default=None, help="thread policy (safe, fast or N)")
 @click.option("--force", is_flag=True, help="replace a non-empty --out directory")
 @user_errors

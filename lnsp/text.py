@@ -351,12 +351,12 @@ def ingest(src: str | Path, out: str | Path, encoder: str = DEFAULT_ENCODER,
            unit: str = "sentence", batch_size: int = 64, min_chain: int | None = None,
            force: bool = False, thread_policy: str | None = None, echo=None) -> dict:
     """Build the data directory `out` from the text at `src`; returns the manifest."""
-    from lnsp.config import TrainConfig
+    from lnsp.config import resolve
 
     src, out = Path(src), Path(out)
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    if min_chain is None:
-        min_chain = TrainConfig.ctx_len + 1  # one window of the default ctx_len
+    if min_chain is None:  # one window of the ctx_len that `lnsp train` will use here
+        min_chain = resolve().ctx_len + 1
     if min_chain < 2:
         raise DataError(f"--min-chain {min_chain}: a chain needs at least 2 units "
                         f"(a context and its next)")

@@ -239,6 +239,13 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
     assert not list(tmp_path.glob(".*partial*")), list(tmp_path.iterdir())
 
 
+def test_min_chain_follows_the_ctx_len_training_will_use(tmp_path):
+    src = _folder(tmp_path, {"a.txt": prose(sentences("s", 6))})
+    r = lnsp("data", "from-text", src, "--out", tmp_path / "out", timeout=60,
+             extra_env={"LNSP_CTX_LEN": "6"})
+    assert r.returncode == 2 and "no document has 7 sentences or more" in r.stderr, r.stderr
+
+
 def test_bad_input_from_a_real_process(tmp_path):
     """The same one line through the installed entry point (no CliRunner)."""
     src = _jsonl(tmp_path, [json.dumps({"text": GOOD}), "not json"])
