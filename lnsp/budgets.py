@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 FACTOR = 5.0  # a phase may take this many times its longest observed duration
-FLOOR_S = 5.0  # never less: a busy machine or a GC pause is not a hang
+FLOOR_S = 8.0  # never less: a busy machine or a GC pause is not a hang
 WARMUP = 5  # observations of a phase before its learned budget replaces the ceiling
 
 
@@ -113,8 +113,9 @@ PHASE_CATEGORY = {
     "startup": "startup", "load data": "startup", "rendezvous": "startup", "index": "startup",
     "load": "training", "forward": "training", "retrieve": "training", "loss": "training",
     "backward": "training", "optimizer": "training", "train": "training", "sync": "training",
+    "step end": "training",
     "evaluate": "evaluation", "calibrate": "evaluation", "barrier": "evaluation",
-    "checkpoint": "checkpoint",
+    "checkpoint": "checkpoint", "stalled": "stalled",
 }
 
 
@@ -152,9 +153,10 @@ class Goodput:
         return dict(self.seconds)
 
     def restore(self, state: dict | None) -> None:
+        """Add the seconds of earlier attempts (this attempt's own are kept)."""
         for c, s in (state or {}).items():
             if c in self.seconds:
-                self.seconds[c] = float(s)
+                self.seconds[c] += float(s)
 
 
 class PhaseClock:
@@ -200,7 +202,12 @@ def classify_ending(exit_code: int, record: dict | None) -> str:
     return "crash"
 
 
-def crash_loop(resumed_from: list[int]) -> bool:
-    """Two restarts in a row that made no progress past the last checkpoint: the
-    last three attempts all started from the same checkpoint step."""
-    return len(resumed_from) >= 3 and len(set(resumed_from[-3:])) == 1
+def crash_loop(checkpoint_steps: list[int]) -> bool:
+    """Two restarts in a row that made no progress past the last checkpoint.
+    `checkpoint_steps`: the checkpoint step each attempt started from, then the one the
+    last attempt left. A restart made no progress when the checkpoint it left is the one
+    it started from; the first attempt is not a restart."""
+    if len(checkpoint_steps) < 4:  # the first attempt, two restarts, and where they left it
+        return False
+    latest, previous = checkpoint_steps[-2:], checkpoint_steps[-3:-1]
+    return latest[1] <= latest[0] and previous[1] <= previous[0]

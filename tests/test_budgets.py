@@ -10,8 +10,8 @@ def test_a_phase_is_guarded_by_the_ceiling_until_seen_then_by_its_longest_times_
     for _ in range(4):
         assert b.observe("forward", 0.05) is None
         assert b.budget("forward") == 120.0
-    assert b.observe("forward", 0.05) == 5.0  # the floor, logged as a change
-    assert b.budget("forward") == 5.0
+    assert b.observe("forward", 0.05) == 8.0  # the floor, logged as a change
+    assert b.budget("forward") == 8.0
     b.observe("forward", 2.0)
     assert b.budget("forward") == 10.0  # longest x 5
     b.observe("forward", 100.0)
@@ -28,7 +28,7 @@ def test_budgets_survive_a_resume_through_plain_types():
     assert all(isinstance(v, (int, float)) for d in state.values() for v in d.values())
     again = PhaseBudgets(ceiling=60.0)
     again.restore(state)
-    assert again.budget("retrieve") == b.budget("retrieve") == 5.0
+    assert again.budget("retrieve") == b.budget("retrieve") == 8.0
 
 
 def test_slow_when_the_rate_falls_below_a_third_of_the_best_and_back():
@@ -99,10 +99,11 @@ def test_endings_a_restart_cannot_fix_are_named():
     assert classify_ending(0, {"state": "stopped"}) == "stopped"
 
 
-def test_a_crash_loop_is_two_restarts_from_the_same_checkpoint():
-    assert not crash_loop([0])
-    assert not crash_loop([0, 40])
-    assert not crash_loop([0, 40, 80])
-    assert not crash_loop([0, 40, 40])  # one restart without progress: try again
+def test_a_crash_loop_is_two_restarts_without_checkpoint_progress():
+    # The checkpoint step each attempt started from, then where the last one left it.
+    assert not crash_loop([0, 0])  # the first attempt failed: a restart may help
+    assert not crash_loop([0, 0, 0])  # one restart without progress: try again
+    assert crash_loop([0, 0, 0, 0])  # two restarts in a row without progress
+    assert not crash_loop([0, 40, 40, 80])  # the last restart moved on
     assert crash_loop([0, 40, 40, 40])
-    assert crash_loop([40, 40, 40])
+    assert not crash_loop([0, 40, 80, 80])  # only the latest made none
