@@ -17,6 +17,7 @@ import time
 
 from lnsp.budgets import RESTARTABLE, classify_ending, crash_loop
 from lnsp.dumps import native_stacks
+from lnsp.launch.command import caffeinate_argv
 from lnsp.rundir import ExitCode, RunDir, RunLog, atomic_write, run_staleness
 
 FROZEN_GRACE_S = 5.0  # past the stall timeout (at most): the trainer's own watchdog goes first
@@ -46,6 +47,10 @@ def supervise(config) -> int:
         started = time.time()
         resumed_from.append(rd.checkpoint_step() if resume else 0)
         child["proc"] = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        power = caffeinate_argv(proc.pid)  # macOS: App Nap would throttle it
+        if power:
+            subprocess.Popen(power, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
         code = _watch(proc, rd, config, started, log)
         if code == ExitCode.DONE or child["stop"]:  # never restart what was stopped
             return code
