@@ -109,6 +109,9 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
                           config.startup_timeout, time.time(), grace=FROZEN_GRACE_S)
         if not s.stale:
             continue
+        ended = rd.read_exit()
+        if ended and ended.time >= started:  # it has said how it ended and is exiting
+            continue  # (a plot after the last step can take seconds): not frozen
         log(f"[SUPERVISOR] trainer pid {proc.pid} frozen: no heartbeat for {s.idle:.1f}s "
             f"(budget {s.budget:g}s); dumping native stacks and killing it")
         stacks = native_stacks(proc.pid, timeout=10) or "(py-spy not available)\n"
