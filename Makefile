@@ -36,11 +36,19 @@ data/demo/bank.npy: | $(STAMP)
 
 data: data/demo/bank.npy ## write the deterministic demo data set into data/demo
 
+data-text: $(STAMP) ## a data directory from your text (SRC=folder or .jsonl, OUT=dir, ARGS=)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "make data-text SRC=folder-or.jsonl OUT=data/name"; exit 2; }
+	$(LNSP) data from-text $(SRC) --out $(OUT) $(ARGS)
+
 train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
 	$(LNSP) train $(TRAIN_FLAGS)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)
+
+COUNT ?= 10
+test-stress: $(STAMP) ## the runtime, launch, distributed and docker tests COUNT times in a row (COUNT=10)
+	scripts/test-stress.sh $(COUNT)
 
 probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
 	$(LNSP) probe $(ARGS)
@@ -108,5 +116,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data train test probe train-nohup train-tmux train-docker train-ddp status dump stop \
+.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
 	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

@@ -10,12 +10,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lnsp.dotenv import read_dotenv
+from lnsp.errors import ConfigError
 from lnsp.threads import parse_policy
 
+__all__ = ["ConfigError", "TrainConfig", "env_name", "read_env_file", "resolve", "load",
+           "env_example"]
 
-class ConfigError(ValueError):
-    """One or more fields are invalid; the message names every one of them."""
+
+def read_env_file(path: str | Path = ".env") -> dict[str, str]:
+    """The KEY=VALUE pairs of a .env file ({} when there is none), read by python-dotenv:
+    quotes, `export`, escapes and `#` comments as a shell would take them. The one reader
+    of .env in lnsp."""
+    from dotenv import dotenv_values
+
+    if not Path(path).is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -51,6 +61,8 @@ class TrainConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0 = no cap)")
     stall_timeout: float = _f(120.0, "seconds without an optimizer step before the watchdog fires")
     startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
+    slow_window: float = _f(60.0, "seconds over which a step rate below a third of the run's "
+                            "best logs [SLOW] (0 = off)")
     on_stall: str = _f("dump", "on a stall: dump (and keep waiting) or exit (code 3)", ("dump", "exit"))
     pg_timeout: float = _f(300.0, "seconds a collective waits for the other ranks (torchrun)")
     max_restarts: int = _f(0, "restarts of a stalled or crashed run (launchers)")
@@ -66,7 +78,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("workers", "max_steps", "checkpoint_every", "max_restarts", "eval_windows",
+        for name in ("workers", "max_steps", "slow_window", "checkpoint_every", "max_restarts", "eval_windows",
                      "weight_decay",
                      "cosine_weight", "mem_margin_mb"):
             if getattr(self, name) < 0:
@@ -127,7 +139,7 @@ def resolve(cli: dict | None = None, environ: dict | None = None,
     """Command line > environment > .env > defaults, then validate."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
-    dotenv = read_dotenv(dotenv_path)
+    dotenv = read_env_file(dotenv_path)
     values = {}
     for f in dataclasses.fields(TrainConfig):
         name = env_name(f.name)

@@ -57,6 +57,19 @@ def summarise(rank: np.ndarray, prefix: str = "") -> dict:
     return out
 
 
+def run_decay(job) -> float:
+    """The blend's decay for a training job, chosen once (then cached on the job) on
+    the windows of all training chains, so that every rank picks the same one."""
+    decay = getattr(job, "blend_decay", None)
+    if decay is None:
+        from lnsp.data import windows
+
+        cfg = job.config
+        train, _ = windows(job.ds, cfg.ctx_len, cfg.val_fraction, cfg.seed)
+        decay = job.blend_decay = choose_decay(job.ds, job.index, train, cfg.ctx_len, cfg.seed)
+    return decay
+
+
 @torch.no_grad()
 def evaluate(model, ds: Dataset, index, starts: np.ndarray, ctx_len: int,
              device: torch.device, batch: int = 256, decay: float | None = None) -> dict:
