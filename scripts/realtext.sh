@@ -10,18 +10,11 @@ OUT=${1:-data/realtext}
 BIN=.venv/bin
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-embed() {  # documents.jsonl -> data directory; the package's own command when present
-    if $BIN/lnsp data from-text --help >/dev/null 2>&1; then
-        $BIN/lnsp data from-text "$1" --out "$2"
-    else
-        $BIN/python scripts/embed_docs.py "$1" "$2" 6000
-    fi
-}
 [ -f "$OUT/man.jsonl" ] || $BIN/lnsp data corpus man --out "$OUT/man.jsonl" --limit 130
 [ -f "$OUT/docstrings.jsonl" ] || $BIN/lnsp data corpus docstrings --out "$OUT/docstrings.jsonl" \
     --limit 400 --max-chars 5000 --modules numpy,numpy.linalg,numpy.fft,numpy.random,numpy.polynomial,numpy.ma,torch,torch.nn,torch.nn.functional,torch.linalg,torch.optim,torch.distributions
 for name in man docstrings; do
-    [ -f "$OUT/$name/bank.npy" ] || embed "$OUT/$name.jsonl" "$OUT/$name"
+    [ -f "$OUT/$name/bank.npy" ] || $BIN/lnsp data from-text "$OUT/$name.jsonl" --out "$OUT/$name"
     run=runs/realtext-$name-$(date +%Y%m%d-%H%M%S)
     $BIN/lnsp train --data "$OUT/$name" --run-dir "$run" ${ARGS:-}
     $BIN/python - "$run/metrics.jsonl" "$name" <<'PY'
