@@ -345,6 +345,8 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
             heartbeat.epoch_end(epoch)
         watchdog.progress("train")
     if dist.main:
+        from lnsp.calibrate import after_training  # the decider's thresholds for best.pt
+        after_training(rd, ds, log)
         _write_exit(rd, "finished", 0, step)
     say(f"Finished: {step} steps; run directory {rd.root}")
     if dist.main:
