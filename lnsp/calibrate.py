@@ -213,7 +213,7 @@ def after_training(rd, ds, log) -> None:
         from lnsp import checkpoint
         from lnsp.rundir import write_json
 
-        best = rd.checkpoints / "best.pt"
+        best = rd.best_checkpoint()
         if not best.exists():
             return
         model, config = load_model(checkpoint.load(best), ds.dim)
