@@ -31,6 +31,7 @@ POLICY = {
     "creative": {"snap_precision": 0.6, "snap_share": (0.30, 0.70),
                  "novel_precision": 0.2, "novel_share": (0.05, 0.15)},
 }
+UNINFORMATIVE = 0.05  # SNAP precision less than this above Hit@1 is no information
 LANE_K = {"conservative": 500, "neutral": 500, "creative": 300}
 
 
@@ -145,10 +146,18 @@ def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
             held_out, MAX_WINDOWS, replace=False))
     c, correct = nearest(model, ds, index, held_out, config.ctx_len)
     table = buckets(c, correct)
-    return {"windows": int(len(c)), "hit@1": float(correct.mean()),
+    lanes = thresholds(c, correct, table)
+    hit1 = float(correct.mean())
+    best = max(lane["snap_precision"] or 0.0 for lane in lanes.values())
+    # Confidence that does not separate right from wrong neighbours makes every
+    # lane's SNAP a guess: say so rather than let the thresholds look meaningful.
+    warning = (f"SNAP precision {best:.2f} is not above Hit@1 {hit1:.2f}: this model's "
+               "cosine carries no information about which neighbour is right"
+               if hit1 < 1.0 and best < hit1 + UNINFORMATIVE else None)
+    return {"windows": int(len(c)), "hit@1": hit1, "warning": warning,
             "c_mean": float(c.mean()), "c_quantiles": [float(q) for q in
                                                        np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
-            "lanes": thresholds(c, correct, table), "buckets": table,
+            "lanes": lanes, "buckets": table,
             "policy": {k: {kk: list(vv) if isinstance(vv, tuple) else vv
                            for kk, vv in v.items()} for k, v in POLICY.items()}}
 
@@ -227,6 +236,8 @@ def after_training(rd, ds, log) -> None:
             f"{lane['snap_precision']:.2f}) novel c<={lane['tau_novel']:.3f} "
             f"({lane['novel_share']:.0%})" for name, lane in result["lanes"].items())
             + f" | Hit@1 {result['hit@1']:.3f}")
+        if result["warning"]:
+            log(f"Calibration: {result['warning']}")
     except Exception as e:  # calibration must never fail a finished run
         log(f"calibration not written: {type(e).__name__}: {e}")
 
@@ -242,6 +253,8 @@ def table(result: dict) -> str:
         lines.append(f"{name:<13}{lane['tau_snap']:>9.3f}{lane['tau_novel']:>10.3f}"
                      f"{lane['snap_share']:>7.0%}{lane['blend_share']:>7.0%}"
                      f"{lane['novel_share']:>7.0%}{'-' if p is None else f'{p:.3f}':>16}")
+    if result.get("warning"):
+        lines.append("warning: " + result["warning"])
     lines.append("buckets (c range: precision raw / isotonic): " + ", ".join(
         f"{b['c_low']:.2f}-{b['c_high']:.2f}: {b['precision']:.2f}/{b['isotonic']:.2f}"
         for b in result["buckets"]))

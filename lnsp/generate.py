@@ -18,7 +18,7 @@ import torch
 
 from lnsp import checkpoint, data, miner
 from lnsp.config import load as load_config
-from lnsp.decider import Lane, decide, lane
+from lnsp.decider import DUP_WINDOW, Lane, decide, lane
 from lnsp.model import QueryTower
 
 
@@ -49,15 +49,15 @@ class Retriever:
 TOLERANCE = 0.1  # generation's SNAP precision vs calibration's promise, reported
 
 
-def step(model, context: list[np.ndarray], context_ids: list, ctx_len: int,
+def step(model, context: list[np.ndarray], exclude: list, ctx_len: int,
          retriever: Retriever, profile: Lane, recent: list[int]) -> tuple[dict, np.ndarray]:
-    """One generation step: predict, retrieve (the window's own ids excluded), decide.
-    Returns (record, vector)."""
+    """One generation step: predict, retrieve (the `exclude` ids left out: the window's
+    own), decide. Returns (record, vector)."""
     t = time.perf_counter()
     with torch.no_grad():
         window = torch.from_numpy(np.stack(context[-ctx_len:])[None])
         v = model(window)[0].numpy()
-    found = retriever.search(v, profile.k, context_ids[-ctx_len:])
+    found = retriever.search(v, profile.k, exclude)
     if found is None:
         d = decide(v, np.zeros((0, len(v))), np.zeros(0, np.int64), profile)
     else:
@@ -163,7 +163,13 @@ def generate(checkpoint_path: str, data_dir: str, steps: int, lane_name: str = "
             if texts:
                 _show_context(echo, chain_index, ids, texts, profile, teacher_forced)
             for t in range(n):
-                record, vector = step(model, context, context_known, config.ctx_len,
+                # The window's ids are left out, as calibration leaves them out; running
+                # free, so are the sentences just used (a BLEND's neighbour is not in
+                # the window, and SNAPping to it next would say it twice).
+                exclude = context_known[-config.ctx_len:]
+                if not teacher_forced:
+                    exclude = list(dict.fromkeys(exclude + recent[-DUP_WINDOW:]))
+                record, vector = step(model, context, exclude, config.ctx_len,
                                       retriever, profile, recent)
                 true_id = truth[t] if t < len(truth) else None
                 record = {"step": t + 1, "chain": chain_index, **record, "truth_id": true_id}
