@@ -95,6 +95,16 @@ def thresholds(c: np.ndarray, correct: np.ndarray, table: list[dict]) -> dict:
     return lanes
 
 
+def uninformative(lanes: dict, hit1: float) -> str | None:
+    """A warning when no lane's SNAP is more precise than the model's Hit@1: confidence
+    that does not separate right from wrong neighbours makes every SNAP a guess."""
+    best = max(lane["snap_precision"] or 0.0 for lane in lanes.values())
+    if best >= min(hit1 + UNINFORMATIVE, 1.0):
+        return None
+    return (f"SNAP precision {best:.2f} is not above Hit@1 {hit1:.2f}: this model's "
+            "cosine carries no information about which neighbour is right")
+
+
 def measure(c: np.ndarray, correct: np.ndarray, tau_snap: float, tau_novel: float) -> dict:
     """Shares of each path and the SNAP precision at the given thresholds."""
     snap, novel = c >= tau_snap, c <= tau_novel
@@ -148,13 +158,7 @@ def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
     table = buckets(c, correct)
     lanes = thresholds(c, correct, table)
     hit1 = float(correct.mean())
-    best = max(lane["snap_precision"] or 0.0 for lane in lanes.values())
-    # Confidence that does not separate right from wrong neighbours makes every
-    # lane's SNAP a guess: say so rather than let the thresholds look meaningful.
-    warning = (f"SNAP precision {best:.2f} is not above Hit@1 {hit1:.2f}: this model's "
-               "cosine carries no information about which neighbour is right"
-               if hit1 < 1.0 and best < hit1 + UNINFORMATIVE else None)
-    return {"windows": int(len(c)), "hit@1": hit1, "warning": warning,
+    return {"windows": int(len(c)), "hit@1": hit1, "warning": uninformative(lanes, hit1),
             "c_mean": float(c.mean()), "c_quantiles": [float(q) for q in
                                                        np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
             "lanes": lanes, "buckets": table,
@@ -199,7 +203,7 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     --out) and store the thresholds in the checkpoint."""
     from lnsp import checkpoint, data
     from lnsp.config import load as load_config
-    from lnsp.rundir import write_json
+    from lnsp.rundir import RunDir, write_json
 
     state = checkpoint.load(Path(checkpoint_path))
     ds = data.load(data_dir, load_config(state["config"]).ctx_len)
@@ -208,7 +212,8 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     result["checkpoint"] = str(checkpoint_path)
     result["data"] = str(data_dir)
     run_dir = run_dir_of(Path(checkpoint_path))
-    target = Path(out) if out else (run_dir or Path(checkpoint_path).parent) / "calibration.json"
+    target = Path(out) if out else (RunDir(run_dir).calibration if run_dir else
+                                    Path(checkpoint_path).parent / "calibration.json")
     write_json(target, result)
     if store:
         write_into_checkpoint(Path(checkpoint_path), result)
@@ -229,7 +234,7 @@ def after_training(rd, ds, log) -> None:
         result = calibrate(model, ds, config)
         result["checkpoint"] = str(best)
         result["data"] = str(ds.root)
-        write_json(rd.root / "calibration.json", result)
+        write_json(rd.calibration, result)
         write_into_checkpoint(best, result)
         log("Calibrated best.pt on held-out windows: " + "; ".join(
             f"{name} snap c>={lane['tau_snap']:.3f} ({lane['snap_share']:.0%}, precision "

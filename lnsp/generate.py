@@ -94,12 +94,12 @@ def load_texts(root: Path, n: int) -> list | None:
 def calibration_of(state: dict, checkpoint_path: Path) -> dict | None:
     """The checkpoint's calibration, else its run directory's calibration.json."""
     from lnsp.calibrate import run_dir_of
-    from lnsp.rundir import read_json
+    from lnsp.rundir import RunDir, read_json
 
     if state.get("calibration"):
         return state["calibration"]
     run_dir = run_dir_of(checkpoint_path)
-    found = read_json(run_dir / "calibration.json") if run_dir else None
+    found = read_json(RunDir(run_dir).calibration) if run_dir else None
     return found if found and "lanes" in found else None
 
 

@@ -4,7 +4,7 @@ thresholds follow precision within their share bounds."""
 import numpy as np
 import pytest
 
-from lnsp.calibrate import POLICY, buckets, isotonic, measure, thresholds
+from lnsp.calibrate import POLICY, buckets, isotonic, measure, thresholds, uninformative
 
 
 def test_isotonic_pools_adjacent_violators():
@@ -52,3 +52,14 @@ def test_a_perfect_model_still_blends_and_stays_novel():
         assert lane["snap_share"] == pytest.approx(POLICY[name]["snap_share"][1], abs=0.01)
         assert lane["novel_share"] == pytest.approx(POLICY[name]["novel_share"][0], abs=0.01)
         assert lane["blend_share"] > 0.1 and lane["snap_precision"] == 1.0
+
+
+def test_confidence_without_information_is_named():
+    c, correct = informative()
+    assert uninformative(thresholds(c, correct, buckets(c, correct)), correct.mean()) is None
+    rng = np.random.default_rng(2)
+    noise = rng.uniform(0, 1, 4000) < 0.1  # right 10% of the time, whatever c is
+    lanes = thresholds(c, noise, buckets(c, noise))
+    assert "no information" in uninformative(lanes, noise.mean())
+    perfect = {"neutral": {"snap_precision": 1.0}}
+    assert uninformative(perfect, 0.98) is None  # 1.0 is the ceiling
