@@ -99,7 +99,9 @@ def evaluate(model, ds: Dataset, index, starts: np.ndarray, ctx_len: int,
            **summarise(np.concatenate(base_ranks), "baseline_")}
     if decay is not None:
         out.update(summarise(np.concatenate(blend_ranks), "blend_"), blend_decay=decay)
-    out.update({k: float(np.concatenate(v).mean()) for k, v in cosines.items() if v})
+    # float64 means: chunked evaluations (ranks, progress ticks) add up to the same figure.
+    out.update({k: float(np.concatenate(v).astype(np.float64).mean())
+                for k, v in cosines.items() if v})
     return out
 
 
