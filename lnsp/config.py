@@ -43,7 +43,8 @@ class TrainConfig:
     weight_decay: float = _f(0.1, "AdamW weight decay")
     k: int = _f(100, "hard negatives mined per query")
     temperature: float = _f(0.1, "InfoNCE temperature")
-    cosine_weight: float = _f(0.0, "weight of a cosine term pulling the query to the true next vector")
+    cosine_weight: float = _f(0.0, "weight of a cosine term pulling the query to the true "
+                                   "next vector")
     ctx_len: int = _f(10, "context vectors per window")
     hidden: int = _f(128, "GRU hidden size of the query tower")
     index: str = _f("flat", "miner: flat (FAISS exact inner product), ivf, ivf-sq8 (8-bit codes) "

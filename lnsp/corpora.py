@@ -96,7 +96,8 @@ def _man_prose(rendered: str) -> str:
     return "\n\n".join(p for p in paragraphs if len(p.split()) >= 4)
 
 
-_ROFF_ESCAPE = re.compile(r"\\f[BIRPC]|\\f\(..|\\f\[[^]]*\]|\\s[+-]?\d|\\\(..|\\\[[^]]*\]|\\[&|^%e-]")
+_ROFF_ESCAPE = re.compile(r"\\f[BIRPC]|\\f\(..|\\f\[[^]]*\]|\\s[+-]?\d"  # fonts, sizes
+                          r"|\\\(..|\\\[[^]]*\]|\\[&|^%e-]")  # glyphs, spacing
 
 
 def _strip_roff(source: str) -> str:
