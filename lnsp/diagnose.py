@@ -676,3 +676,34 @@ def report(target: str, samples: int = 5, interval: float = 1.0, as_json: bool =
         return json.dumps({k: verdict[k] for k in ("kind", "summary", "evidence", "fix",
                                                    "samples", "pid", "folded")}, indent=2)
     return text(verdict)
+
+
+LLDB_FRAME = re.compile(r"frame #\d+: 0x[0-9a-f]+ (?P<module>[^`\s]+)`(?P<name>.+?)(?: \+ \d+)?$")
+
+
+def judge_stack_text(text: str, state: str = "S") -> dict:
+    """The verdict for one thread's backtrace captured elsewhere (lldb `bt` on macOS,
+    where /proc and py-spy's native mode do not exist): two identical samples of a
+    thread that used no CPU, judged by the same catalog."""
+    from lnsp import hangs
+
+    frames = []
+    for line in text.splitlines():
+        m = LLDB_FRAME.search(line.strip())
+        if m:
+            frames.append({"name": m["name"].strip(), "file": m["module"], "path": m["module"],
+                           "line": 0, "native": True})
+    if not frames:
+        raise BadTarget("no lldb frames (`frame #N: 0x... module`symbol`) in the text")
+    tid = 1
+    taken = []
+    for i in range(2):
+        thread = {"comm": "main", "state": state, "cpu_s": 0.0, "wait_s": 0.0, "wchan": None,
+                  "syscall": None}
+        taken.append({"time": float(i), "state": state, "ppid": 0, "pgrp": tid, "tty_nr": 0,
+                      "tpgid": -1, "majflt": 0, "pswpin": 0, "pswpout": 0,
+                      "threads": {tid: thread}, "throttle": None, "pyspy": True,
+                      "stacks": {tid: {"name": "main", "owns_gil": None, "frames": frames}}})
+    threads = fold(taken)
+    return hangs.judge(hangs.Facts(pid=tid, samples=taken, threads=threads,
+                                   ctx={"runtimes": [], "environ": {}}))

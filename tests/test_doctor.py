@@ -26,3 +26,13 @@ def test_doctor_names_block_buffered_output():
                        text=True, env=e, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "block-buffered" in r.stdout and "PYTHONUNBUFFERED unset" in r.stdout
+
+
+def test_doctor_names_kmp_duplicate_lib_ok():
+    r = lnsp("doctor", "--json", extra_env={"KMP_DUPLICATE_LIB_OK": "TRUE"})
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["thread_env"]["KMP_DUPLICATE_LIB_OK"] == "TRUE"
+    assert any(h.startswith("KMP_DUPLICATE_LIB_OK=TRUE hides") for h in facts["hazards"])
+    clean = json.loads(lnsp("doctor", "--json").stdout)
+    assert not any("KMP_DUPLICATE_LIB_OK" in h for h in clean["hazards"])

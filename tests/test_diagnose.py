@@ -1,0 +1,277 @@
+"""`lnsp diagnose`: real hangs induced by the small scripts in tests/hangs/, each
+diagnosed from outside with a few fast samples, and a healthy run that must be
+`running`. Every script says `ready` at the point where it is about to hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+
+HANGS = Path(__file__).resolve().parent / "hangs"
+SAMPLES, INTERVAL = 3, 0.3
+# A diagnosis of a small script takes ~2 s; a loaded 2-core machine stretches it.
+BUDGET_S = 20.0
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="induced hangs need Linux /proc")
+
+
+def start(script: str, *args, reap, **kw) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(HANGS / script), *map(str, args)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=env(), **kw)
+    reap(proc.pid)
+    return proc
+
+
+def ready(proc: subprocess.Popen, timeout: float = 60.0) -> list[str]:
+    """The script's `ready ...` line (bounded: the script controls when it comes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("ready") or line.startswith("child"):
+                return line.split()
+            assert line, f"{proc.args} ended (exit {proc.poll()}) before it was ready"
+    raise AssertionError(f"{proc.args} not ready within {timeout}s")
+
+
+def diagnose(pid: int, **kw) -> dict:
+    from lnsp.diagnose import diagnose as run
+
+    started = time.monotonic()
+    verdict = run(str(pid), samples=SAMPLES, interval=INTERVAL, **kw)
+    took = time.monotonic() - started
+    assert took < BUDGET_S, f"diagnosis took {took:.1f}s"
+    print(f"{verdict['kind']}: {verdict['summary']} ({took:.1f}s)")
+    return verdict
+
+
+def settle(pid: int, state: str = "S", timeout: float = 10.0) -> None:
+    """Wait until the process sits in `state` (the hang has begun, not just ready)."""
+    def current():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+    wait_until(lambda: current() == state, timeout, what=f"pid {pid} in state {state}")
+
+
+def test_bad_targets_are_one_line_and_exit_2(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for target, words in ((str(2**22 + 7), "no such process"),
+                              (str(sleeper.pid), "not a Python process"),
+                              (str(tmp_path), "not a run directory")):
+            r = lnsp("diagnose", target, "--samples", "1")
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert words in r.stderr and "Traceback" not in r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_blocked_io_names_the_fifo_through_the_command(tmp_path, reap):
+    fifo = tmp_path / "gate"
+    proc = start("fifo_open.py", fifo, reap=reap)
+    ready(proc)
+    settle(proc.pid)
+    r = lnsp("diagnose", proc.pid, "--samples", SAMPLES, "--interval", INTERVAL)
+    assert r.returncode == 0, r.stderr
+    first, *rest = r.stdout.splitlines()
+    assert first.startswith("VERDICT blocked-io: "), r.stdout
+    assert str(fifo) in first and "FIFO" in first
+    assert rest[-1].startswith("fix: ")
+    assert any("wchan" in line for line in rest), r.stdout
+    j = json.loads(lnsp("diagnose", proc.pid, "--samples", 2, "--interval", INTERVAL,
+                        "--json").stdout)
+    assert set(j) >= {"kind", "summary", "evidence", "fix", "samples"}
+    assert j["kind"] == "blocked-io" and len(j["samples"]) == 2
+    assert j["samples"][0]["threads"][0]["syscall"]["path"] == str(fifo)
+
+
+def test_stopped_by_sigstop(reap):
+    proc = start("sleeper.py", reap=reap)
+    ready(proc)
+    os.kill(proc.pid, signal.SIGSTOP)
+    settle(proc.pid, "T")
+    v = diagnose(proc.pid)
+    assert v["kind"] == "stopped", v
+    assert "SIGSTOP" in v["summary"] and "SIGTTIN" not in v["summary"]
+    assert f"kill -CONT {proc.pid}" in v["fix"]
+
+
+def test_stopped_by_sigttin_for_reading_the_terminal(reap):
+    proc = start("tty_job.py", reap=reap, start_new_session=True)
+    job = int(ready(proc)[1])
+    reap(job)
+    settle(job, "T")
+    v = diagnose(job)
+    assert v["kind"] == "stopped", v
+    assert "SIGTTIN" in v["summary"] and "/dev/pts/" in v["summary"]
+    assert "< /dev/null" in v["fix"] and "nohup" in v["fix"]
+
+
+def test_busy_loop(reap):
+    proc = start("busy_loop.py", reap=reap)
+    ready(proc)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "busy-loop", v
+    assert "busy_loop.py:" in v["summary"]
+
+
+def test_throttled_by_a_cgroup_cpu_quota(reap):
+    folder = Path(f"/sys/fs/cgroup/cpu/lnsp-test-{os.getpid()}")
+    try:
+        folder.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup v1 cpu group here ({e})")
+    proc = start("busy_loop.py", reap=reap)
+    try:
+        ready(proc)
+        (folder / "cpu.cfs_period_us").write_text("100000")
+        (folder / "cpu.cfs_quota_us").write_text("5000")  # 5% of one core
+        (folder / "cgroup.procs").write_text(str(proc.pid))
+        v = diagnose(proc.pid)
+        assert v["kind"] == "throttled", v
+        assert "quota" in v["summary"] and str(folder) in " ".join(v["evidence"])
+    finally:
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not (folder / "cgroup.procs").read_text().strip(), 10,
+                   what="the cgroup to empty")
+        folder.rmdir()
+
+
+def test_deadlock_names_both_threads_and_lines(reap):
+    proc = start("deadlock.py", reap=reap)
+    ready(proc)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "deadlock", v
+    assert "`with b:`" in v["summary"] and "`with a:`" in v["summary"]
+    assert "first" in v["summary"] and "second" in v["summary"]
+
+
+def test_gil_held_by_a_native_call(reap):
+    proc = start("gil_held.py", reap=reap)
+    ready(proc)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "gil-held", v
+    assert "holder" in v["summary"] and "the main thread" in v["summary"]
+    assert "libc.sleep" in v["summary"]
+
+
+def test_unknown_shows_the_frames_and_guesses_nothing(reap):
+    proc = start("sleeper.py", reap=reap)
+    ready(proc)
+    settle(proc.pid)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "unknown", v
+    assert "sleeper.py:5" in v["summary"] and "time.sleep(3600)" in v["summary"]
+
+
+def test_fork_after_openmp(reap):
+    proc = start("fork_openmp.py", reap=reap)
+    child = int(ready(proc)[1])
+    reap(child)
+    v = diagnose(child)
+    assert v["kind"] == "fork-after-openmp", v
+    assert str(proc.pid) in v["summary"] and "libgomp" in v["summary"]
+    assert "spawn" in v["fix"]
+
+
+def test_duplicate_openmp(reap):
+    if not (Path(sys.prefix) / "lib" / "libiomp5.so").exists():
+        pytest.skip("intel-openmp is not installed (pip install -e '.[test]')")
+    proc = start("duplicate_openmp.py", reap=reap)
+    ready(proc)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "duplicate-openmp", v
+    assert "Intel libiomp5" in v["summary"] and "GNU libgomp" in v["summary"]
+
+
+def test_dataloader_worker_stuck(reap):
+    proc = start("dataloader_stuck.py", reap=reap)
+    ready(proc)
+    worker = wait_until(lambda: __import__("psutil").Process(proc.pid).children(), 30,
+                        what="the DataLoader worker")[0]
+    reap(worker.pid)
+    settle(proc.pid)
+    v = diagnose(proc.pid)
+    assert v["kind"] == "dataloader-worker", v
+    assert f"worker pid {worker.pid} is alive but stuck" in v["summary"]
+    assert "dataloader_stuck.py:14" in v["summary"]
+
+
+def test_collective_wait_names_the_rank_that_never_arrived(reap):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in (0, 1):
+        ranks.append(subprocess.Popen(
+            [sys.executable, str(HANGS / "collective.py")], stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                              RANK=rank, WORLD_SIZE=2)))
+        reap(ranks[-1].pid)
+    for p in ranks:
+        ready(p)
+    v = diagnose(ranks[0].pid)
+    assert v["kind"] == "collective-wait", v
+    assert "rank 0 of 2" in v["summary"].lower() and "all_reduce" in v["summary"]
+    assert "ranks not arrived: 1" in v["summary"]
+    assert any(f"pid {ranks[1].pid}" in e and "collective.py:15" in e for e in v["evidence"])
+
+
+# A backtrace from a public report, taken with lldb on macOS where this hang lives:
+# https://github.com/pytorch/pytorch/pull/141296 (torch.mps.synchronize() after a Metal
+# kernel waited forever in -[_MTLCommandBuffer waitUntilCompleted]).
+MPS_REPORT = """
+* thread #1, queue = 'com.apple.main-thread', stop reason = signal SIGSTOP
+  * frame #0: 0x00000001aa919084 Metal`pthread_cond_wait + 12
+    frame #1: 0x00000001aa78b1b4 Metal`-[_MTLCommandBuffer waitUntilCompleted] + 84
+    frame #2: 0x00000001032bf358 libtorch_python.dylib`torch::mps::MPSModule_deviceSynchronize(_object*, _object*) + 40
+    frame #3: 0x0000000100e94c20 Python`cfunction_vectorcall_NOARGS + 100
+    frame #4: 0x0000000100e389b8 Python`PyObject_Vectorcall + 92
+    frame #5: 0x0000000100f61e38 Python`_PyEval_EvalFrameDefault + 19040
+    frame #6: 0x0000000100f5d180 Python`PyEval_EvalCode + 200
+"""
+
+
+def test_mps_sync_from_a_public_report():
+    from lnsp.diagnose import judge_stack_text
+
+    v = judge_stack_text(MPS_REPORT)
+    assert v["kind"] == "mps-sync", v
+    assert "waitUntilCompleted" in v["summary"]
+    # The same judge on an idle thread's backtrace does not call it an MPS hang.
+    idle = "\n".join(line for line in MPS_REPORT.splitlines() if "MTL" not in line
+                     and "mps" not in line)
+    assert judge_stack_text(idle)["kind"] == "unknown"
+
+
+def test_a_busy_training_run_is_running(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lnsp", "train", "--data", small_data,
+                             "--run-dir", run, "--epochs", "50", *FAST_TRAIN],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env())
+    reap(proc.pid)
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 3, 60,
+               what="the first steps")
+    v = diagnose(run)
+    assert v["kind"] == "running", v
+    assert "heartbeat step" in v["evidence"][0]
+    proc.kill()
+    proc.wait()
