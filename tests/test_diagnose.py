@@ -275,3 +275,50 @@ def test_a_busy_training_run_is_running(small_data, tmp_path, reap):
     assert "heartbeat step" in v["evidence"][0]
     proc.kill()
     proc.wait()
+
+
+def _memory_cgroup() -> Path | None:
+    """This process's cgroup v1 memory folder, where a child group can be made."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            return folder if os.access(folder, os.W_OK) else None
+    return None
+
+
+def test_swapping_under_a_memory_limit(tmp_path, reap):
+    """A 160 MB working set under a 64 MB cgroup limit. Where the machine has no swap,
+    the test adds a 256 MB swap file for its own duration (root only) and removes it."""
+    parent = _memory_cgroup()
+    if os.geteuid() != 0 or parent is None:
+        pytest.skip("needs root and a writable cgroup v1 memory controller")
+    swapfile = None
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    if int(meminfo["SwapTotal"].split()[0]) == 0:
+        swapfile = tmp_path / "swap"
+        made = subprocess.run(f"fallocate -l 256M {swapfile} && chmod 600 {swapfile} && "
+                              f"mkswap {swapfile} && swapon {swapfile}", shell=True,
+                              capture_output=True, text=True)
+        if made.returncode:
+            pytest.skip(f"cannot add a swap file here: {made.stderr.strip()[-200:]}")
+    group = parent / f"lnsp-test-{os.getpid()}"
+    group.mkdir()
+    proc = None
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(64 << 20))
+        proc = start("swap_thrash.py", 160, reap=reap,
+                     preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        ready(proc)
+        v = diagnose(proc.pid)
+        assert v["kind"] == "swapping", v
+        assert "major page faults" in v["summary"]
+    finally:
+        if proc:
+            proc.kill()
+            proc.wait()
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), 10,
+                   what="the cgroup to empty")
+        group.rmdir()
+        if swapfile:
+            subprocess.run(["swapoff", str(swapfile)], check=True)
