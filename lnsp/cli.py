@@ -211,12 +211,9 @@ def diagnose(target, samples, interval, root, as_json):
 
     Example: lnsp diagnose 12345 --samples 3 --interval 0.5
     """
-    from lnsp.diagnose import BadTarget, report
+    from lnsp.diagnose import report
 
-    try:
-        click.echo(report(target, samples, interval, as_json, root))
-    except BadTarget as e:
-        raise Fail(str(e)) from None
+    click.echo(report(target, samples, interval, as_json, root))
 
 
 @main.command()

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from lnsp.errors import LnspError
+from lnsp.rundir import ExitCode
+
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PYSPY_TIMEOUT_S = 10.0
 PYSTACK_TIMEOUT_S = 10.0
@@ -52,8 +55,10 @@ FD_CALLS = {"read", "write", "pread64", "pwrite64", "readv", "writev", "recvfrom
 PATH_CALLS = {"open": 0, "stat": 0, "lstat": 0, "openat": 1, "newfstatat": 1, "statx": 1}
 
 
-class BadTarget(Exception):
+class BadTarget(LnspError):
     """The target is not something to diagnose: one line, exit code 2."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 @dataclass

@@ -15,6 +15,12 @@ from collections import Counter
 from lnsp.threads import THREAD_VARS
 
 
+# The user's setting, read before threadpoolctl is imported: threadpoolctl sets
+# KMP_DUPLICATE_LIB_OK=True in its own process (os.environ.setdefault at import), so
+# that inspecting the loaded libraries never aborts; that is not the user's choice.
+USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
+
+
 def facts() -> dict:
     import faiss
     import numpy
@@ -32,8 +38,9 @@ def facts() -> dict:
         "versions": {"torch": torch.__version__, "numpy": numpy.__version__,
                      "faiss": faiss.__version__},
         "torch_threads": torch.get_num_threads(), "pools": pools,
-        "thread_env": {k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
-                                                      "KMP_BLOCKTIME", "KMP_DUPLICATE_LIB_OK")},
+        "thread_env": {**{k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
+                                                         "KMP_BLOCKTIME")},
+                       "KMP_DUPLICATE_LIB_OK": USER_KMP_DUPLICATE_LIB_OK},
         "start_method": multiprocessing.get_start_method(allow_none=True) or
         multiprocessing.get_context().get_start_method(),
         "open_files": {"soft": soft, "hard": hard},
