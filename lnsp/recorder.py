@@ -114,11 +114,17 @@ class Recorder:
         self.plot()
         return ExitCode.DONE
 
-    def stalled(self, phase: str) -> None:
-        """The watchdog's exit (from its thread, just before os._exit)."""
+    def stalled(self, phase: str, verdict: dict | None = None) -> None:
+        """The watchdog's exit (from its thread, just before os._exit); the cause is the
+        diagnosis when there is one."""
+        from lnsp.hangbundle import cause
+
         if self.main:
+            extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
+                if cause(verdict) else {}
             self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
-                               cause=f"no progress in phase '{phase}'")
+                               cause=cause(verdict) or f"no progress in phase '{phase}'",
+                               phase=phase, **extra)
 
     def failed(self, error: BaseException) -> None:
         code = int(getattr(error, "exit_code", ExitCode.INTERNAL))

@@ -48,6 +48,8 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
            "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0)}
+    if label in ("stalled", "failed", "restarting"):
+        row["cause"] = _cause(rd, ended, beat)
     if hasattr(ops, "extra_status"):
         row.update(ops.extra_status(run))
     if run.get("world_size", 1) > 1:  # one line per rank
@@ -59,6 +61,18 @@ def state(rd: RunDir, now: float | None = None) -> dict:
                                  "step": b and b.step, "phase": b and b.phase,
                                  "heartbeat_age_s": round(now - b.time, 1) if b else None})
     return row
+
+
+def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str | None:
+    """Why a run stalled or failed: exit.json's cause, or for a live stalled run the
+    verdict of the newest hang bundle written since its last heartbeat."""
+    if ended and ended.cause:
+        return ended.cause
+    for bundle in reversed(rd.bundles()):
+        verdict = read_json(bundle / "verdict.json") or {}
+        if verdict.get("kind") and (beat is None or verdict.get("time", 0) >= beat.time):
+            return f"{verdict['kind']}: {verdict.get('summary', '')}"
+    return None
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
@@ -84,6 +98,8 @@ def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> st
                      f"{fmt(r['pid'], 'd'):>7} {fmt(r['epoch'], 'd'):>5} {fmt(r['step'], 'd'):>7} "
                      f"{fmt(r['loss'], '.4f'):>8} {fmt(r['samples_per_s'], '.1f'):>9} "
                      f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9}")
+        if r.get("cause"):
+            lines.append(f"  cause: {r['cause']}")
         for k in r.get("ranks", []):
             lines.append(f"  rank {k['rank']:<3} pid {k['pid']:<7} {k['host']:<12} step "
                          f"{fmt(k['step'], 'd'):>6} phase {k['phase'] or '-':<10} heartbeat "

@@ -24,7 +24,8 @@ TICK_S = 0.25
 
 class Watchdog(threading.Thread):
     def __init__(self, startup_timeout: float, stall_timeout: float, on_stall: str,
-                 dumper, log, on_exit=None, label: str = "", describe=None, on_tick=()):
+                 dumper, log, on_exit=None, label: str = "", describe=None, on_tick=(),
+                 explain=None):
         super().__init__(name="lnsp-watchdog", daemon=True)
         self.startup_timeout, self.stall_timeout = startup_timeout, stall_timeout
         self.on_stall, self.dumper, self.log = on_stall, dumper, log
@@ -32,6 +33,9 @@ class Watchdog(threading.Thread):
         self.label = label
         self.describe = describe  # extra words for the stall line (which rank stalled)
         self.on_tick = list(on_tick)  # called from this thread every tick (stop notices)
+        # Starts the diagnosis of this process (an lnsp.hangbundle.Explanation) after the
+        # stall line and the dump; it runs in its own thread, waited for with a bound.
+        self.explain = explain
         self.phase = "startup"
         self.started_steps = False
         self.last = time.monotonic()
@@ -71,12 +75,33 @@ class Watchdog(threading.Thread):
                      f"'{self.phase}' (budget {s.budget:g}s for {s.kind}); dumping all threads"
                      + (f"; {extra}" if extra else ""))
             self.dumper.dump("stall")
+            verdict = self._verdict()
             if self.on_stall == "exit":
                 self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
                          "(--on-stall exit)")
                 if self.on_exit:
-                    self.on_exit(self.phase)
+                    self.on_exit(self.phase, verdict)
                 os._exit(ExitCode.STALLED)
+
+    def _verdict(self) -> dict | None:
+        """The diagnosis of this stall, logged as a [WATCHDOG] VERDICT line; before a
+        stall exit also the bundle, which the exit would otherwise cut short."""
+        if not self.explain:
+            return None
+        from lnsp import hangbundle
+
+        job = self.explain()
+        verdict = job.wait(hangbundle.VERDICT_WAIT_S)
+        if verdict is None:
+            self.log(f"[WATCHDOG] {self.label}no verdict within {hangbundle.VERDICT_WAIT_S:g}s; "
+                     "the diagnosis goes on in the background")
+            return None
+        if verdict.get("kind") != "error":
+            self.log(f"[WATCHDOG] {self.label}VERDICT {verdict['kind']}: {verdict['summary']} "
+                     f"fix: {verdict['fix']} (bundle {verdict.get('bundle')})")
+        if self.on_stall == "exit":
+            job.wait(0, hangbundle.BUNDLE_WAIT_S)
+        return verdict
 
 
 class Heartbeat:

@@ -322,3 +322,61 @@ def test_swapping_under_a_memory_limit(tmp_path, reap):
         group.rmdir()
         if swapfile:
             subprocess.run(["swapoff", str(swapfile)], check=True)
+
+
+# ---------------------------------------------------------------- where a stall is seen
+
+BUNDLE_FILES = {"verdict.json", "verdict.txt", "samples.json", "folded.txt", "doctor.json",
+                "heartbeat.json", "log-tail.txt", "config.json", "run.json"}
+
+
+def test_watchdog_verdict_in_the_log_exit_json_bundle_and_status(small_data, tmp_path):
+    from conftest import finish, spawn
+
+    gate, run = tmp_path / "gate", tmp_path / "run"
+    os.mkfifo(gate)
+    proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+                 "--stall-timeout", "2", "--on-stall", "exit", fault="deadlock", at_step=5,
+                 extra_env={"LNSP_TEST_GATE": gate})
+    code, out = finish(proc, timeout=90)
+    assert code == 3, out
+    log = (run / "training.log").read_text()
+    assert "[WATCHDOG] no progress for" in log
+    assert "[WATCHDOG] VERDICT deadlock: The main thread waits forever on a lock" in log, log
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stalled" and ended["verdict"] == "deadlock"
+    assert ended["cause"].startswith("deadlock: ") and "driver.py" in ended["cause"]
+    bundle = Path(ended["bundle"])
+    assert bundle.parent == run / "dumps" and bundle.name.endswith("-deadlock")
+    assert {p.name for p in bundle.iterdir()} >= BUNDLE_FILES
+    verdict = read_json(bundle / "verdict.json")
+    beat = read_json(bundle / "heartbeat.json")
+    # Diagnosed within the stall timeout + 5 s of the last step (+ one watchdog tick).
+    assert verdict["time"] - beat["time"] <= 2 + 5 + 0.5, (verdict["time"], beat["time"])
+    tail = (bundle / "log-tail.txt").read_text().splitlines()
+    assert len(tail) <= 200 and any("[WATCHDOG] no progress" in line for line in tail)
+    assert "deadlock" in (bundle / "folded.txt").read_text()
+    assert read_json(bundle / "doctor.json").get("pools"), "doctor snapshot"
+    r = lnsp("status", run)
+    assert r.returncode == 0, r.stderr
+    assert "cause: deadlock: The main thread waits forever" in r.stdout, r.stdout
+
+
+def test_supervisor_explains_a_frozen_trainer_before_killing_it(small_data, tmp_path, reap):
+    run = tmp_path / "run"
+    r = lnsp("launch", "nohup", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+             "--epochs", "50", "--stall-timeout", "2", "--max-restarts", "0", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = wait_until(lambda: (read_json(run / "run.json") or {}).get("pid"), 60,
+                       what="the trainer's pid")
+    reap(first)
+    reap(read_json(run / "run.json")["supervisor_pid"])
+    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 3, 60,
+               what="step 3")
+    os.kill(first, signal.SIGSTOP)  # frozen: its own watchdog cannot run
+    ended = wait_until(lambda: (lambda e: e if e and e.get("state") == "stalled" else None)(
+        read_json(run / "exit.json")), 60, what="the supervisor's stall record")
+    assert ended["frozen"] and ended["verdict"] == "stopped", ended
+    assert "SIGSTOP" in ended["cause"]
+    assert (Path(ended["bundle"]) / "verdict.json").exists()
+    assert "[SUPERVISOR] VERDICT stopped: " in (run / "training.log").read_text()
