@@ -465,7 +465,11 @@ def sample(pid: int, samples: int = 5, interval: float = 1.0, ignore: set[int] =
         snap["pyspy"] = stacks is not None
         for tid in ignore:
             snap["threads"].pop(tid, None)
-        if i == samples - 1 and use_pystack and not stopped:
+        # pystack (~0.5 s more) only where it can confirm what py-spy suggests: a
+        # thread that holds the GIL inside native code, others perhaps waiting for it.
+        if last and use_pystack and not stopped and any(
+                t.get("owns_gil") and t.get("frames") and t["frames"][0].get("module")
+                for t in stacks or []):
             snap["pystack"] = pystack(pid)
         # py-spy suspends the target while it unwinds: CPU shares are measured only over
         # the free-running windows, from here to the next snapshot.

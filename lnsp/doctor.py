@@ -21,17 +21,20 @@ from lnsp.threads import THREAD_VARS
 USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
 
 
-def facts() -> dict:
+def facts(snapshot: bool = False) -> dict:
+    """`snapshot`: as this process is now, for a hang bundle taken inside a stuck run:
+    the pools are read, not resized, and the container engine is not asked."""
     import faiss
     import numpy
     import torch
 
     from lnsp import threads
 
-    threads.enforce()
+    if not snapshot:
+        threads.enforce()
     pools = threads.pools()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    docker_engine = _docker_engine()
+    docker_engine = "not asked (snapshot of a running process)" if snapshot else _docker_engine()
     return {
         "platform": platform.platform(), "machine": platform.machine(),
         "python": sys.version.split()[0], "cores": threads.cpu_count(),

@@ -107,7 +107,7 @@ def write(rd: RunDir, verdict: dict, folder: Path) -> Path:
     for beat in rd.root.glob("heartbeat-rank*.json"):
         shutil.copyfile(beat, tmp / beat.name)
     atomic_write(tmp / "log-tail.txt", _tail(rd.log, LOG_LINES))
-    write_json(tmp / "doctor.json", _doctor())
+    write_json(tmp / "doctor.json", _doctor(verdict.get("pid")))
     os.replace(tmp, folder)
     return folder
 
@@ -124,9 +124,19 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:]) + "\n"
 
 
-def _doctor() -> dict:
-    """`lnsp doctor --json` in a fresh process: the same environment and libraries,
-    without calling into the thread pools of the stuck process itself."""
+def _doctor(pid: int | None) -> dict:
+    """The doctor's facts and hazards: read in this process when it is the stuck one
+    (its libraries are loaded; pools are read, not resized), else `lnsp doctor --json`
+    in a fresh process with the same environment and libraries."""
+    if pid == os.getpid():
+        try:
+            from lnsp import doctor
+
+            f = doctor.facts(snapshot=True)
+            f["hazards"] = doctor.hazards(f)
+            return f
+        except Exception as e:  # a snapshot is evidence, never a new failure
+            return {"error": f"{type(e).__name__}: {e}"}
     try:
         out = subprocess.run([sys.executable, "-m", "lnsp", "doctor", "--json"],
                              capture_output=True, text=True, timeout=DOCTOR_TIMEOUT_S,
