@@ -114,8 +114,10 @@ def openmp_frames(t: dict) -> list[str]:
     out = []
     for fr in t["frames"]:
         if fr["native"] and (openmp_family(fr["file"]) or re.match(r"GOMP_|gomp_|__kmp", fr["name"])):
-            out.append(fr["name"] if not fr["name"].startswith("0x") else fr["file"])
-    return out
+            out.append(f"{fr['name']} ({fr['file']})" if not fr["name"].startswith("0x")
+                       else fr["file"])
+    # The first frame with a symbol says more than the stripped ones above it.
+    return sorted(out, key=lambda x: "(" not in x)
 
 
 def first_call(t: dict) -> dict:
