@@ -178,7 +178,13 @@ class Watchdog(threading.Thread):
         kind = "start-up and first step" if not self.started_steps else (
             f"phase '{phase}', learned" if phase in self.budgets.learned() else
             f"phase '{phase}', not yet learned: the stall timeout")
-        where = describe(MainThreadProbe().runs_python(MAIN_THREAD_PROBE_S))
+        # One probe for the watchdog's life: a pending call that timed out still runs
+        # when the main thread leaves native code, and calls the probe's ctypes
+        # callback; a probe freed before then makes that call jump into freed memory
+        # (a segfault once the memory is reused, e.g. by the diagnosis that follows).
+        if getattr(self, "_probe", None) is None:
+            self._probe = MainThreadProbe()
+        where = describe(self._probe.runs_python(MAIN_THREAD_PROBE_S))
         extra = self.describe() if self.describe else ""
         self.log(f"[WATCHDOG] {self.label}no progress for {idle:.1f}s in phase '{phase}' "
                  f"(budget {budget:g}s for {kind}); {where}; dumping all threads"
