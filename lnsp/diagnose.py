@@ -242,6 +242,8 @@ def decode_syscall(pid: int, text: str | None) -> dict | None:
 def proc_snapshot(pid: int) -> dict:
     """Process and thread state from /proc, read before py-spy suspends anything (its
     ptrace stop restarts the system calls a thread is blocked in)."""
+    if not os.path.isdir("/proc"):
+        return _psutil_snapshot(pid)
     fields = _stat_fields(_read(f"/proc/{pid}/stat"))
     if not fields:
         return {"time": time.monotonic(), "gone": True}
@@ -277,6 +279,28 @@ def proc_snapshot(pid: int) -> dict:
             snap[key] = int(value)
     snap["throttle"] = cgroup_throttle(pid)
     return snap
+
+
+STATUS_LETTER = {"running": "R", "sleeping": "S", "idle": "S", "disk-sleep": "D",
+                 "stopped": "T", "tracing-stop": "t", "zombie": "Z"}
+
+
+def _psutil_snapshot(pid: int) -> dict:
+    """Where there is no /proc (macOS): the process state and its CPU time from psutil.
+    Thread ids there do not match py-spy's, so the process's CPU stands in for each
+    thread's (`proc_cpu_s`); there is no wchan, system call or cgroup."""
+    try:
+        proc = psutil.Process(pid)
+        letter = STATUS_LETTER.get(proc.status(), "S")
+        cpu = proc.cpu_times()
+        rss = proc.memory_info().rss
+        ppid = proc.ppid()
+    except psutil.Error:
+        return {"time": time.monotonic(), "gone": True}
+    return {"time": time.monotonic(), "state": letter, "ppid": ppid, "pgrp": 0, "tty_nr": 0,
+            "tpgid": -1, "majflt": 0, "pswpin": 0, "pswpout": 0, "threads": {},
+            "proc_cpu_s": cpu.user + cpu.system, "vmrss_mb": round(rss / 2**20, 1),
+            "throttle": None}
 
 
 def thread_cpu(pid: int) -> dict[str, dict[int, float]]:
@@ -474,6 +498,8 @@ def sample(pid: int, samples: int = 5, interval: float = 1.0, ignore: set[int] =
         # py-spy suspends the target while it unwinds: CPU shares are measured only over
         # the free-running windows, from here to the next snapshot.
         snap["resumed"] = {"time": time.monotonic(), **thread_cpu(pid)}
+        if "proc_cpu_s" in snap:
+            snap["resumed"]["proc_cpu_s"] = _psutil_snapshot(pid).get("proc_cpu_s", 0.0)
         out.append(snap)
         if i < samples - 1:
             time.sleep(interval)
@@ -561,6 +587,25 @@ def run_facts(target: Target, first: dict, last: dict) -> dict:
 
 # ---------------------------------------------------------------- folding
 
+def _synthesize_threads(samples: list[dict]) -> None:
+    """Thread records from the stacks, for snapshots that have none (no /proc)."""
+    for s in samples:
+        for tid, st in s.get("stacks", {}).items():
+            s["threads"].setdefault(tid, {"comm": st["name"], "state": s["state"],
+                                          "cpu_s": 0.0, "wait_s": 0.0, "wchan": None,
+                                          "syscall": None})
+
+
+def _process_share(samples: list[dict]) -> float:
+    used = wall = 0.0
+    for a, b in zip(samples, samples[1:]):
+        start = a.get("resumed") or {}
+        t0, c0 = start.get("time", a["time"]), start.get("proc_cpu_s", a["proc_cpu_s"])
+        used += max(0.0, b["proc_cpu_s"] - c0)
+        wall += b["time"] - t0
+    return used / wall if wall > 0 else 0.0
+
+
 def fold(samples: list[dict]) -> dict:
     """Per thread: its stacks counted across samples, its CPU share and its motion:
     stuck (same frames, no CPU), spinning (same frames, CPU), changing, stopped."""
@@ -570,6 +615,10 @@ def fold(samples: list[dict]) -> dict:
     wall = max(last["time"] - first["time"], 1e-6)
     threads = {}
     shares, waits = cpu_shares(samples), cpu_shares(samples, "wait_s")
+    if "proc_cpu_s" in last:  # no per-thread figures: every thread gets the process's share
+        _synthesize_threads(samples)
+        share = _process_share(samples)
+        shares = {tid: share for tid in last["threads"]}
     for tid, t_last in last["threads"].items():
         cpu, wait = shares.get(tid, 0.0), waits.get(tid, 0.0)
         # What the thread asks for: on a crowded machine a spinning thread gets less
