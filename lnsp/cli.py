@@ -114,6 +114,9 @@ def data_corpus(kind, out, limit, max_chars, modules):
         corpora.DEFAULT_MODULES
     n = corpora.write(corpora.documents(kind, limit, chosen, max_chars), out)
     if n == 0:
+        import os
+
+        os.unlink(out)  # an empty file would pass for a corpus
         raise Fail(f"{kind}: no document found on this machine (nothing written to {out})")
     click.echo(f"wrote {n} documents to {out}")
 
