@@ -102,6 +102,9 @@ docker-offline: docker-base wheelhouse ## build the image with no registry: base
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)
 
+realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
+	scripts/realtext.sh
+
 bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
@@ -122,4 +125,4 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump diagnose stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean
+	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean
