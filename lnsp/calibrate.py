@@ -172,8 +172,8 @@ def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
     lanes = thresholds(c, correct, table)
     hit1 = float(correct.mean())
     return {"windows": int(len(c)), "hit@1": hit1, "warning": uninformative(lanes, hit1),
-            "c_mean": float(c.mean()), "c_quantiles": [float(q) for q in
-                                                       np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
+            "c_mean": float(c.mean()),
+            "c_quantiles": [float(q) for q in np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
             "lanes": lanes, "buckets": table,
             "policy": {k: {kk: list(vv) if isinstance(vv, tuple) else vv
                            for kk, vv in v.items()} for k, v in POLICY.items()}}

@@ -258,7 +258,8 @@ def _show_step(echo, record: dict) -> None:
         text = "~ " + text  # the nearest sentence to a vector that is none of them
     echo(f"  {label:<15}{text}")
     if record["truth_id"] is not None:
-        same = (record["neighbor_id"] == record["truth_id"]
-                or record.get("text") is not None and record.get("text") == record.get("truth_text"))
+        said = record.get("text")
+        same = record["neighbor_id"] == record["truth_id"] or (
+            said is not None and said == record.get("truth_text"))  # a repeated sentence
         mark = "=" if same else "≠"
         echo(f"  {'  truth ' + mark:<15}{_clip(record.get('truth_text'))}")
