@@ -13,5 +13,5 @@ mkdir -p "$DIR"
     --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
     --platform manylinux1_x86_64 --platform any \
     -c constraints.txt \
-    torch faiss-cpu numpy click threadpoolctl psutil docker py-spy
+    torch faiss-cpu numpy click threadpoolctl psutil docker py-spy tensorboard
 echo "wheelhouse $DIR: $(ls "$DIR" | wc -l) wheels, $(du -sh "$DIR" | cut -f1)"

@@ -96,3 +96,35 @@ def reap():
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return None
+    except Exception as e:
+        return f"no Docker engine reachable ({type(e).__name__})"
+
+
+@pytest.fixture(scope="session")
+def lnsp_image() -> str:
+    """lnsp:latest built from this checkout exactly as `make train-docker` gets it
+    (`lnsp image ensure`: kept when up to date, else built online or offline), once
+    for the whole suite. Without an engine: skip, or fail under LNSP_REQUIRE_DOCKER=1."""
+    problem = _engine_problem()
+    if problem:
+        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
+            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
+        pytest.skip(problem)
+    from lnsp.image import SOURCE_LABEL, source_hash
+    from lnsp.launch.docker import IMAGE
+
+    r = lnsp("image", "ensure", timeout=850)  # within the docker tests' 900 s
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import docker
+
+    labels = docker.from_env(timeout=30).images.get(IMAGE).labels or {}
+    assert labels.get(SOURCE_LABEL) == source_hash(), (labels, r.stdout[-2000:])
+    return IMAGE

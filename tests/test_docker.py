@@ -1,5 +1,6 @@
 """The container path against the real engine: image, a run to the end, dumps, stop,
-resume, status, compare. The `docker` CLI is used here as a second, real client.
+resume, status, compare. The `docker` CLI is used here as a second, real client. The
+image comes from `lnsp image ensure`, the same call `make train-docker` makes.
 
 Without an engine these tests skip with the reason; with LNSP_REQUIRE_DOCKER=1 (CI)
 they fail instead."""
@@ -14,34 +15,11 @@ import pytest
 from conftest import FAST_TRAIN, lnsp, read_json, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
-IMAGE = "lnsp:latest"
-
-
-def _engine_problem() -> str | None:
-    try:
-        import docker
-
-        docker.from_env(timeout=5).ping()
-        return None
-    except Exception as e:
-        return f"no Docker engine reachable ({type(e).__name__})"
 
 
 @pytest.fixture(scope="module")
-def image():
-    problem = _engine_problem()
-    if problem:
-        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
-        pytest.skip(problem)
-    base = os.environ.get("LNSP_BASE_IMAGE")
-    if not base and subprocess.run(["docker", "image", "inspect", "lnsp-base:bookworm"],
-                                   capture_output=True).returncode == 0:
-        base = "lnsp-base:bookworm"  # the offline base (make docker-base) when present
-    r = lnsp("image", "build", *(["--base-image", base] if base else []), timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
-    assert f"built {IMAGE}" in r.stdout
-    return IMAGE
+def image(lnsp_image):
+    return lnsp_image
 
 
 def docker_cli(*args) -> str:
