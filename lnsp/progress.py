@@ -71,10 +71,10 @@ class Progress:
 
     def __init__(self, total: float | None, label: str, unit: str = "it", stream=None,
                  interval: float = 10.0, initial: float = 0, lines: bool = True,
-                 clock=time.monotonic):
+                 delay: float = 1.0, clock=time.monotonic):
         self.total, self.label, self.unit = total, label, unit
         self.stream = stream or sys.stderr
-        self.interval, self.clock = interval, clock
+        self.interval, self.delay, self.clock = interval, delay, clock
         self.done, self.note = initial, ""
         self.mode = mode(self.stream)
         if self.mode == "lines" and not lines:
@@ -83,7 +83,7 @@ class Progress:
         self.start = self._last_draw = self.clock()
         self.rate.add(initial, self.start)
         self._printed, self._line_done = False, None
-        self._closed = self._staged = False
+        self._closed = self._staged = self._drawn = False
         if self.mode == "bar":
             _active.append(self)
 
@@ -97,7 +97,8 @@ class Progress:
             self.note = note
         now = self.clock()
         self.rate.add(done, now)
-        if self.mode == "bar" and now - self._last_draw >= REDRAW_S:
+        if self.mode == "bar" and now - self._last_draw >= REDRAW_S \
+                and (self._drawn or now - self.start >= self.delay):
             self._draw(now)
         elif self.mode == "lines" and now - self._last_draw >= self.interval:
             self._line(now)
@@ -116,7 +117,7 @@ class Progress:
         """Print a line through `echo` (default: stdout) without tearing the bar."""
         self.clear()
         (echo or (lambda text: print(text, flush=True)))(line)
-        if self.mode == "bar":
+        if self.mode == "bar" and self._drawn:
             self._draw(self.clock())
 
     def eta(self) -> float | None:
@@ -142,7 +143,7 @@ class Progress:
         width = shutil.get_terminal_size((100, 24)).columns
         self.stream.write("\r" + self.text(width) + "\x1b[K")
         self.stream.flush()
-        self._last_draw = now
+        self._last_draw, self._drawn = now, True
 
     def _line(self, now: float) -> None:
         self.stream.write(self.text() + "\n")
@@ -150,7 +151,7 @@ class Progress:
         self._last_draw, self._printed, self._line_done = now, True, self.done
 
     def clear(self) -> None:
-        if self.mode == "bar":
+        if self.mode == "bar" and self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
@@ -163,10 +164,11 @@ class Progress:
             self.rate.add(self.done, self.clock())
         now = self.clock()
         if self.mode == "bar":
-            self._draw(now)
-            self.stream.write("\n")
-            self.stream.flush()
             _active.remove(self)
+            if self._drawn:  # a task shorter than `delay` leaves no bar behind
+                self._draw(now)
+                self.stream.write("\n")
+                self.stream.flush()
         elif self.mode == "lines" and self._printed and self._line_done != self.done:
             self._line(now)
 
@@ -183,4 +185,5 @@ def echo(line: str, stream=None) -> None:
         bar.clear()
     print(line, file=stream or sys.stdout, flush=True)
     for bar in _active:
-        bar._draw(bar.clock())
+        if bar._drawn:
+            bar._draw(bar.clock())

@@ -121,3 +121,9 @@ def test_compare_prints_native_and_container_columns(image, tmp_path):
     values = {row[2:15].strip(): row[15:].split() for row in rows if row[2:15].strip()}
     assert values["threads"] == ["safe", "safe"] and values["omp_threads"] == ["1", "1"]
     assert len(values["forward_ms"]) == 2
+
+
+def test_ensure_keeps_an_image_built_from_this_checkout(image):
+    r = lnsp("image", "ensure", timeout=60)
+    assert r.returncode == 0 and f"image {image} is up to date" in r.stdout, r.stdout + r.stderr
+    assert "building" not in r.stdout

@@ -3,10 +3,19 @@ without carriage returns elsewhere, rate and ETA from the recent rate."""
 
 import io
 import os
+import select
 
 import pytest
 
 from lnsp.progress import Progress, Rate, format_eta
+
+
+def read_all(fd) -> str:
+    """Everything written to the terminal so far (a pty hands it over in pieces)."""
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
 
 
 class Clock:
@@ -69,7 +78,7 @@ def test_bar_on_a_terminal_redraws_in_place_with_rate_and_eta():
             bar.update(1, note="loss 1.2345")
         bar.close()
         stream.flush()
-        text = os.read(master, 65536).decode()
+        text = read_all(master)
     finally:
         stream.close()
         os.close(master)
@@ -89,3 +98,20 @@ def test_stages_count_as_done_when_the_next_begins_and_at_close():
     assert bar.done == 2
     bar.close()
     assert bar.done == 3 and out.getvalue().splitlines()[-1].startswith("bench: 100% 3/3")
+
+
+def test_a_task_shorter_than_the_delay_leaves_no_bar_on_a_terminal():
+    master, slave = os.openpty()
+    stream = os.fdopen(slave, "w")
+    clock = Clock()
+    try:
+        with Progress(10, "index", stream=stream, delay=1.0, clock=clock) as bar:
+            clock.now += 0.5
+            bar.update(10)
+            bar.write("a line", echo=lambda text: stream.write(text + "\n"))
+        stream.flush()
+        text = read_all(master)
+    finally:
+        stream.close()
+        os.close(master)
+    assert text.replace("\r\n", "\n") == "a line\n"
