@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lnsp.dotenv import read_dotenv
+from lnsp.errors import ConfigError
 from lnsp.threads import parse_policy
 
-
-class ConfigError(ValueError):
-    """One or more fields are invalid; the message names every one of them."""
+__all__ = ["ConfigError", "TrainConfig", "env_name", "resolve", "load", "env_example"]
 
 
 def _f(default, help: str, choices: tuple | None = None):

@@ -8,72 +8,78 @@ import time
 from pathlib import Path
 
 from lnsp.progress import format_eta
-from lnsp.rundir import RunDir, read_json
+from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
+
+
+def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive: bool,
+             trainer_alive: bool, now: float, config: dict | None = None) -> str:
+    """The state of a run from its records and whether its processes live: running,
+    stalled, finished, stopped, failed, starting or restarting (a pure function)."""
+    config = config or {}
+    if ended:  # written just before the trainer exits, removed when one starts
+        if ended.state != "finished" and alive and \
+                run.get("restarts", 0) < run.get("max_restarts", 0):
+            return "restarting"
+        return ended.state
+    if trainer_alive:
+        s = run_staleness(beat, run.get("pid"), run.get("start_time",
+                                                        run.get("launch_time", now)),
+                          run.get("stall_timeout") or config.get("stall_timeout", 120),
+                          run.get("startup_timeout") or config.get("startup_timeout", 600), now)
+        return "stalled" if s.stale else "running"
+    if alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
+        return "starting"
+    return "failed"  # the process is gone and left no exit.json: killed or crashed
 
 
 def state(rd: RunDir, now: float | None = None) -> dict:
     from lnsp.launch import backend
 
     now = now or time.time()
-    run = read_json(rd.run) or {}
-    beat = read_json(rd.heartbeat) or {}
-    ended = read_json(rd.exit)
-    config = read_json(rd.config) or {}
+    run = rd.read_run()
+    beat = rd.read_heartbeat()
+    ended = rd.read_exit()
     kind = run.get("backend", "foreground")
     ops = backend(kind)
-    alive = ops.alive(run)
-    age = now - beat["time"] if beat.get("time") else None
-    if ended:  # written just before the trainer exits, removed when one starts
-        label = ended["state"]
-        if label != "finished" and alive and run.get("restarts", 0) < run.get("max_restarts", 0):
-            label = "restarting"
-    elif ops.trainer_alive(run):
-        stall = run.get("stall_timeout") or config.get("stall_timeout", 120)
-        startup = run.get("startup_timeout") or config.get("startup_timeout", 600)
-        fresh = beat.get("pid") == run.get("pid") and age is not None
-        since = age if fresh else now - run.get("start_time", run.get("launch_time", now))
-        label = "stalled" if since > (stall if fresh else startup) else "running"
-    elif alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
-        label = "starting"
-    else:
-        label = "failed"  # the process is gone and left no exit.json: killed or crashed
+    label = classify(run, beat, ended, ops.alive(run),
+                     not ended and ops.trainer_alive(run), now, read_json(rd.config))
+    age = now - beat.time if beat else None
     row = {"run": str(rd.root), "backend": kind, "state": label, "pid": run.get("pid"),
-           "epoch": beat.get("epoch"), "step": (ended or {}).get("step", beat.get("step")),
-           "loss": beat.get("loss"), "samples_per_s": beat.get("samples_per_s"),
+           "epoch": beat and beat.epoch, "step": ended.step if ended else beat and beat.step,
+           "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
-           "exit_code": (ended or {}).get("exit_code"), "restarts": run.get("restarts", 0),
-           "phase": beat.get("phase"), "total_steps": beat.get("total_steps"),
-           "eta_s": eta(label, beat, age), "cause": (ended or {}).get("cause")}
+           "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0),
+           "phase": beat and beat.phase, "total_steps": beat and beat.extra.get("total_steps"),
+           "eta_s": eta(label, beat, age), "cause": ended and ended.cause}
     if hasattr(ops, "extra_status"):
         row.update(ops.extra_status(run))
     if run.get("world_size", 1) > 1:  # one line per rank
+        beats = rd.rank_heartbeats()
         row["ranks"] = []
         for r in run.get("ranks", []):
-            b = read_json(rd.root / f"heartbeat-rank{r['rank']}.json") or {}
+            b = beats.get(r["rank"])
             row["ranks"].append({"rank": r["rank"], "pid": r["pid"], "host": r["host"],
-                                 "step": b.get("step"), "phase": b.get("phase"),
-                                 "heartbeat_age_s": round(now - b["time"], 1)
-                                 if b.get("time") else None})
+                                 "step": b and b.step, "phase": b and b.phase,
+                                 "heartbeat_age_s": round(now - b.time, 1) if b else None})
     return row
 
 
-def eta(label: str, beat: dict, age: float | None) -> float | None:
+def eta(label: str, beat: Heartbeat | None, age: float | None) -> float | None:
     """Seconds left: the heartbeat's estimate less the time since it was written (only
     while the run is running; a finished run has none left)."""
     if label == "finished":
         return 0.0
-    if label != "running" or beat.get("eta_s") is None or age is None:
+    if label != "running" or beat is None or beat.extra.get("eta_s") is None or age is None:
         return None
-    return round(max(0.0, beat["eta_s"] - age), 1)
+    return round(max(0.0, beat.extra["eta_s"] - age), 1)
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
     if runs:
         return [RunDir(r) for r in runs]
     base = Path(root)
-    found = [RunDir(p) for p in sorted(base.iterdir()) if (p / "run.json").exists()] \
+    return [RunDir(p) for p in sorted(base.iterdir()) if RunDir(p).run.exists()] \
         if base.is_dir() else []
-    return found
 
 
 def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> str:

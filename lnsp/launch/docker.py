@@ -55,7 +55,7 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    from lnsp.rundir import RunDir, update_json
+    from lnsp.rundir import RunDir
 
     rd = RunDir(config.run_dir)
     data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
@@ -75,7 +75,7 @@ def start(config, info: dict) -> None:
         volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
         working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
         **kwargs)
-    update_json(rd.run, container_id=container.id)
+    rd.update_run(container_id=container.id)
     container.start()
 
 
