@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 
-from lnsp import checkpoint
+from lnsp import checkpoint, progress, tensorboard
 from lnsp.rundir import ExitCode, RunDir, StepRecord
 from lnsp.watchdog import Heartbeat
 
@@ -26,6 +26,10 @@ class Recorder:
         self.samples_per_s = 0.0
         self.total = 0  # steps in the run: the last one always logs
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+        self.rate = progress.Rate()  # steps over the last 30 s: the ETA's speed
+        self.eta_s: float | None = None
+        self.tb = None  # TensorBoard writer (rank 0), opened at the first record
+        self.bar = None  # progress bar on a terminal (rank 0)
 
     def say(self, message: str) -> None:
         """The routine (steps, evaluations): logged by rank 0 alone."""
@@ -54,7 +58,16 @@ class Recorder:
     # ------------------------------------------------------------ every step
     def beat(self, state, phase: str) -> None:
         for heartbeat in self.beats:
-            heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s)
+            heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s,
+                           total_steps=self.total, eta_s=self.eta_s)
+
+    def _writer(self, step: int):
+        """TensorBoard's writer, opened once: a resumed run drops the events from `step`
+        on that its earlier life wrote after the checkpoint it resumed from."""
+        if self.tb is None:
+            self.tb = tensorboard.open_writer(self.rd.tb, self.config.to_json(),
+                                              purge_step=step if self.config.resume else None)
+        return self.tb
 
     def step_done(self, state, loss: float, phases: dict) -> None:
         """After every optimizer step: the heartbeat (an outside observer's proof of
@@ -65,25 +78,37 @@ class Recorder:
             self._phases[name] = self._phases.get(name, 0.0) + seconds
         rate = self._window_steps / max(time.perf_counter() - self._window_t, 1e-9)
         self.samples_per_s = rate * self.config.batch_size * self.config.accum_steps
+        self.rate.add(state.step, time.monotonic())
+        eta = self.rate.eta(self.total - state.step)
+        self.eta_s = None if eta is None else round(eta, 1)
         self.beat(state, "train")
+        if self.main:  # a bar only where a person watches a terminal; logs keep their lines
+            if self.bar is None:
+                self.bar = progress.Progress(self.total, "train", unit="step", lines=False,
+                                             initial=state.step - 1)
+            self.bar.update(1, f"epoch {state.epoch + 1}/{self.config.epochs} loss {loss:.4f}")
         if state.step % self.config.log_every and state.step != self.total:
             return
         self.say(f"Epoch {state.epoch + 1}/{self.config.epochs} | Step {state.step} | "
                  f"Loss {loss:.4f} | {rate:.2f} it/s")
         if self.main:
             rss = self.beats[-1].rss_mb() if self.beats else 0.0
-            self.rd.append_step(StepRecord(
+            record = StepRecord(
                 step=state.step, epoch=state.epoch + 1, loss=loss,
                 samples_per_s=self.samples_per_s,
                 phases={k: v / self._window_steps for k, v in self._phases.items()},
-                rss_mb=round(rss, 1), time=time.time()))
+                rss_mb=round(rss, 1), time=time.time())
+            self.rd.append_step(record)
+            self._writer(state.step).step(record)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
 
     # ------------------------------------------------------------ epochs
     def evaluated(self, epoch: int, metrics: dict) -> None:
         if not self.main:
             return
-        self.rd.append_metrics({"epoch": epoch, "step": self.step, "loss": self.loss, **metrics})
+        record = {"epoch": epoch, "step": self.step, "loss": self.loss, **metrics}
+        self.rd.append_metrics(record)
+        self._writer(self.step).metrics(record)
         self.log(f"Eval epoch {epoch}: Hit@1 {metrics['hit@1']:.3f} "
                  f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
                  f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
@@ -102,6 +127,7 @@ class Recorder:
     def finished(self) -> int:
         if self.main:
             self.rd.write_exit("finished", ExitCode.DONE, self.step)
+        self.close()
         self.say(f"Finished: {self.step} steps; run directory {self.rd.root}")
         self.plot()
         return ExitCode.DONE
@@ -109,6 +135,7 @@ class Recorder:
     def stopped(self, signal_name: str | None) -> int:
         if self.main:
             self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=signal_name or "peer")
+        self.close()
         self.say(f"Stopped on {signal_name or 'a peer rank'} at step {self.step}; checkpoint "
                  f"{self.rd.last_checkpoint()} (continue with --resume)")
         self.plot()
@@ -126,7 +153,16 @@ class Recorder:
             self.rd.write_exit("stalled" if code == ExitCode.STALLED else "failed", code,
                                self.step, cause=f"{type(error).__name__}: {error}",
                                error=f"{type(error).__name__}: {error}")
+        self.close()
         self.log(f"FAILED: {type(error).__name__}: {error}")
+
+    def close(self) -> None:
+        """End the bar and flush the event files (every way out but a stall's os._exit,
+        before which the writer's own flush every few seconds has run)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
     def plot(self) -> None:
         """plots.png when matplotlib is installed (an optional extra); never fails a run."""

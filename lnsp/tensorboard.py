@@ -9,6 +9,7 @@ NAME the model also reports), `goodput/*`, and the config as text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -112,8 +113,12 @@ class Writer:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self._w.add_text(tag, text, global_step=step)
 
-    def step(self, record: dict) -> None:
-        """A steps.jsonl record: loss, samples/s, phase times, RSS (and eta, goodput...)."""
+    def step(self, record) -> None:
+        """A steps.jsonl record (a dict or a StepRecord): loss, samples/s, phase times,
+        RSS, and any other number it carries."""
+        if dataclasses.is_dataclass(record):
+            record = {**{k: v for k, v in dataclasses.asdict(record).items() if k != "extra"},
+                      **record.extra}
         self.scalars(step_tags(record), int(record["step"]), record.get("time"))
 
     def metrics(self, record: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from lnsp.progress import format_eta
 from lnsp.status import find, state
@@ -14,6 +15,12 @@ CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
+
+
+def _name(run: str, root: str) -> str:
+    """A run under the root by its name; any other by its path."""
+    path = Path(run)
+    return path.name if path.parent == Path(root) else run
 
 
 def screen(rows: list[dict], root: str, interval: float, now: float | None = None,
@@ -29,7 +36,7 @@ def screen(rows: list[dict], root: str, interval: float, now: float | None = Non
         step = _fmt(r["step"], "d")
         if r.get("total_steps"):
             step += f"/{r['total_steps']}"
-        lines.append(f"{r['run'][-24:]:<24} {r['state']:<10} {(r.get('phase') or '-')[:10]:<10} "
+        lines.append(f"{_name(r['run'], root)[-24:]:<24} {r['state']:<10} {(r.get('phase') or '-')[:10]:<10} "
                      f"{step:>13} {_fmt(r['loss'], '.4f'):>8} {_fmt(r['samples_per_s'], '.1f'):>9} "
                      f"{format_eta(r.get('eta_s')):>8} "
                      f"{_fmt(r['heartbeat_age_s'], '.1f', 's'):>9}")

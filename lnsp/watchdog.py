@@ -92,10 +92,13 @@ class Heartbeat:
     def rss_mb(self) -> float:
         return self.process.memory_info().rss / 2**20
 
-    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float) -> None:
+    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float,
+             **extra) -> None:
+        """`extra`: fields beyond the record's own (total_steps, eta_s)."""
         RunDir(Path(self.path).parent).write_heartbeat(HeartbeatRecord(
             pid=os.getpid(), time=time.time(), host=HOST, epoch=epoch, step=step, phase=phase,
-            loss=loss, samples_per_s=samples_per_s, rss_mb=round(self.rss_mb(), 1)), self.path)
+            loss=loss, samples_per_s=samples_per_s, rss_mb=round(self.rss_mb(), 1),
+            extra=extra), self.path)
 
     def epoch_end(self, epoch: int) -> None:
         rss = self.rss_mb()
