@@ -7,7 +7,6 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
@@ -353,7 +352,7 @@ def plot(run):
         click.echo(f"wrote {draw(rd)}")
     except ImportError:
         raise Fail("matplotlib is not installed: pip install 'lnsp[plot]' "
-                   "(or .venv/bin/pip install matplotlib)", 1) from None
+                   "(or .venv/bin/pip install matplotlib)", ExitCode.INTERNAL) from None
 
 
 @main.command()
@@ -363,13 +362,7 @@ def plot(run):
 @click.option("--out", default="bench.json", show_default=True)
 @click.option("--tb-dir", default=None,
               help="TensorBoard folder for the table [default: runs/bench/<timestamp>]")
-@click.option("--part", type=click.Choice(["worker", "seed-write", "seed-index"]), default=None,
-              hidden=True)
-@click.option("--batch", default=8, hidden=True)
-@click.option("--threads", default=None, hidden=True)
-@click.option("--index", default="flat", hidden=True)
-@click.option("--path", default=None, hidden=True)
-def bench(seconds, seed_scale, out, tb_dir, part, batch, threads, index, path):
+def bench(seconds, seed_scale, out, tb_dir):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -377,10 +370,6 @@ def bench(seconds, seed_scale, out, tb_dir, part, batch, threads, index, path):
     """
     from lnsp import bench as b
 
-    if part:  # one measurement in this process (the orchestrator starts these)
-        click.echo(b.part(part, batch=batch, threads=threads or "fast", seconds=seconds,
-                          index=index, path=path))
-        return
     import time
 
     b.main(seconds, seed_scale, out, echo=click.echo,

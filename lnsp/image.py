@@ -12,7 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-from lnsp.launch import LaunchError
+from lnsp.errors import LaunchError
+from lnsp.rundir import ExitCode
 from lnsp.launch.docker import IMAGE, client
 
 SOURCE = Path(__file__).resolve().parent.parent  # the checkout that holds docker/
@@ -47,7 +48,8 @@ def build(base_image: str | None = None, tag: str = IMAGE, echo=print,
             if "aux" in chunk and "ID" in chunk["aux"]:
                 image_id = chunk["aux"]["ID"]
             if "error" in chunk:
-                raise LaunchError(f"docker build failed: {chunk['error'].strip()}", 1)
+                raise LaunchError(f"docker build failed: {chunk['error'].strip()}",
+                                  ExitCode.INTERNAL)
         bar.set(bar.total or bar.done)
     echo(f"built {tag} ({(image_id or '?')[:19]})")
     return tag
@@ -60,6 +62,7 @@ def source_hash() -> str:
     h = hashlib.sha256()
     files = [SOURCE / "docker" / "Dockerfile", SOURCE / "constraints.txt",
              SOURCE / "pyproject.toml", SOURCE / "README.md",
+             SOURCE / "scripts" / "dependencies.py",
              *sorted((SOURCE / "lnsp").rglob("*.py"))]
     for path in files:
         h.update(str(path.relative_to(SOURCE)).encode() + b"\0")
@@ -137,14 +140,16 @@ def choose_base(c, echo=print) -> tuple[str, str]:
 
 def _script(name: str, *args: str, echo=print) -> None:
     """Run one of scripts/ from the checkout, its output passed on line by line."""
-    env = {**os.environ, "PIP": str(Path(sys.executable).with_name("pip"))}
+    env = {**os.environ, "PIP": str(Path(sys.executable).with_name("pip")),
+           "PY": sys.executable}
     proc = subprocess.Popen([str(SOURCE / "scripts" / name), *args], cwd=SOURCE, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
     for line in proc.stdout:
         echo(line.rstrip())
     if proc.wait() != 0:
-        raise LaunchError(f"scripts/{name} failed (exit code {proc.returncode}); see above", 1)
+        raise LaunchError(f"scripts/{name} failed (exit code {proc.returncode}); see above",
+                          ExitCode.INTERNAL)
 
 
 def ensure(tag: str = IMAGE, echo=print, rebuild: bool = False) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lnsp import procs
 from lnsp.launch import LaunchError, backend
-from lnsp.rundir import RunDir, read_json
+from lnsp.rundir import ExitCode, RunDir, read_json
 
 
 def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
@@ -64,7 +64,7 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
 
     if not procs.wait_for(fresh, timeout):
         raise LaunchError(f"no dump appeared in {rd.dumps} within {timeout:g}s "
-                          "(the process may be frozen: try --native)", 3)
+                          "(the process may be frozen: try --native)", ExitCode.STALLED)
     newest = fresh()[-1]
     text = f"{newest}\n{newest.read_text()}"
     if native and run.get("backend") != "docker":

@@ -1,5 +1,6 @@
 """The state of runs, read from their run directories and the live processes:
-running, stalled, finished, stopped or failed (and starting, restarting)."""
+running, stalled, finished, stopped or failed (and starting, restarting; unknown while
+a container engine does not answer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from lnsp.errors import LaunchError
 from lnsp.progress import format_eta
 from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
 
@@ -41,8 +43,14 @@ def state(rd: RunDir, now: float | None = None) -> dict:
     ended = rd.read_exit()
     kind = run.get("backend", "foreground")
     ops = backend(kind)
-    label = classify(run, beat, ended, ops.alive(run),
-                     not ended and ops.trainer_alive(run), now, read_json(rd.config))
+    extra = {}
+    try:
+        label = classify(run, beat, ended, ops.alive(run),
+                         not ended and ops.trainer_alive(run), now, read_json(rd.config))
+        if hasattr(ops, "extra_status"):
+            extra = ops.extra_status(run)
+    except LaunchError as e:  # the engine did not answer: no verdict on the processes
+        label, extra = (ended.state if ended else "unknown"), {"error": str(e)}
     age = now - beat.time if beat else None
     row = {"run": str(rd.root), "backend": kind, "state": label, "pid": run.get("pid"),
            "epoch": beat and beat.epoch, "step": ended.step if ended else beat and beat.step,
@@ -51,8 +59,7 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0),
            "phase": beat and beat.phase, "total_steps": beat and beat.extra.get("total_steps"),
            "eta_s": eta(label, beat, age), "cause": ended and ended.cause}
-    if hasattr(ops, "extra_status"):
-        row.update(ops.extra_status(run))
+    row.update(extra)
     if run.get("world_size", 1) > 1:  # one line per rank
         beats = rd.rank_heartbeats()
         row["ranks"] = []
