@@ -36,7 +36,8 @@ def screen(rows: list[dict], root: str, interval: float, now: float | None = Non
         step = _fmt(r["step"], "d")
         if r.get("total_steps"):
             step += f"/{r['total_steps']}"
-        lines.append(f"{_name(r['run'], root)[-24:]:<24} {r['state']:<10} {(r.get('phase') or '-')[:10]:<10} "
+        phase = r.get("phase") if r["state"] in ("running", "stalled") else None  # else stale
+        lines.append(f"{_name(r['run'], root)[-24:]:<24} {r['state']:<10} {(phase or '-')[:10]:<10} "
                      f"{step:>13} {_fmt(r['loss'], '.4f'):>8} {_fmt(r['samples_per_s'], '.1f'):>9} "
                      f"{format_eta(r.get('eta_s')):>8} "
                      f"{_fmt(r['heartbeat_age_s'], '.1f', 's'):>9}")
