@@ -58,11 +58,11 @@ def build(base_image: str | None = None, tag: str = IMAGE, echo=print,
 # ---------------------------------------------------------------- ensure
 def source_hash() -> str:
     """What the Dockerfile copies into the image, hashed: a change rebuilds it (the
-    dependency layer stays cached unless constraints.txt or the Dockerfile change)."""
+    dependency layer stays cached unless the dependencies or the Dockerfile change).
+    README.md is copied too but left out: a change of the docs changes no behaviour."""
     h = hashlib.sha256()
     files = [SOURCE / "docker" / "Dockerfile", SOURCE / "constraints.txt",
-             SOURCE / "pyproject.toml", SOURCE / "README.md",
-             SOURCE / "scripts" / "dependencies.py",
+             SOURCE / "pyproject.toml", SOURCE / "scripts" / "dependencies.py",
              *sorted((SOURCE / "lnsp").rglob("*.py"))]
     for path in files:
         h.update(str(path.relative_to(SOURCE)).encode() + b"\0")
