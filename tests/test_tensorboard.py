@@ -37,6 +37,10 @@ def test_a_run_writes_its_records_as_scalars_and_its_config_as_text(small_data, 
     for phase in ("load", "forward", "retrieve", "loss", "backward"):
         assert len(scalars[f"phase_s/{phase}"]) == len(steps), sorted(scalars)
 
+    goodput = [v for _, v in scalars["goodput/goodput"]]  # goodput.json per interval
+    assert len(goodput) == len(steps) and all(0 < v <= 1 for v in goodput), goodput
+    assert "goodput/shares/training" in scalars
+
     metrics = records(run / "metrics.jsonl")
     assert len(metrics) == 2
     for name in ("hit@1", "hit@5", "hit@10", "mrr"):
