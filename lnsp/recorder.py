@@ -59,6 +59,8 @@ class Recorder:
                            host=socket.gethostname(), python=sys.executable, argv=sys.argv,
                            start_time=time.time(), stall_timeout=self.config.stall_timeout,
                            startup_timeout=self.config.startup_timeout, world_size=self.world,
+                           attempts_from=self.rd.read_run().get("attempts_from", [])
+                           + [self.rd.checkpoint_step() if self.config.resume else 0],
                            **extra)
 
     # ------------------------------------------------------------ every step

@@ -146,3 +146,21 @@ def _charge_frozen_time(rd: RunDir, pid: int) -> None:
                   shares={c: round(s / wall, 4) for c, s in seconds.items()},
                   goodput=round(seconds.get("training", 0.0) / wall, 4))
     rd.write_goodput(record)
+
+
+def restart_refused(rd: RunDir) -> tuple[str, int] | None:
+    """For a job that torchrun's agent restarts (it restarts on any failure): why this
+    attempt should not run, and its exit code, or None. Every rank asks before the
+    rendezvous, from the same files, so all give the same answer."""
+    record = rd.read_exit()
+    if record is None:
+        return None
+    kind = classify_ending(record.exit_code, _record_dict(record))
+    if not RESTARTABLE.get(kind, True):
+        return (f"the last attempt ended: {kind} ({record.cause or record.state}); a restart "
+                "would repeat it: not running", int(record.exit_code) or 1)
+    steps = rd.read_run().get("attempts_from", []) + [rd.checkpoint_step()]
+    if crash_loop(steps):
+        return (f"crash loop: the last restarts made no progress past step {steps[-1]}; "
+                f"each ended: {record.cause or kind}", int(ExitCode.CRASH_LOOP))
+    return None

@@ -22,7 +22,7 @@ from lnsp.errors import LnspError, RunDirError, TrainingError
 from lnsp.loss import info_nce
 from lnsp.model import QueryTower, resolve_device
 from lnsp.recorder import Recorder
-from lnsp.rundir import RunDir, RunLog
+from lnsp.rundir import ExitCode, RunDir, RunLog
 
 __all__ = ["Job", "RunState", "TrainingError", "setup", "train_step", "optimizer_step",
            "epoch_batches", "micro_batches", "fit", "run"]
@@ -306,6 +306,20 @@ def _check_run_dir(config: TrainConfig, rd: RunDir) -> TrainConfig:
     return config
 
 
+def _restart_refused(rd: RunDir, rank: int) -> int | None:
+    from lnsp.supervise import restart_refused
+
+    refused = restart_refused(rd)
+    if refused is None:
+        return None
+    message, code = refused
+    RunLog(rd.log if rank == 0 else None, prefix=f"[rank {rank}] ")(f"[RESTART] {message}")
+    if rank == 0 and code == ExitCode.CRASH_LOOP:
+        ended = rd.read_exit()
+        rd.write_exit("failed", code, ended.step if ended else 0, cause=message)
+    return code
+
+
 def run(config: TrainConfig) -> int:
     """Train in the foreground (one rank of a torchrun job when started by torchrun);
     returns the process exit code (0 finished or stopped)."""
@@ -317,6 +331,10 @@ def run(config: TrainConfig) -> int:
     config = _check_run_dir(config, rd)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        code = _restart_refused(rd, rank)  # torchrun restarts whatever the ending
+        if code is not None:
+            return code
     if config.batch_size % world:
         raise data.DataError(f"--batch-size {config.batch_size} must divide by the "
                              f"{world} ranks")
