@@ -214,6 +214,7 @@ class RunDir:
     exit = property(lambda self: self.root / "exit.json")
     plots = property(lambda self: self.root / "plots.png")
     tb = property(lambda self: self.root / "tb")  # TensorBoard event files
+    calibration = property(lambda self: self.root / "calibration.json")  # decider thresholds
     goodput = property(lambda self: self.root / "goodput.json")
     last_checkpoint_record = property(lambda self: self.checkpoints / "last.json")
 
