@@ -88,6 +88,10 @@ logs: $(STAMP) ## print a run's log (RUN=, ARGS=-f to follow)
 	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make logs RUN=..."; exit 2; }
 	$(LNSP) logs $(RUN) $(ARGS)
 
+diagnose: $(STAMP) ## why a Python process is stuck: VERDICT, evidence, fix (PID= or RUN=)
+	@test -n "$(PID)$(filter command line environment,$(origin RUN))" || { echo "make diagnose PID=... or RUN=..."; exit 2; }
+	$(LNSP) diagnose $(TARGET) $(ARGS)
+
 doctor: $(STAMP) ## threads, BLAS/OpenMP runtimes, tools, known hazards
 	$(LNSP) doctor $(ARGS)
 
@@ -130,5 +134,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status \
-	watch tensorboard image dump stop \
+	watch tensorboard image dump diagnose stop \
 	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

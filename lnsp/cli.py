@@ -239,6 +239,25 @@ def dump(target, native, root, timeout):
 
 
 @main.command()
+@click.argument("target")
+@click.option("--samples", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="snapshots of every thread")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="seconds between snapshots")
+@click.option("--root", default="runs", show_default=True, help="where runs live")
+@click.option("--json", "as_json", is_flag=True, help="kind, summary, evidence, fix, samples")
+def diagnose(target, samples, interval, root, as_json):
+    """Why a Python process (an lnsp run or any script) is stuck: the first line is
+    `VERDICT <kind>: <one sentence>`, then the evidence and the fix.
+
+    Example: lnsp diagnose 12345 --samples 3 --interval 0.5
+    """
+    from lnsp.diagnose import report
+
+    click.echo(report(target, samples, interval, as_json, root))
+
+
+@main.command()
 @click.argument("run")
 @click.option("--grace", default=30.0, show_default=True, help="seconds before SIGKILL")
 @user_errors

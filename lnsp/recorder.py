@@ -210,13 +210,19 @@ class Recorder:
         self.plot()
         return ExitCode.DONE
 
-    def stalled(self, phase: str) -> None:
-        """The watchdog's exit (from its thread, just before os._exit)."""
+    def stalled(self, phase: str, verdict: dict | None = None) -> None:
+        """The watchdog's exit (from its thread, just before os._exit); the cause is the
+        diagnosis when there is one."""
+        from lnsp.hangbundle import cause
+
         if self.main:
             stall = getattr(self.watchdog, "last_stall", None) or {}
+            extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
+                if cause(verdict) else {}
             self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
-                               cause=f"no progress in phase '{phase}'"
-                               + (f"; {stall['main_thread']}" if stall else ""))
+                               cause=cause(verdict) or f"no progress in phase '{phase}'"
+                               + (f"; {stall['main_thread']}" if stall else ""),
+                               phase=phase, **extra)
             self.write_goodput()
 
     def failed(self, error: BaseException) -> None:

@@ -62,8 +62,10 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0),
            "phase": beat and beat.phase, "total_steps": beat and beat.extra.get("total_steps"),
            "eta_s": eta(label, beat, age)}
-    if ended and ended.cause:
-        row["cause"] = ended.cause
+    cause = _cause(rd, ended, beat) if label in ("stalled", "failed", "restarting") \
+        else ended and ended.cause
+    if cause:
+        row["cause"] = cause
     if beat and beat.extra.get("budgets"):
         row["budgets_s"] = beat.extra["budgets"]
     goodput = rd.read_goodput()
@@ -90,6 +92,18 @@ def eta(label: str, beat: Heartbeat | None, age: float | None) -> float | None:
     if label != "running" or beat is None or beat.extra.get("eta_s") is None or age is None:
         return None
     return round(max(0.0, beat.extra["eta_s"] - age), 1)
+
+
+def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str | None:
+    """Why a run stalled or failed: exit.json's cause, or for a live stalled run the
+    verdict of the newest hang bundle written since its last heartbeat."""
+    if ended and ended.cause:
+        return ended.cause
+    for bundle in reversed(rd.bundles()):
+        verdict = read_json(bundle / "verdict.json") or {}
+        if verdict.get("kind") and (beat is None or verdict.get("time", 0) >= beat.time):
+            return f"{verdict['kind']}: {verdict.get('summary', '')}"
+    return None
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:

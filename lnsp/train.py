@@ -328,6 +328,7 @@ def run(config: TrainConfig) -> int:
     returns the process exit code (0 finished or stopped)."""
     from lnsp import distributed, threads
     from lnsp.dumps import Dumper
+    from lnsp.hangbundle import Explanation
     from lnsp.watchdog import GracefulStop, Watchdog
 
     rd = RunDir(config.run_dir)
@@ -348,7 +349,8 @@ def run(config: TrainConfig) -> int:
     dist = distributed.Dist(rank, world, rd.root)
     watchdog = Watchdog(config.startup_timeout, config.stall_timeout, config.on_stall, dumper,
                         log, on_exit=rec.stalled, describe=lambda: dist.laggards(),
-                        on_tick=[stop.announce], slow_window=config.slow_window)
+                        on_tick=[stop.announce], slow_window=config.slow_window,
+                        diagnose=lambda: Explanation(rd, os.getpid(), dumper.prefix, log).start())
     rec.watchdog = watchdog
     watchdog.start()
 
