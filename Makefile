@@ -114,6 +114,9 @@ compare: $(STAMP) ## the probe natively and in the container, side by side (imag
 	$(LNSP) image ensure
 	$(LNSP) compare $(ARGS)
 
+realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
+	scripts/realtext.sh
+
 bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
@@ -135,4 +138,4 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 
 .PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status \
 	watch tensorboard image dump diagnose stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean
+	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

@@ -127,7 +127,9 @@ class Recorder:
         self.log(f"Eval epoch {epoch}: Hit@1 {metrics['hit@1']:.3f} "
                  f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
                  f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
-                 f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
+                 f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f} "
+                 f"| blend({metrics['blend_decay']:g}) Hit@10 {metrics['blend_hit@10']:.3f} "
+                 f"MRR {metrics['blend_mrr']:.3f}")
 
     def checkpoint(self, path, job, state) -> None:
         """Rank 0 alone writes checkpoints (the ranks' weights are the same). The learned
