@@ -13,6 +13,8 @@ DATA   ?= data/demo
 RUN    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 EPOCHS ?=
 NPROC  ?= 2
+NODES  ?= 2
+NPROC_PER_NODE ?= 1
 ARGS   ?=
 OFFLINE_BASE ?= lnsp-base:bookworm
 TRAIN_FLAGS = --data $(DATA) --run-dir $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
@@ -56,6 +58,10 @@ train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## d
 
 train-ddp: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## data-parallel run under torchrun (NPROC=2)
 	$(LNSP) launch ddp --nproc $(NPROC) $(TRAIN_FLAGS)
+
+train-ddp-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## torchrun nodes as containers on a network of the run's own (NODES=2)
+	@docker image inspect $(or $(IMAGE),lnsp:latest) >/dev/null 2>&1 || $(MAKE) docker-offline
+	$(LNSP) launch ddp-docker --nodes $(NODES) --nproc-per-node $(NPROC_PER_NODE) $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
 
 status: $(STAMP) ## state of every run under runs/ (or RUN=)
 	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN))

@@ -148,25 +148,29 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
 
 
 @main.command()
-@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp"]))
-@click.option("--nproc", default=None, type=int, help="ddp: ranks on this machine (default 2)")
+@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp", "ddp-docker"]))
+@click.option("--nproc", "--nproc-per-node", "nproc", default=None, type=int,
+              help="ddp: ranks on this machine (default 2); ddp-docker: per node (default 1)")
+@click.option("--nodes", default=None, type=int,
+              help="ddp-docker: nodes, one container each (default 2)")
 @click.option("--session", default=None, help="tmux session name (default: the run's name)")
 @click.option("--replace", is_flag=True, help="tmux: replace a session of that name")
 @click.option("--image", default=None, help="docker: image (default lnsp:latest)")
-@click.option("--cpus", default=None, type=float, help="docker: CPU limit")
+@click.option("--cpus", default=None, type=float, help="docker: CPU limit (per container)")
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
 @user_errors
-def launch(backend, nproc, session, replace, image, cpus, memory, **values):
+def launch(backend, nproc, nodes, session, replace, image, cpus, memory, **values):
     """Start a detached run and print its run directory.
 
     Example: lnsp launch tmux --epochs 2 --max-restarts 2
+             lnsp launch ddp-docker --nodes 2 --epochs 2
     """
     from lnsp.launch import start
 
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
-               "memory": memory, "nproc": nproc}
+               "memory": memory, "nproc": nproc, "nodes": nodes}
     info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
     click.echo(info)
 

@@ -52,8 +52,14 @@ class Job:
 def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int = 0,
           world: int = 1) -> Job:
     """Index, model and optimizer for a loaded data set (for one rank of `world`)."""
+    from lnsp import distributed
+
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    if world > 1:  # one GPU per rank: the one of its LOCAL_RANK on its node
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = torch.device(distributed.device_for(
+            config.device, int(os.environ.get("LOCAL_RANK", "0")), cuda))
     if watchdog:
         watchdog.progress("index")
     t = time.perf_counter()
@@ -63,7 +69,8 @@ def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int =
         f"in {time.perf_counter() - t:.1f}s")
     model = QueryTower(ds.dim, config.hidden).to(device)
     if world > 1:  # gradients are all-reduced inside backward
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, **distributed.ddp_arguments(str(device)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     train_starts, val_starts = data.windows(ds, config.ctx_len, config.val_fraction, config.seed,
@@ -153,6 +160,10 @@ def run(config: TrainConfig) -> int:
     rd = RunDir(config.run_dir)
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         config = config.replace(resume=True)  # torchrun restarted the job: continue it
+    elif os.environ.get("LNSP_AUTO_RESUME") == "1" and rd.config.exists():
+        # A node of a multi-node job that came back (its container restarted): its
+        # torchrun counts from 0 again, but the job it rejoins continues the run.
+        config = config.replace(resume=True)
     if rd.config.exists() and not config.resume:
         raise data.DataError(f"{rd.root}: run directory already holds a run; "
                              "pass --resume to continue it or choose another --run-dir")
@@ -182,7 +193,7 @@ def run(config: TrainConfig) -> int:
     resolve_device(config.device)
     # Every rank has checked the run directory before any rank writes to it.
     watchdog.progress("rendezvous")
-    dist = ending["dist"] = distributed.init(config.pg_timeout, rd.root)
+    dist = ending["dist"] = distributed.init(config.pg_timeout, rd.root, config.device)
     rd.root.mkdir(parents=True, exist_ok=True)
     log.file = open(rd.log, "a", buffering=1)
     dumper.enable_crash_dumps(log.file)
@@ -208,7 +219,7 @@ def run(config: TrainConfig) -> int:
             stacks = native_stacks(pid, timeout=10)
             if stacks:
                 dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
-            if error.exit_code == 3:  # frozen: nothing else can end it for the restart
+            if error.exit_code == 3 and not error.lost:  # frozen: nothing else ends it
                 log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
                 os.kill(pid, signal.SIGKILL)
         _fail(rd, log, ending, dist, error, error.exit_code)
@@ -224,7 +235,11 @@ def run(config: TrainConfig) -> int:
 
 def _fail(rd: RunDir, log, ending, dist, error: BaseException, code: int) -> None:
     state = "stalled" if code == 3 else "failed"
-    if dist.main:
+    lost = getattr(error, "lost", ())
+    if lost:  # a node is gone, not frozen: the job failed (exit 3, it can be restarted)
+        state = "failed"
+    # rank 0 records the end; when rank 0 is the one lost, the first survivor does
+    if dist.main or (0 in lost and dist.rank == min(set(range(dist.world)) - set(lost))):
         _write_exit(rd, state, code, ending["step"], error=f"{type(error).__name__}: {error}")
     log(f"FAILED: {type(error).__name__}: {error}")
 
@@ -235,7 +250,7 @@ def _write_exit(rd: RunDir, state: str, code: int, step: int, **extra) -> None:
 
 
 def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist) -> int:
-    from lnsp import threads
+    from lnsp import distributed, threads
 
     say = log if dist.main else (lambda message: None)  # rank 0 alone logs the routine
     n_threads = threads.enforce()
@@ -278,7 +293,10 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
     def beat(phase):
         for heartbeat in beats:
             heartbeat.beat(epoch + 1, step, phase, loss, rate * config.batch_size
-                           * config.accum_steps)
+                           * config.accum_steps, work_ms=round(work_ms, 2))
+
+    work_ms = 0.0  # this rank's own work per step (moving average), for straggler reports
+    reported = set()
 
     loss, rate, stopping = float("nan"), 0.0, False
     window_t, window_steps = time.perf_counter(), 0
@@ -299,8 +317,13 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
             if dist.active:  # this rank reached the collectives of this step
                 beat("sync")
             # Accumulate gradients over micro-batches, then one optimizer step.
-            loss = sum(train_step(job, next(feed), 1 / config.accum_steps, watchdog=watchdog)
+            phases = {}
+            loss = sum(train_step(job, next(feed), 1 / config.accum_steps, phases,
+                                  watchdog=watchdog)
                        for _ in range(config.accum_steps)) / config.accum_steps
+            # Not backward: with ranks it holds the gradient all-reduce, a wait.
+            own = 1000 * sum(phases.get(k, 0.0) for k in ("load", "forward", "retrieve", "loss"))
+            work_ms = own if step == 0 or not work_ms else 0.8 * work_ms + 0.2 * own
             watchdog.phase = "optimizer"
             optimizer_step(job, loss)
             loss, stopping = dist.sync(loss, bool(stop.requested))
@@ -313,6 +336,11 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 watchdog.phase = "checkpoint"
                 save(rd.last_checkpoint(), epoch, position)
+            if step % config.log_every == 0 and dist.active and dist.main:
+                for line in distributed.stragglers(dist.beats()):
+                    if line.split(" is ")[0] not in reported:  # once per rank and run
+                        reported.add(line.split(" is ")[0])
+                        log(f"[STRAGGLER] {line}")
             if step % config.log_every == 0 or step == total:
                 say(f"Epoch {epoch + 1}/{config.epochs} | Step {step} | Loss {loss:.4f} "
                     f"| {rate:.2f} it/s")

@@ -86,11 +86,12 @@ class Heartbeat:
     def rss_mb(self) -> float:
         return self.process.memory_info().rss / 2**20
 
-    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float) -> None:
+    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float,
+             **extra) -> None:
         write_json(self.path, {"pid": os.getpid(), "host": HOST, "epoch": epoch, "step": step,
                                "phase": phase, "loss": loss,
                                "samples_per_s": samples_per_s,
-                               "rss_mb": round(self.rss_mb(), 1), "time": time.time()},
+                               "rss_mb": round(self.rss_mb(), 1), "time": time.time(), **extra},
                    durable=False)
 
     def epoch_end(self, epoch: int) -> None:
