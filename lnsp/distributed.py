@@ -30,16 +30,18 @@ class CollectiveError(RuntimeError):
 # The NCCL flight recorder: the last collectives of each rank, written on a timeout
 # into the run's dumps/ (one file per rank, the rank appended to the name).
 TRACE_ENTRIES = 2000
-STRAGGLER_FACTOR = 3.0  # a rank this many times slower than the others' median
+STRAGGLER_FACTOR = 5.0  # a rank this many times slower than the others' median (noise: 3.4x seen)
 
 
 def nccl_environment(dumps: Path) -> dict[str, str]:
     """What the launchers set for every rank: NCCL errors end the rank instead of
     hanging it, and the flight recorder's traces land among the run's dumps."""
+    # torch 2.13 reads the recorder's TORCH_FR_* names; TORCH_NCCL_TRACE_BUFFER_SIZE
+    # and TORCH_NCCL_DEBUG_INFO_TEMP_FILE are their deprecated aliases (a warning per rank).
     return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-            "TORCH_NCCL_TRACE_BUFFER_SIZE": str(TRACE_ENTRIES),
+            "TORCH_FR_BUFFER_SIZE": str(TRACE_ENTRIES),
             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(dumps) / "nccl-trace-rank")}
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(dumps) / "nccl-trace-rank")}
 
 
 def backend_for(device: str) -> str:
@@ -201,8 +203,10 @@ class Dist:
         while len(survivors()) < self.world and time.time() - start < wait:
             time.sleep(0.1)
         beats, gone = self.beats(), {}
+        # before its first heartbeat a rank is known from run.json (rank 0 wrote it)
+        known = {r["rank"]: r for r in (read_json(self.root / "run.json") or {}).get("ranks", [])}
         for rank in sorted(set(range(self.world)) - survivors()):
-            b = beats.get(rank, {})
+            b = beats.get(rank) or known.get(rank, {})
             age = f", last heartbeat {time.time() - b['time']:.1f}s ago" if b.get("time") else ""
             gone[rank] = (f"rank {rank} (node {b.get('host', '?')}, pid {b.get('pid', '?')}, "
                           f"step {b.get('step', '?')}{age})")

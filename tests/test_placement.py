@@ -46,9 +46,9 @@ def test_sync_runs_on_the_dist_device_on_cpu():
 def test_launchers_set_the_nccl_error_handling_and_flight_recorder(tmp_path):
     env = d.nccl_environment(tmp_path / "dumps")
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert int(env["TORCH_FR_BUFFER_SIZE"]) > 0
     assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"].startswith(str(tmp_path / "dumps") + "/")
+    assert env["TORCH_FR_DUMP_TEMP_FILE"].startswith(str(tmp_path / "dumps") + "/")
 
 
 def test_a_rank_with_much_more_work_per_step_is_a_straggler():
