@@ -30,7 +30,8 @@ class CollectiveError(RuntimeError):
 # The NCCL flight recorder: the last collectives of each rank, written on a timeout
 # into the run's dumps/ (one file per rank, the rank appended to the name).
 TRACE_ENTRIES = 2000
-STRAGGLER_FACTOR = 5.0  # a rank this many times slower than the others' median (noise: 3.4x seen)
+STRAGGLER_FACTOR = 5.0  # a rank this many times slower than the others' median
+STRAGGLER_CHECKS = 3  # ... at this many checks in a row (a busy host gives 5x for a moment)
 
 
 def nccl_environment(dumps: Path) -> dict[str, str]:
@@ -76,13 +77,13 @@ def ddp_arguments(device: str) -> dict:
     return {}
 
 
-def stragglers(beats: dict[int, dict], factor: float = STRAGGLER_FACTOR) -> list[str]:
+def stragglers(beats: dict[int, dict], factor: float = STRAGGLER_FACTOR) -> dict[int, str]:
     """Ranks whose own work per step (`work_ms` in their heartbeats: load, forward,
     mining, loss; not the collectives, where every rank waits for the slowest) is
     `factor` times the median of the others'. In a synchronous job every rank's wall
     step time is the same, so only the work time tells the slow node from the rest."""
     times = {r: b["work_ms"] for r, b in beats.items() if b.get("work_ms")}
-    found = []
+    found = {}
     for rank, ms in sorted(times.items()):
         others = sorted(v for r, v in times.items() if r != rank)
         if not others:
@@ -90,8 +91,8 @@ def stragglers(beats: dict[int, dict], factor: float = STRAGGLER_FACTOR) -> list
         median = others[len(others) // 2]
         if ms > factor * median:
             host = beats[rank].get("host", "?")
-            found.append(f"rank {rank} on {host} is a straggler: {ms:.1f} ms of its own work "
-                         f"per step, {ms / median:.1f}x the others' {median:.1f} ms")
+            found[rank] = (f"rank {rank} on {host} is a straggler: {ms:.1f} ms of its own work "
+                           f"per step, {ms / median:.1f}x the others' {median:.1f} ms")
     return found
 
 

@@ -296,7 +296,7 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
                            * config.accum_steps, work_ms=round(work_ms, 2))
 
     work_ms = 0.0  # this rank's own work per step (moving average), for straggler reports
-    reported = set()
+    streak: dict[int, int] = {}
 
     loss, rate, stopping = float("nan"), 0.0, False
     window_t, window_steps = time.perf_counter(), 0
@@ -337,10 +337,11 @@ def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist
                 watchdog.phase = "checkpoint"
                 save(rd.last_checkpoint(), epoch, position)
             if step % config.log_every == 0 and dist.active and dist.main:
-                for line in distributed.stragglers(dist.beats()):
-                    if line.split(" is ")[0] not in reported:  # once per rank and run
-                        reported.add(line.split(" is ")[0])
-                        log(f"[STRAGGLER] {line}")
+                slow = distributed.stragglers(dist.beats())
+                for r in range(dist.world):  # consecutive checks that found rank r slow
+                    streak[r] = streak.get(r, 0) + 1 if r in slow else 0
+                    if streak[r] == distributed.STRAGGLER_CHECKS:
+                        log(f"[STRAGGLER] {slow[r]}")
             if step % config.log_every == 0 or step == total:
                 say(f"Epoch {epoch + 1}/{config.epochs} | Step {step} | Loss {loss:.4f} "
                     f"| {rate:.2f} it/s")

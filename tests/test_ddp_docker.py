@@ -165,6 +165,7 @@ def test_a_killed_node_is_named_by_the_survivor_which_dumps_and_exits_3(image, s
     victim = other_node(run, ranks)
     docker("kill", victim)
     done = wait_until(lambda: ended(run), 60, what="the survivor's exit.json")
+    print(f"\nkilled {victim}: {done['error'][:160]}")
     assert done["exit_code"] == 3 and done["state"] == "failed", done
     assert f"(node {victim}," in done["error"] and "lost rank 1" in done["error"], done
     assert list((run / "dumps").glob("rank0-*collective*.txt"))
@@ -189,6 +190,7 @@ def test_a_killed_node_that_returns_resumes_and_ends_at_the_same_step(image, sma
         ended(run)), 240, what="the resumed job to finish")
     assert done["step"] == 40
     log = (run / "training.log").read_text()
+    print("\n" + "\n".join(x[:160] for x in log.splitlines() if "lost rank" in x or "Resumed" in x))
     assert "Resumed from" in log and f"(node {victim}," in log
     assert [read_json(run / f"heartbeat-rank{k}.json")["step"] for k in (0, 1)] == [40, 40]
 
@@ -204,9 +206,10 @@ def test_a_node_cut_off_the_network_times_out_naming_it_and_loses_nothing(image,
     victim = other_node(run, ranks)
     docker("network", "disconnect", info["network"], victim)
     done = wait_until(lambda: ended(run), 90, what="the collective timeout")
+    print(f"\ncut off {victim}: {done['error'][:200]}")
     assert done["exit_code"] == 3 and done["state"] == "stalled", done
     assert "a collective timed out: rank 1 stalled" in done["error"], done
-    assert f"heartbeat" in done["error"]
+    assert "heartbeat" in done["error"]
     state = weights(run / "checkpoints" / "last.pt")  # whole and loadable
     import torch
 
@@ -221,9 +224,10 @@ def test_a_slow_node_is_reported_as_a_straggler_not_a_hang(image, small_data, tm
                    "5", "--stall-timeout", "60", cwd=tmp_path)
     wait_until(lambda: (run / "checkpoints" / "last.pt").exists(), 120, what="a checkpoint")
     victim = other_node(run, ranks)
-    docker("update", "--cpus", "0.1", victim)
+    docker("update", "--cpus", "0.02", victim)  # 2 ms of CPU in every 100 ms
     done = wait_until(lambda: ended(run), 240, what="the slowed job to finish")
     assert done["state"] == "finished" and done["step"] == 60, done
     log = (run / "training.log").read_text()
+    print("\n" + "\n".join(x for x in log.splitlines() if "[STRAGGLER]" in x))
     assert f"[STRAGGLER] rank 1 on {victim} is a straggler" in log, log[-2000:]
     assert "[WATCHDOG]" not in log and "timed out" not in log
