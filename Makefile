@@ -23,7 +23,7 @@ TARGET = $(if $(PID),$(PID),$(RUN))
 help: ## show this help
 	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-17s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,9 @@ wheelhouse: $(STAMP) ## download the image's wheels into .cache/wheelhouse
 
 docker-offline: docker-base wheelhouse ## build the image with no registry: base + wheelhouse
 	$(LNSP) image build --base-image $(OFFLINE_BASE)
+
+gpu-check: $(STAMP) ## what needs NVIDIA GPUs: probe, 1-GPU run, 2-GPU DDP on NCCL (PASS/FAIL)
+	scripts/gpu-check.sh
 
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)

@@ -135,8 +135,10 @@ def supervise(**values):
 @click.option("--data", "data_dir", default=None, help="a data directory (default: built in memory)")
 @click.option("--threads", default=None, help="thread policy (safe, fast or N)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
+@click.option("--device", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "mps", "auto"]), help="device of the towers")
 @user_errors
-def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
+def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
     """One training step with per-phase timings and a PROBE RESULT block.
 
     Example: lnsp probe --batch 4 --k 100 --timeout 60
@@ -144,7 +146,7 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
     from lnsp.probe import probe as run_probe
 
     sys.exit(run_probe(batch=batch, k=k, dim=dim, ctx_len=ctx_len, timeout=timeout,
-                       data_dir=data_dir, threads=threads, as_json=as_json))
+                       data_dir=data_dir, threads=threads, as_json=as_json, device=device))
 
 
 @main.command()
