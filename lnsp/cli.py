@@ -173,7 +173,8 @@ def launch(backend, nproc, nodes, session, replace, image, cpus, memory, **value
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
                "memory": memory, "nproc": nproc, "nodes": nodes}
-    info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
+    info = start(backend, config, {k: v for k, v in options.items()
+                                   if v is not None and v is not False})
     click.echo(info)
 
 

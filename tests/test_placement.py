@@ -72,3 +72,14 @@ def test_a_node_joins_a_c10d_rendezvous_named_after_the_run():
     assert "--rdzv-backend=c10d" in argv and "--rdzv-endpoint=lnsp-x-node0:29400" in argv
     assert "--rdzv-id=two-nodes" in argv and "--max-restarts=1" in argv
     assert not any(a.startswith("--master-addr") for a in argv)
+
+
+def test_a_job_of_no_nodes_is_refused_in_one_line(small_data, tmp_path):
+    from conftest import lnsp
+
+    r = lnsp("launch", "ddp-docker", "--nodes", "0", "--data", small_data, "--run-dir",
+             tmp_path / "none", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: --nodes 0 --nproc-per-node 1: both must be >= 1"]
+    assert not (tmp_path / "none").exists()

@@ -37,8 +37,8 @@ def names(run_dir: str, nodes: int) -> tuple[str, list[str]]:
 
 
 def plan(config, options: dict) -> dict:
-    nodes = int(options.get("nodes") or 2)
-    per_node = int(options.get("nproc") or 1)
+    nodes = int(options.get("nodes", 2))
+    per_node = int(options.get("nproc", 1))
     if nodes < 1 or per_node < 1:
         raise LaunchError(f"--nodes {nodes} --nproc-per-node {per_node}: both must be >= 1")
     c = client()
@@ -196,17 +196,23 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
         except LaunchError:
             pass  # the engine is briefly unreachable: ask again
         time.sleep(poll)
+    import docker.errors
+
     c = client()
     for x in _containers(run):
-        if x is None:
-            continue
-        (rd.root / f"console-{x.name.rsplit('-', 1)[-1]}.log").write_bytes(
-            x.logs(stdout=True, stderr=True))
+        try:  # a node removed meanwhile (relaunched, or cleaned up) has no output left
+            (rd.root / f"console-{x.name.rsplit('-', 1)[-1]}.log").write_bytes(
+                x.logs(stdout=True, stderr=True))
+        except (AttributeError, docker.errors.NotFound):
+            pass
     for network in c.networks.list(names=[run["network"]]):
-        network.reload()
-        for x in network.containers:
-            network.disconnect(x, force=True)
-        network.remove()
+        try:
+            network.reload()
+            for x in network.containers:
+                network.disconnect(x, force=True)
+            network.remove()
+        except docker.errors.NotFound:
+            pass
     print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run['network']} removed",
           flush=True)
 
