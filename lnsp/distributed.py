@@ -1,5 +1,6 @@
 """torch.distributed for lnsp: a process group whose collectives time out instead of
-waiting forever, rank-aware file names, and naming the rank that stalled.
+waiting forever, naming the rank that stalled, and the post-mortem of a failed
+collective (which rank, its stacks, and killing it when it is frozen).
 
 Started by torchrun (WORLD_SIZE, RANK and the rendezvous come from its environment);
 a plain `lnsp train` is world size 1 and touches none of this.
@@ -8,24 +9,19 @@ a plain `lnsp train` is world size 1 and touches none of this.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from lnsp.rundir import read_json
+from lnsp.errors import CollectiveError
+from lnsp.rundir import ExitCode, Heartbeat, RunDir
 
-
-class CollectiveError(RuntimeError):
-    """A collective failed: a rank stalled (timeout) or left the job."""
-
-    lost: tuple[int, ...] = ()  # ranks that are gone (not frozen): nothing to kill
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
+__all__ = ["CollectiveError", "Dist", "init", "classify", "laggards", "stalled_pid",
+           "post_mortem", "shutdown", "nccl_environment", "backend_for", "device_for",
+           "sync_device", "ddp_arguments", "stragglers"]
 
 # The NCCL flight recorder: the last collectives of each rank, written on a timeout
 # into the run's dumps/ (one file per rank, the rank appended to the name).
@@ -57,10 +53,10 @@ def device_for(requested: str, local_rank: int, cuda_devices: int) -> str:
     if not wants_cuda:
         return "cpu" if requested == "auto" else requested
     if local_rank >= cuda_devices:
-        from lnsp.config import ConfigError
+        from lnsp.errors import ConfigError
 
         raise ConfigError(f"local rank {local_rank} has no GPU: this node has {cuda_devices}; "
-                         f"start at most {cuda_devices} ranks per node (--nproc)")
+                          f"start at most {cuda_devices} ranks per node (--nproc)")
     return f"cuda:{local_rank}"
 
 
@@ -96,12 +92,53 @@ def stragglers(beats: dict[int, dict], factor: float = STRAGGLER_FACTOR) -> dict
     return found
 
 
+def laggards(beats: dict[int, Heartbeat], me: int, now: float) -> str:
+    """The ranks by heartbeat age, oldest first, in words: the oldest of the others is
+    the one that stalled (this rank is waiting in the collective, so not it)."""
+    rows = sorted(((now - b.time, r, b) for r, b in beats.items()), key=lambda row: -row[0])
+    if not rows:
+        return ""
+    others = [row for row in rows if row[1] != me] or rows
+    age, rank, beat = others[0]
+    return (f"rank {rank} stalled (pid {beat.pid}, step {beat.step}, phase "
+            f"'{beat.phase}', heartbeat {age:.1f}s old; the others "
+            + ", ".join(f"rank {r} {a:.1f}s" for a, r, _ in rows if r != rank) + ")")
+
+
+def stalled_pid(beats: dict[int, Heartbeat], me: int, host: str) -> int | None:
+    """The PID of the stalled rank (oldest heartbeat of the others) if it runs on `host`."""
+    others = sorted((b.time, b.pid, b.host) for r, b in beats.items() if r != me and b.pid)
+    return others[0][1] if others and others[0][2] == host else None
+
+
+def classify(error: Exception, rank: int, who: str = "",
+             lost: dict[int, str] | None = None) -> CollectiveError:
+    """Turn a backend error into one clear line naming what happened: a timeout is a
+    stall (code 3); a rank that is gone (`lost`: named by the survivors) ends the
+    survivors with 3 too, the job cannot go on without it; anything else, code 1."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if timed_out(error):
+        return CollectiveError(f"rank {rank}: a collective timed out: {who or text}",
+                               ExitCode.STALLED)
+    if lost:
+        failure = CollectiveError(f"rank {rank}: another rank left the job: lost "
+                                  f"{', '.join(lost.values())} ({text})", ExitCode.STALLED)
+        failure.lost = tuple(lost)
+        return failure
+    return CollectiveError(f"rank {rank}: another rank left the job ({text})"
+                           + (f"; {who}" if who else ""), ExitCode.INTERNAL)
+
+
+def timed_out(error: Exception) -> bool:
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
+
+
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
     root: Path | None = None  # the run directory, for the ranks' heartbeats
-    device: str = "cpu"  # where the synchronisation tensors live
+    device: str = "cpu"  # where the synchronisation tensors live (the GPU under NCCL)
 
     @property
     def main(self) -> bool:
@@ -111,20 +148,24 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
-    def heartbeat_path(self, root: Path) -> Path:
-        return root / f"heartbeat-rank{self.rank}.json"
-
     def sync(self, loss: float, stop: bool) -> tuple[float, bool]:
         """One small all-reduce per step: the mean loss, and whether any rank was asked
         to stop (so that all stop at the same step boundary)."""
         if not self.active:
             return loss, stop
+        total, stops = self.sum([loss, 1.0 if stop else 0.0])
+        return total / self.world, stops > 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks (float64)."""
+        if not self.active:
+            return list(values)
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t[0]) / self.world, bool(t[1] > 0)
+        return t.tolist()
 
     def min_int(self, value: int) -> int:
         if not self.active:
@@ -153,44 +194,33 @@ class Dist:
 
             dist.barrier()
 
-    def laggards(self) -> str:
-        """The ranks by heartbeat age, oldest first: the first is the one that stalled."""
-        if not self.active or self.root is None:
-            return ""
-        now, rows = time.time(), []
-        for path in sorted(self.root.glob("heartbeat-rank*.json")):
-            beat = read_json(path) or {}
-            if "time" in beat:
-                rows.append((now - beat["time"], int(path.stem.split("rank")[-1]), beat))
-        if not rows:
-            return ""
-        rows.sort(key=lambda r: -r[0])
-        # This rank is waiting in the collective, so the stalled one is another.
-        others = [r for r in rows if r[1] != self.rank] or rows
-        age, rank, beat = others[0]
-        return (f"rank {rank} stalled (pid {beat.get('pid')}, step {beat.get('step')}, phase "
-                f"'{beat.get('phase')}', heartbeat {age:.1f}s old; the others "
-                + ", ".join(f"rank {r} {a:.1f}s" for a, r, _ in rows if r != rank) + ")")
+    def beats(self) -> dict[int, Heartbeat]:
+        return RunDir(self.root).rank_heartbeats() if self.active and self.root else {}
 
-    def beats(self) -> dict[int, dict]:
-        if self.root is None:
-            return {}
-        return {int(p.stem.split("rank")[-1]): read_json(p) or {}
-                for p in self.root.glob("heartbeat-rank*.json")}
+    def laggards(self) -> str:
+        return laggards(self.beats(), self.rank, time.time()) if self.active else ""
+
+    def stalled_pids(self) -> list[int]:
+        pid = stalled_pid(self.beats(), self.rank, socket.gethostname())
+        return [pid] if pid else []
+
+    def work_times(self) -> dict[int, dict]:
+        """Each rank's own work per step and host, from the heartbeats."""
+        return {r: {"work_ms": b.extra.get("work_ms"), "host": b.host}
+                for r, b in self.beats().items()}
 
     def lost(self, wait: float = 3.0) -> dict[int, str]:
-        """The ranks that left the job: each survivor writes
-        `alive-after-error-rankN.json` into the shared run directory, then waits a moment
-        for the others' marks; a rank without one is gone (its process or its node).
+        """The ranks that left the job, in words: each survivor writes
+        `alive-after-error-rankN.json` into the shared run directory, then waits a
+        moment for the others'; a rank without one is gone (its process or its node).
         The run directory is shared by every node, so no collective is needed."""
         if not self.active or self.root is None:
-            return []
-        from lnsp.rundir import write_json
+            return {}
+        from lnsp.rundir import read_json, write_json
 
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        mark = self.root / f"alive-after-error-rank{self.rank}.json"
-        write_json(mark, {"rank": self.rank, "attempt": attempt, "time": time.time()},
-                   durable=False)
+        write_json(self.root / f"alive-after-error-rank{self.rank}.json",
+                   {"rank": self.rank, "attempt": attempt, "time": time.time()}, durable=False)
         start = time.time()
 
         def survivors():
@@ -207,22 +237,33 @@ class Dist:
         # before its first heartbeat a rank is known from run.json (rank 0 wrote it)
         known = {r["rank"]: r for r in (read_json(self.root / "run.json") or {}).get("ranks", [])}
         for rank in sorted(set(range(self.world)) - survivors()):
-            b = beats.get(rank) or known.get(rank, {})
-            age = f", last heartbeat {time.time() - b['time']:.1f}s ago" if b.get("time") else ""
-            gone[rank] = (f"rank {rank} (node {b.get('host', '?')}, pid {b.get('pid', '?')}, "
-                          f"step {b.get('step', '?')}{age})")
+            b = beats.get(rank)
+            host, pid = (b.host, b.pid) if b else (known.get(rank, {}).get("host", "?"),
+                                                  known.get(rank, {}).get("pid", "?"))
+            seen = (f", step {b.step}, last heartbeat {time.time() - b.time:.1f}s ago"
+                    if b else "")
+            gone[rank] = f"rank {rank} (node {host}, pid {pid}{seen})"
         return gone
 
-    def stalled_pids(self) -> list[int]:
-        """The PID of the stalled rank (oldest heartbeat of the others) if on this host."""
-        if not self.active or self.root is None:
-            return []
-        beats = {int(p.stem.split("rank")[-1]): read_json(p) or {}
-                 for p in self.root.glob("heartbeat-rank*.json")}
-        here = socket.gethostname()
-        others = sorted((b.get("time", 0), b.get("pid"), b.get("host")) for r, b in beats.items()
-                        if r != self.rank and b.get("pid"))
-        return [pid for _, pid, host in others[:1] if host == here]
+
+def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
+    """After a failed collective: name what happened, dump this rank, take py-spy stacks
+    of the stalled rank (it cannot dump itself) and, when it is frozen, kill it so that
+    torchrun can restart the job. Returns the error to raise."""
+    from lnsp.dumps import native_stacks
+
+    lost = {} if timed_out(error) else d.lost()
+    failure = classify(error, d.rank, d.laggards(), lost)
+    log(f"[DISTRIBUTED] {failure}")
+    dumper.dump("collective")
+    for pid in [] if lost else d.stalled_pids():  # a lost rank is gone: nothing to kill
+        stacks = native_stacks(pid, timeout=10)
+        if stacks:
+            dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
+        if failure.exit_code == ExitCode.STALLED:  # frozen: nothing else ends it
+            log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
+            os.kill(pid, signal.SIGKILL)
+    return failure
 
 
 def init(pg_timeout: float, root: Path, requested: str = "cpu") -> Dist:
@@ -252,27 +293,7 @@ def init(pg_timeout: float, root: Path, requested: str = "cpu") -> Dist:
     prefix = f"lnsp/attempt-{attempt}" if agent_store else "lnsp"
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
                             rank=rank, world_size=world, timeout=timeout)
-    return Dist(dist.get_rank(), dist.get_world_size(), root,
-                sync_device(backend, device))
-
-
-def classify(error: Exception, d: Dist) -> CollectiveError:
-    """Turn a backend error into one clear line naming what happened: a timeout
-    names the rank that stalled; a rank that left is named from the survivors' marks
-    and ends the survivors with 3 too (the job cannot go on without it)."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
-        who = d.laggards()
-        return CollectiveError(f"rank {d.rank}: a collective timed out: {who or text}", 3)
-    gone = d.lost()
-    if gone:
-        error = CollectiveError(f"rank {d.rank}: lost {', '.join(gone.values())}; another "
-                                f"rank left the job ({text})", 3)
-        error.lost = tuple(gone)
-        return error
-    who = d.laggards()
-    return CollectiveError(f"rank {d.rank}: another rank left the job ({text})"
-                           + (f"; {who}" if who else ""), 1)
+    return Dist(dist.get_rank(), dist.get_world_size(), root, sync_device(backend, device))
 
 
 def shutdown() -> None:
