@@ -45,8 +45,9 @@ def plan(config, options: dict) -> dict:
 def start(config, info: dict) -> None:
     from lnsp.distributed import nccl_environment
 
-    env = {**environment(config, "ddp", info["nproc"]),
-           **nccl_environment(RunDir(config.run_dir).dumps)}
+    dumps = RunDir(config.run_dir).dumps
+    dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout
+    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps)}
     detach(torchrun_argv(config, info["nproc"]), env,
            RunDir(config.run_dir).console)
 
