@@ -7,6 +7,7 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
@@ -104,7 +105,16 @@ def train(**values):
     """
     from lnsp.train import run
 
-    sys.exit(run(config_from(values)))
+    code = run(config_from(values))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank ends at once, its records written: the interpreter's teardown (torch,
+        # gloo) can take many seconds on a busy host, and meanwhile torchrun on another
+        # node, its peer's agent gone, SIGTERMs it (the handlers are reset by then) and
+        # reports the finished job failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command(hidden=True)

@@ -119,10 +119,12 @@ def test_two_nodes_stop_resume_and_match_a_loopback_run(image, small_data, tmp_p
     if row["state"] == "running":  # a dump from each rank, then a stop both agree on
         r = lnsp("dump", run, cwd=tmp_path)
         assert r.returncode == 0 and "Thread" in r.stdout, r.stdout + r.stderr
-        r = lnsp("stop", run, "--grace", "120", cwd=tmp_path)
+        r = lnsp("stop", run, "--grace", "120", cwd=tmp_path, timeout=150)
         assert r.returncode == 0, r.stdout + r.stderr
     stopped = wait_until(lambda: ended(run), 60, what="exit.json")
     assert stopped["state"] in ("stopped", "finished"), stopped
+    if row["state"] == "running":
+        assert "stopped at step" in r.stdout, r.stdout  # ended within the grace, not killed
     wait_until(lambda: network_gone(net), 60, what="the network removed")
     if stopped["state"] == "stopped":
         beats = [read_json(run / f"heartbeat-rank{k}.json")["step"] for k in (0, 1)]
