@@ -232,4 +232,4 @@ def test_a_slow_node_is_reported_as_a_straggler_not_a_hang(image, small_data, tm
     log = (run / "training.log").read_text()
     print("\n" + "\n".join(x for x in log.splitlines() if "[STRAGGLER]" in x))
     assert f"[STRAGGLER] rank 1 on {victim} is a straggler" in log, log[-2000:]
-    assert "[WATCHDOG]" not in log and "timed out" not in log
+    assert "[WATCHDOG] no progress" not in log and "timed out" not in log  # no stall
