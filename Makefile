@@ -13,6 +13,8 @@ DATA   ?= data/demo
 RUN    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 EPOCHS ?=
 NPROC  ?= 2
+NODES  ?= 2
+NPROC_PER_NODE ?= 1
 ARGS   ?=
 OFFLINE_BASE ?= lnsp-base:bookworm
 PORT   ?= 6006
@@ -22,7 +24,7 @@ TARGET = $(if $(PID),$(PID),$(RUN))
 help: ## show this help
 	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-17s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +69,10 @@ train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## d
 train-ddp: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## data-parallel run under torchrun (NPROC=2)
 	$(LNSP) launch ddp --nproc $(NPROC) $(TRAIN_FLAGS)
 
+train-ddp-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## torchrun nodes as containers on a network of the run's own (NODES=2; image built when missing)
+	$(LNSP) image ensure $(if $(IMAGE),--tag $(IMAGE))
+	$(LNSP) launch ddp-docker --nodes $(NODES) --nproc-per-node $(NPROC_PER_NODE) $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
+
 status: $(STAMP) ## state of every run under runs/ (or RUN=; ARGS=--watch for a live view)
 	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN)) $(ARGS)
 
@@ -109,6 +115,9 @@ wheelhouse: $(STAMP) ## download the image's wheels into .cache/wheelhouse
 
 docker-offline: docker-base wheelhouse ## build the image with no registry: base + wheelhouse
 	$(LNSP) image build --base-image $(OFFLINE_BASE)
+
+gpu-check: $(STAMP) ## what needs NVIDIA GPUs: probe, 1-GPU run, 2-GPU DDP on NCCL (PASS/FAIL)
+	scripts/gpu-check.sh
 
 compare: $(STAMP) ## the probe natively and in the container, side by side (image built when missing)
 	$(LNSP) image ensure

@@ -7,6 +7,7 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
@@ -164,7 +165,16 @@ def train(**values):
     """
     from lnsp.train import run
 
-    sys.exit(run(config_from(values)))
+    code = run(config_from(values))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank ends at once, its records written: the interpreter's teardown (torch,
+        # gloo) can take many seconds on a busy host, and meanwhile torchrun on another
+        # node, its peer's agent gone, SIGTERMs it (the handlers are reset by then) and
+        # reports the finished job failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command(hidden=True)
@@ -190,8 +200,10 @@ def supervise(**values):
 @click.option("--data", "data_dir", default=None, help="a data directory (default: built in memory)")
 @click.option("--threads", default=None, help="thread policy (safe, fast or N)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
+@click.option("--device", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "mps", "auto"]), help="device of the towers")
 @user_errors
-def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
+def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
     """One training step with per-phase timings and a PROBE RESULT block.
 
     Example: lnsp probe --batch 4 --k 100 --timeout 60
@@ -199,30 +211,35 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
     from lnsp.probe import probe as run_probe
 
     sys.exit(run_probe(batch=batch, k=k, dim=dim, ctx_len=ctx_len, timeout=timeout,
-                       data_dir=data_dir, threads=threads, as_json=as_json))
+                       data_dir=data_dir, threads=threads, as_json=as_json, device=device))
 
 
 @main.command()
-@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp"]))
-@click.option("--nproc", default=None, type=int, help="ddp: ranks on this machine (default 2)")
+@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp", "ddp-docker"]))
+@click.option("--nproc", "--nproc-per-node", "nproc", default=None, type=int,
+              help="ddp: ranks on this machine (default 2); ddp-docker: per node (default 1)")
+@click.option("--nodes", default=None, type=int,
+              help="ddp-docker: nodes, one container each (default 2)")
 @click.option("--session", default=None, help="tmux session name (default: the run's name)")
 @click.option("--replace", is_flag=True, help="tmux: replace a session of that name")
 @click.option("--image", default=None, help="docker: image (default lnsp:latest)")
-@click.option("--cpus", default=None, type=float, help="docker: CPU limit")
+@click.option("--cpus", default=None, type=float, help="docker: CPU limit (per container)")
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
 @user_errors
-def launch(backend, nproc, session, replace, image, cpus, memory, **values):
+def launch(backend, nproc, nodes, session, replace, image, cpus, memory, **values):
     """Start a detached run and print its run directory.
 
     Example: lnsp launch tmux --epochs 2 --max-restarts 2
+             lnsp launch ddp-docker --nodes 2 --epochs 2
     """
     from lnsp.launch import start
 
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
-               "memory": memory, "nproc": nproc}
-    info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
+               "memory": memory, "nproc": nproc, "nodes": nodes}
+    info = start(backend, config, {k: v for k, v in options.items()
+                                   if v is not None and v is not False})
     click.echo(info)
 
 

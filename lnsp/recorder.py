@@ -36,6 +36,8 @@ class Recorder:
         self.eta_s: float | None = None
         self.tb = None  # TensorBoard writer (rank 0), opened at the first record
         self.bar = None  # progress bar on a terminal (rank 0)
+        self.work_ms = 0.0  # this rank's own work per step (moving average): stragglers
+        self._streak: dict[int, int] = {}
 
     def say(self, message: str) -> None:
         """The routine (steps, evaluations): logged by rank 0 alone."""
@@ -65,7 +67,9 @@ class Recorder:
 
     # ------------------------------------------------------------ every step
     def beat(self, state, phase: str) -> None:
-        extra = self.watchdog.vitals() if self.watchdog else None
+        # work_ms: this rank's own work per step, which tells a straggler (distributed)
+        extra = {**(self.watchdog.vitals() if self.watchdog else {}),
+                 "work_ms": round(self.work_ms, 2)}
         for heartbeat in self.beats:
             heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s,
                            {**(extra or {}), "total_steps": self.total, "eta_s": self.eta_s})
@@ -84,6 +88,9 @@ class Recorder:
         self.step, self.loss = state.step, loss
         self.steps_trained += 1
         self._window_steps += 1
+        # Not backward: with ranks it holds the gradient all-reduce, a wait.
+        own = 1000 * sum(phases.get(k, 0.0) for k in ("load", "forward", "retrieve", "loss"))
+        self.work_ms = own if not self.work_ms else 0.8 * self.work_ms + 0.2 * own
         for name, seconds in phases.items():
             self._phases[name] = self._phases.get(name, 0.0) + seconds
         rate = self._window_steps / max(time.perf_counter() - self._window_t, 1e-9)
@@ -116,6 +123,16 @@ class Recorder:
                     "goodput", {k: goodput[k] for k in GOODPUT_FIGURES if k in goodput},
                     state.step)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+
+    def stragglers(self, slow: dict[int, str]) -> None:
+        """Rank 0, per log interval: a rank found slow at STRAGGLER_CHECKS checks in a
+        row is logged once per streak (a busy host makes one check noisy)."""
+        from lnsp.distributed import STRAGGLER_CHECKS
+
+        for rank in range(self.world):
+            self._streak[rank] = self._streak.get(rank, 0) + 1 if rank in slow else 0
+            if self._streak[rank] == STRAGGLER_CHECKS:
+                self.log(f"[STRAGGLER] {slow[rank]}")
 
     # ------------------------------------------------------------ epochs
     def evaluated(self, epoch: int, metrics: dict) -> None:
@@ -229,8 +246,13 @@ class Recorder:
 
     def failed(self, error: BaseException) -> None:
         code = int(getattr(error, "exit_code", ExitCode.INTERNAL))
-        if self.main:
-            self.rd.write_exit("stalled" if code == ExitCode.STALLED else "failed", code,
+        lost = getattr(error, "lost", ())
+        # rank 0 records the end; when rank 0 is the one lost, the first survivor does
+        writer = self.main or (0 in lost and self.rank == min(set(range(self.world)) - set(lost)))
+        if writer:
+            # a lost node is a failure (code 3: the job can be restarted), not a stall
+            state = "stalled" if code == ExitCode.STALLED and not lost else "failed"
+            self.rd.write_exit(state, code,
                                self.step, cause=f"{type(error).__name__}: {error}",
                                error=f"{type(error).__name__}: {error}")
         self.close()

@@ -123,6 +123,8 @@ def test_a_rank_that_leaves_makes_the_others_fail_fast(small_data, tmp_path, rea
     assert "[DISTRIBUTED] rank 0: another rank left the job" in log, log[-2000:]
     ended = read_json(run / "exit.json")
     assert ended["state"] == "failed" and "another rank left the job" in ended["cause"], ended
+    # the survivor names the rank it lost (no heartbeat after the kill) and ends with 3
+    assert ended["exit_code"] == 3 and "lost rank 1 (node " in ended["cause"], ended
 
 
 def _free_port() -> int:
