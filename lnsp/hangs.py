@@ -558,3 +558,11 @@ def judge(f: Facts) -> dict:
     evidence = evidence + hazards(f)
     return {"kind": kind, "summary": summary[0].upper() + summary[1:], "evidence": evidence,
             "fix": fix}
+
+
+def _describe(fd: dict) -> str:
+    """A file descriptor in words: its target, its kind, and a socket's peer."""
+    what = f"{fd.get('target')} ({fd.get('type', 'file')}, fd {fd.get('fd')})"
+    if fd.get("remote"):
+        what += f", peer {fd['remote']}"
+    return what

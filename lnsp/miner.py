@@ -51,9 +51,11 @@ class ExactIndex:
         return scores.numpy(), ids.numpy()
 
 
-def _add(index, bank: np.ndarray) -> None:
+def _add(index, bank: np.ndarray, bar=None) -> None:
     for start in range(0, bank.shape[0], ADD_CHUNK):
         index.add(np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32))
+        if bar:
+            bar.update(min(ADD_CHUNK, bank.shape[0] - start), "add")
 
 
 def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 8,
@@ -66,9 +68,12 @@ def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 
         return prebuilt
     if kind == "exact":
         return ExactIndex(bank)
+    from lnsp.progress import Progress
+
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-        _add(index, bank)
+        with Progress(n, "index", unit="rows") as bar:
+            _add(index, bank, bar)
         return index
     nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants ~39 training points per list
     name = f"index.{kind.replace('-', '')}{nlist}.faiss"  # index.ivf1024.faiss, ...
@@ -87,9 +92,11 @@ def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     # ~100 points per list trains k-means well enough and bounds the extra memory.
     sample = np.random.default_rng(seed).choice(n, size=min(n, nlist * 100), replace=False)
-    index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
-    _reserve_lists(index, bank)
-    _add(index, bank)
+    with Progress(2 * n, "index", unit="rows") as bar:  # assign (to reserve), then add
+        bar.set(0, "train")
+        index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
+        _reserve_lists(index, bank, bar)
+        _add(index, bank, bar)
     _set_nprobe(index, nprobe)
     if cached is not None:
         try:
@@ -102,7 +109,7 @@ def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 
     return index
 
 
-def _reserve_lists(index, bank: np.ndarray) -> None:
+def _reserve_lists(index, bank: np.ndarray, bar=None) -> None:
     """Give each inverted list its final capacity before adding: lists that grow by
     doubling hold up to twice the index in memory at the end of a build."""
     counts = np.zeros(index.nlist, dtype=np.int64)
@@ -110,6 +117,8 @@ def _reserve_lists(index, bank: np.ndarray) -> None:
         rows = np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32)
         _, assign = index.quantizer.search(rows, 1)
         counts += np.bincount(assign.ravel(), minlength=index.nlist)
+        if bar:
+            bar.update(len(rows), "assign")
     lists = faiss.downcast_InvertedLists(index.invlists)
     for list_no, count in enumerate(counts):
         lists.resize(list_no, int(count))  # a vector shrunk to 0 keeps its capacity
