@@ -439,8 +439,9 @@ def fork_after_openmp(f: Facts):
     parent_omp = [r for r in parent.get("runtimes", []) if r["api"] == "openmp"]
     if not parent_omp or f.progressing():
         return None
-    if parent.get("exe") != f.ctx.get("exe"):
-        return None  # exec'd a new program: not a forked copy of the parent
+    if parent.get("exe") != f.ctx.get("exe") or parent.get("cmdline") != f.ctx.get("cmdline"):
+        return None  # exec'd a program (or the same interpreter on another script): not a
+        # forked copy of the parent, whose OpenMP state it did not inherit
     for t in f.python_threads() or list(f.threads.values()):
         omp = openmp_frames(t)
         if t["motion"] in ("stuck", "spinning") and (omp or (

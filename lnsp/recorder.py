@@ -193,7 +193,9 @@ class Recorder:
             "steps_trained": int(self.goodput_prior.get("steps_trained", 0))
             + self.steps_trained,
             "attempts": int(self.goodput_prior.get("attempts", 0)) + 1,
-            "attempt_wall_s": round(attempt_wall, 3), "time": time.time()}
+            "attempt_wall_s": round(attempt_wall, 3), "time": time.time(),
+            # when the first attempt's process started: the span the shares cover
+            "since": self.goodput_prior.get("since") or _process_started()}
         self.rd.write_goodput(record)
         return record
 
@@ -280,3 +282,12 @@ class Recorder:
             pass
         except Exception as e:
             self.log(f"plot not drawn: {e}")
+
+
+def _process_started() -> float:
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return time.time()

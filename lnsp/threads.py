@@ -119,11 +119,21 @@ def set_env_defaults(argv: list[str] | None = None) -> None:
     os.environ[DEFAULTS_MARK] = ",".join(set_here)
 
 
+# threadpoolctl sets KMP_DUPLICATE_LIB_OK=True in the process that imports it
+# (os.environ.setdefault): a child must not inherit that as if the user had hidden a
+# duplicate OpenMP runtime. What the user's own environment held is kept here, read
+# when lnsp is first imported, before threadpoolctl can be.
+USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
+
+
 def user_environment(environ=None) -> dict[str, str]:
-    """The environment less the thread variables that lnsp set itself: what the user
-    set wins; what lnsp chose for this process is not passed on as if it were theirs."""
+    """The environment less the thread variables that lnsp (or threadpoolctl) set
+    itself: what the user set wins; what was chosen for this process is not passed on
+    as if it were theirs."""
     environ = os.environ if environ is None else environ
     ours = set(environ.get(DEFAULTS_MARK, "").split(","))
+    if USER_KMP_DUPLICATE_LIB_OK is None:
+        ours.add("KMP_DUPLICATE_LIB_OK")
     return {k: v for k, v in environ.items() if k not in ours and k != DEFAULTS_MARK}
 
 
