@@ -93,7 +93,9 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
     """An index over `bank`: the data's checked index.faiss when given, else a cached
     IVF index, else one built now (IVF is then saved beside the data for the next run).
     nlist 0: about sqrt(rows); nprobe 0: the fewest lists reaching RECALL_TARGET
-    recall@k against exact search on a sample (measured and logged here)."""
+    recall@k against exact search on a sample (measured and logged here). `auto` keeps
+    exact search when the calibrated IVF index turns out the slower, unless
+    `exact_max` (the size threshold) is given, which then decides alone."""
     n, d = bank.shape
     if prebuilt is not None:
         if nprobe:
@@ -101,6 +103,7 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
         elif faiss.try_extract_index_ivf(prebuilt) is not None:
             calibrate(prebuilt, bank, k, log=log, seed=seed)
         return prebuilt
+    requested = kind
     if kind == "auto":
         kind = auto_kind(bank, exact_max)
         limit = AUTO_EXACT_MAX if exact_max is None else exact_max
@@ -114,11 +117,18 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
         index = faiss.IndexFlatIP(d)
         _add(index, bank)
         return index
+    auto = kind != requested
     index = _ivf(bank, kind, nlist or auto_nlist(n), data_dir, log, seed)
     if nprobe:
         _set_nprobe(index, nprobe)
-    else:
-        calibrate(index, bank, k, log=log, seed=seed)
+        return index
+    cal = calibrate(index, bank, k, log=log, seed=seed)
+    if auto and exact_max is None and cal["ms_per_query"] >= cal["exact_ms_per_query"]:
+        # No neighbourhood structure to exploit (isotropic rows, say): the lists that
+        # reach the recall cost more than reading the whole bank.
+        log(f"Index auto: exact after all: IVF at recall {cal['recall']:.3f} takes "
+            f"{cal['ms_per_query']:.3f} ms a query, exact search {cal['exact_ms_per_query']:.3f}")
+        return ExactIndex(bank)
     return index
 
 
@@ -172,7 +182,9 @@ def calibrate(index, bank: np.ndarray, k: int = 100, target: float = RECALL_TARG
     q = rows + 0.5 * noise
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     k = min(k, n)
+    t = time.perf_counter()
     _, truth = ExactIndex(bank).search(q, k)
+    exact_ms = (time.perf_counter() - t) * 1e3 / len(q)
     tried = {}
     nprobe = 1
     while True:
@@ -186,7 +198,8 @@ def calibrate(index, bank: np.ndarray, k: int = 100, target: float = RECALL_TARG
             break
         nprobe = min(2 * nprobe, ivf.nlist)
     result = {"nlist": int(ivf.nlist), "nprobe": nprobe, "recall": recall, "k": k,
-              "target": target, "queries": len(q), "ms_per_query": ms, "tried": tried}
+              "target": target, "queries": len(q), "ms_per_query": ms, "exact_ms_per_query": exact_ms,
+              "tried": tried}
     log(f"IVF calibrated: nprobe {nprobe} of {ivf.nlist} lists, recall@{k} {recall:.3f} "
         f"against exact on {len(q)} sample queries (target {target})"
         + ("" if recall >= target else ": target not reached even scanning every list"))
