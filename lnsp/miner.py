@@ -17,7 +17,7 @@ EXACT_CHUNK = 262144  # bank rows per GEMM in ExactIndex: bounds the score matri
 # `auto` searches exactly up to this many bank rows: below it the torch GEMM over the
 # whole bank is faster than an IVF index calibrated to RECALL_TARGET (measured
 # crossover, README "Performance"), and needs no build.
-AUTO_EXACT_MAX = 150_000
+AUTO_EXACT_MAX = 50_000
 RECALL_TARGET = 0.95  # recall@K against exact search that auto's nprobe must reach
 CALIBRATION_QUERIES = 256
 # A flat IVF index holds a second float32 copy of the bank: above this share of the
