@@ -42,6 +42,10 @@ train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)
 
+COUNT ?= 10
+test-stress: $(STAMP) ## the runtime, launch, distributed and docker tests COUNT times in a row (COUNT=10)
+	scripts/test-stress.sh $(COUNT)
+
 probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
 	$(LNSP) probe $(ARGS)
 
@@ -105,5 +109,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data train test probe train-nohup train-tmux train-docker train-ddp status dump stop \
+.PHONY: help setup data train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
 	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

@@ -57,47 +57,53 @@ def worker(batch: int, threads: str, seconds: float, index: str = "flat") -> dic
     from lnsp import threads as policy, train
     from lnsp.dumps import Dumper
     from lnsp.model import flops_per_sample
+    from lnsp.recorder import Recorder
     from lnsp.rundir import RunDir, RunLog
     from lnsp.watchdog import Heartbeat, Watchdog
 
     n_threads = policy.enforce()
     job = _job(batch, threads, index)
     batches = train.epoch_batches(job, 0)
-    tmp = Path(tempfile.mkdtemp(prefix="lnsp-bench-"))
-    rd = RunDir(tmp)
-    log = RunLog(rd.log, echo=False)
-    watchdog = Watchdog(600, 120, "dump", Dumper(rd.dumps, log, native=False), log)
-    watchdog.start()
-    heartbeat = Heartbeat(rd.heartbeat, log, 512)
+    with tempfile.TemporaryDirectory(prefix="lnsp-bench-") as tmp:
+        rd = RunDir(tmp)
+        log = RunLog(rd.log, echo=False)
+        watchdog = Watchdog(600, 120, "dump", Dumper(rd.dumps, log, native=False), log)
+        watchdog.start()
+        # What the training loop adds around the same step: the watchdog's phases, the
+        # heartbeat after every step, the log line and steps.jsonl record per interval.
+        rec = Recorder(rd, log, job.config)
+        rec.beats.append(Heartbeat(rd.heartbeat, log, 512))
+        state = train.RunState()
 
-    def bare(i):  # the same math, nothing else
-        loss = train.train_step(job, batches[i % len(batches)])
-        train.optimizer_step(job, loss)
+        def bare(i):  # the same math, nothing else
+            loss = train.train_step(job, batches[i % len(batches)])
+            train.optimizer_step(job, loss)
 
-    def hardened(i):  # what the training loop adds around the same step
-        loss = train.train_step(job, batches[i % len(batches)], watchdog=watchdog)
-        watchdog.phase = "optimizer"
-        train.optimizer_step(job, loss)
-        watchdog.first_step_done()
-        heartbeat.beat(1, i, "train", loss, 0.0)
-        if i % 20 == 0:
-            log(f"Epoch 1/1 | Step {i} | Loss {loss:.4f} | 0.00 it/s")
+        def hardened(i):
+            phases = {}
+            loss = train.train_step(job, batches[i % len(batches)], 1.0, phases, watchdog)
+            watchdog.phase = "optimizer"
+            train.optimizer_step(job, loss)
+            state.advance()
+            watchdog.first_step_done()
+            rec.step_done(state, loss, phases)
 
-    for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
-        bare(i)
-    # Blocks of the same batches alternate, and the medians of the block times are
-    # compared: a burst of load from elsewhere spoils one block, not the ratio.
-    blocks = {"bare": [], "hardened": []}
-    block, i = 1, 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(blocks["hardened"]) < 20:
-        for name, fn in (("bare", bare), ("hardened", hardened)):
-            t = time.perf_counter()
-            for j in range(block):
-                fn(i + j)
-            blocks[name].append(time.perf_counter() - t)
-        i += block
-    watchdog.stop()
+        for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
+            bare(i)
+        # Blocks of the same batches alternate, and the medians of the block times are
+        # compared: a burst of load from elsewhere spoils one block, not the ratio.
+        blocks = {"bare": [], "hardened": []}
+        block, i = 1, 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(blocks["hardened"]) < 20:
+            for name, fn in (("bare", bare), ("hardened", hardened)):
+                t = time.perf_counter()
+                for j in range(block):
+                    fn(i + j)
+                blocks[name].append(time.perf_counter() - t)
+            i += block
+        watchdog.stop()
+        watchdog.join(5)
     rate = {k: batch * block / float(np.median(v)) for k, v in blocks.items()}
     gemm = _gemm_flops()
     cfg = job.config
@@ -190,33 +196,33 @@ def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30) -> floa
 
 def ddp_scaling(steps: int = 60, batch: int = 64) -> dict:
     """Training samples/s of one process against two torchrun ranks at the same global
-    batch, on this machine (each rank gets its share of the cores)."""
-    import re
-
+    batch, on this machine (each rank gets its share of the cores), from the runs'
+    steps.jsonl records."""
     from lnsp import synth
     from lnsp.config import TrainConfig
     from lnsp.launch.command import environment
     from lnsp.launch.ddp import torchrun_argv
+    from lnsp.rundir import RunDir
 
-    folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-ddp-"))
-    data = synth.write(folder / "data", chains=WORKLOAD["bank"] // 24 + 1, length=24,
-                       dim=WORKLOAD["dim"])
     rates = {}
-    for ranks in (1, 2):
-        config = TrainConfig(data=str(data), run_dir=str(folder / f"run{ranks}"), epochs=100,
-                             max_steps=steps, batch_size=batch, k=WORKLOAD["k"], log_every=10,
-                             eval_windows=100, threads="fast")
-        argv = (torchrun_argv(config, ranks) if ranks > 1 else
-                [sys.executable, "-m", "lnsp", "train", *config.to_argv()])
-        env = {**user_environment(), **environment(config, "foreground", ranks)}
-        subprocess.run(argv, env=env, capture_output=True, timeout=600, check=True,
-                       stdin=subprocess.DEVNULL)
-        log = (folder / f"run{ranks}" / "training.log").read_text()
-        its = [float(x) for x in re.findall(r"\| ([0-9.]+) it/s", log)][1:]  # after warm-up
-        rates[ranks] = batch * float(np.median(its))
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="lnsp-bench-ddp-") as tmp:
+        folder = Path(tmp)
+        data = synth.write(folder / "data", chains=WORKLOAD["bank"] // 24 + 1, length=24,
+                           dim=WORKLOAD["dim"])
+        for ranks in (1, 2):
+            config = TrainConfig(data=str(data), run_dir=str(folder / f"run{ranks}"),
+                                 epochs=100, max_steps=steps, batch_size=batch,
+                                 k=WORKLOAD["k"], log_every=10, eval_windows=100,
+                                 threads="fast")
+            argv = (torchrun_argv(config, ranks) if ranks > 1 else
+                    [sys.executable, "-m", "lnsp", "train", *config.to_argv()])
+            env = {**user_environment(), **environment(config, "foreground", ranks)}
+            subprocess.run(argv, env=env, capture_output=True, timeout=600, check=True,
+                           stdin=subprocess.DEVNULL)
+            records = RunDir(config.run_dir).read_steps()[1:]  # after the warm-up interval
+            if not records:
+                raise RuntimeError(f"bench: the {ranks}-rank run wrote no steps.jsonl records")
+            rates[ranks] = float(np.median([r.samples_per_s for r in records]))
     return {"one_rank_samples_per_s": rates[1], "two_ranks_samples_per_s": rates[2],
             "scaling": rates[2] / rates[1]}
 
@@ -243,8 +249,8 @@ def _child(args: list[str], threads: str, timeout: float) -> dict:
     from lnsp.threads import policy_env
 
     env = {**user_environment(), **policy_env(threads)}
-    r = subprocess.run([sys.executable, "-m", "lnsp", "bench", "--part", *args,
-                        "--threads", threads], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-m", "lnsp.bench", *args, "--threads", threads],
+                       capture_output=True, text=True, env=env,
                        timeout=timeout, stdin=subprocess.DEVNULL)
     if r.returncode != 0:
         raise RuntimeError(f"bench part {args} failed:\n{r.stderr[-2000:]}")
@@ -255,13 +261,15 @@ def probe_wall() -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "lnsp", "probe", "--json"],
                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    wall = None
+    wall, result = None, None
     for line in proc.stdout:
         if line.startswith("PROBE RESULT") and wall is None:
             wall = time.perf_counter() - t
         if line.startswith("{"):
             result = json.loads(line)
     proc.wait(120)
+    if wall is None or result is None:
+        raise RuntimeError(f"bench: the probe printed no result (exit code {proc.returncode})")
     return {"wall_s": wall, "import_s": result["import_s"], "setup_s": result["setup_s"]}
 
 
@@ -282,18 +290,14 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
     out["exact"] = _child(["worker", "--batch", "64", "--seconds", str(seconds), "--index",
                            "exact"], "fast", 600)
     if seed:
-        folder = Path(tempfile.mkdtemp(prefix="lnsp-bench-bank-"))
-        bank = folder / "bank.npy"
-        try:
+        with tempfile.TemporaryDirectory(prefix="lnsp-bench-bank-") as folder:
+            bank = Path(folder) / "bank.npy"
             echo(f"bench: seed scale, writing a {SEED_BANK:,} x 768 bank ...")
             out["seed_scale"] = _child(["seed-write", "--path", str(bank)], "fast", 900)
             for kind in SEED_INDEXES:
                 echo(f"bench: seed scale, {kind} index ...")
                 out["seed_scale"][kind] = _child(["seed-index", "--path", str(bank), "--index",
                                                   kind], "fast", 900)
-        finally:
-            bank.unlink(missing_ok=True)
-            folder.rmdir()
     return out
 
 
@@ -377,12 +381,31 @@ def chart(b: dict, path: Path) -> Path | None:
     return path
 
 
-def part(name: str, batch: int, threads: str, seconds: float, index: str, path: str) -> str:
+def part(name: str, batch: int = 8, threads: str = "fast", seconds: float = 8.0,
+         index: str = "flat", path: str | None = None) -> str:
     """One measurement, as the JSON line its orchestrator reads."""
     parts = {"worker": lambda: worker(batch, threads, seconds, index),
              "seed-write": lambda: seed_write(path),
              "seed-index": lambda: seed_index(path, index)}
     return json.dumps(parts[name]())
+
+
+def _part_main(argv: list[str] | None = None) -> None:
+    """`python -m lnsp.bench PART [...]`: one measurement in this process, started by
+    the orchestrator (not a user-facing command)."""
+    import argparse
+
+    import lnsp  # noqa: F401  (the thread variables before the heavy imports)
+
+    p = argparse.ArgumentParser(prog="python -m lnsp.bench")
+    p.add_argument("part", choices=["worker", "seed-write", "seed-index"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", default="fast")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--index", default="flat")
+    p.add_argument("--path", default=None)
+    a = p.parse_args(argv)
+    print(part(a.part, a.batch, a.threads, a.seconds, a.index, a.path))
 
 
 def main(seconds: float, seed: bool, out: str, echo=print) -> dict:
@@ -396,3 +419,7 @@ def main(seconds: float, seed: bool, out: str, echo=print) -> dict:
     echo("\n".join(lines))
     echo(f"wrote {out}" + (f" and {drawn}" if drawn else ""))
     return result
+
+
+if __name__ == "__main__":
+    _part_main()

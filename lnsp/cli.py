@@ -7,15 +7,16 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
 import click
 
-from lnsp.config import ConfigError, TrainConfig, env_name, resolve
+from lnsp.config import TrainConfig, env_name, resolve
+from lnsp.errors import LnspError
+from lnsp.rundir import ExitCode
 
-BAD_INPUT = 2
+BAD_INPUT = ExitCode.BAD_INPUT
 
 
 class Fail(click.ClickException):
@@ -23,31 +24,25 @@ class Fail(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = BAD_INPUT):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = int(exit_code)
+
+
+class Group(click.Group):
+    """Every command of lnsp: an LnspError raised anywhere below becomes one line and
+    its exit code here, the one place the package's errors meet the command line."""
+
+    group_class = type  # subgroups (`lnsp data`, `lnsp image`) are of this class too
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LnspError as e:
+            raise Fail(str(e), e.exit_code) from None
 
 
 def user_errors(f):
-    """Map the package's user-facing errors onto one line and an exit code."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        from lnsp.data import DataError
-
-        try:
-            return f(*args, **kwargs)
-        except (ConfigError, DataError) as e:
-            raise Fail(str(e)) from None
-        except Exception as e:
-            from lnsp.train import TrainingError
-            from lnsp.launch import LaunchError
-
-            if isinstance(e, LaunchError):
-                raise Fail(str(e), e.exit_code) from None
-            if isinstance(e, TrainingError):
-                raise Fail(str(e), 1) from None
-            raise
-
-    return wrapper
+    """Kept for commands that name it: the mapping itself is in Group.invoke."""
+    return f
 
 
 def train_options(f):
@@ -71,7 +66,7 @@ def config_from(values: dict) -> TrainConfig:
     return resolve({k: v for k, v in values.items() if k in names})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(lnsp.__version__)
 def main():
     """lnsp: train a two-tower retrieval model whose runs cannot hang silently."""
@@ -332,7 +327,7 @@ def plot(run):
         click.echo(f"wrote {draw(rd)}")
     except ImportError:
         raise Fail("matplotlib is not installed: pip install 'lnsp[plot]' "
-                   "(or .venv/bin/pip install matplotlib)", 1) from None
+                   "(or .venv/bin/pip install matplotlib)", ExitCode.INTERNAL) from None
 
 
 @main.command()
@@ -340,13 +335,7 @@ def plot(run):
 @click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
               help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
 @click.option("--out", default="bench.json", show_default=True)
-@click.option("--part", type=click.Choice(["worker", "seed-write", "seed-index"]), default=None,
-              hidden=True)
-@click.option("--batch", default=8, hidden=True)
-@click.option("--threads", default=None, hidden=True)
-@click.option("--index", default="flat", hidden=True)
-@click.option("--path", default=None, hidden=True)
-def bench(seconds, seed_scale, out, part, batch, threads, index, path):
+def bench(seconds, seed_scale, out):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -354,8 +343,4 @@ def bench(seconds, seed_scale, out, part, batch, threads, index, path):
     """
     from lnsp import bench as b
 
-    if part:  # one measurement in this process (the orchestrator starts these)
-        click.echo(b.part(part, batch=batch, threads=threads or "fast", seconds=seconds,
-                          index=index, path=path))
-        return
     b.main(seconds, seed_scale, out, echo=click.echo)

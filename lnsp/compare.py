@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-from lnsp.launch import LaunchError
+from lnsp.errors import LaunchError
+from lnsp.rundir import ExitCode
 from lnsp.launch.command import environment
 from lnsp.launch.docker import IMAGE, client
 
@@ -22,7 +23,7 @@ def _result(text: str, where: str) -> dict:
     for line in reversed(text.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    raise LaunchError(f"the {where} probe printed no result:\n{text[-2000:]}", 1)
+    raise LaunchError(f"the {where} probe printed no result:\n{text[-2000:]}", ExitCode.INTERNAL)
 
 
 def native(args: list[str], timeout: float) -> dict:

@@ -10,12 +10,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lnsp.dotenv import read_dotenv
+from lnsp.errors import ConfigError
 from lnsp.threads import parse_policy
 
+__all__ = ["ConfigError", "TrainConfig", "env_name", "read_env_file", "resolve", "load",
+           "env_example"]
 
-class ConfigError(ValueError):
-    """One or more fields are invalid; the message names every one of them."""
+
+def read_env_file(path: str | Path = ".env") -> dict[str, str]:
+    """The KEY=VALUE pairs of a .env file ({} when there is none), read by python-dotenv:
+    quotes, `export`, escapes and `#` comments as a shell would take them. The one reader
+    of .env in lnsp."""
+    from dotenv import dotenv_values
+
+    if not Path(path).is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -128,7 +138,7 @@ def resolve(cli: dict | None = None, environ: dict | None = None,
     """Command line > environment > .env > defaults, then validate."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
-    dotenv = read_dotenv(dotenv_path)
+    dotenv = read_env_file(dotenv_path)
     values = {}
     for f in dataclasses.fields(TrainConfig):
         name = env_name(f.name)

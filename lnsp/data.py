@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lnsp.errors import DataError  # noqa: F401  (raised here; callers catch it from here)
+
 CHUNK = 65536  # rows checked at a time, so a memory-mapped bank is never copied whole
-
-
-class DataError(ValueError):
-    """Bad input: one line naming the file and the problem (exit code 2)."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """torch.distributed for lnsp: a process group whose collectives time out instead of
-waiting forever, rank-aware file names, and naming the rank that stalled.
+waiting forever, naming the rank that stalled, and the post-mortem of a failed
+collective (which rank, its stacks, and killing it when it is frozen).
 
 Started by torchrun (WORLD_SIZE, RANK and the rendezvous come from its environment);
 a plain `lnsp train` is world size 1 and touches none of this.
@@ -8,21 +9,48 @@ a plain `lnsp train` is world size 1 and touches none of this.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from lnsp.rundir import read_json
+from lnsp.errors import CollectiveError
+from lnsp.rundir import ExitCode, Heartbeat, RunDir
+
+__all__ = ["CollectiveError", "Dist", "init", "classify", "laggards", "stalled_pid",
+           "post_mortem", "shutdown"]
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed: a rank stalled (timeout) or left the job."""
+def laggards(beats: dict[int, Heartbeat], me: int, now: float) -> str:
+    """The ranks by heartbeat age, oldest first, in words: the oldest of the others is
+    the one that stalled (this rank is waiting in the collective, so not it)."""
+    rows = sorted(((now - b.time, r, b) for r, b in beats.items()), key=lambda row: -row[0])
+    if not rows:
+        return ""
+    others = [row for row in rows if row[1] != me] or rows
+    age, rank, beat = others[0]
+    return (f"rank {rank} stalled (pid {beat.pid}, step {beat.step}, phase "
+            f"'{beat.phase}', heartbeat {age:.1f}s old; the others "
+            + ", ".join(f"rank {r} {a:.1f}s" for a, r, _ in rows if r != rank) + ")")
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+
+def stalled_pid(beats: dict[int, Heartbeat], me: int, host: str) -> int | None:
+    """The PID of the stalled rank (oldest heartbeat of the others) if it runs on `host`."""
+    others = sorted((b.time, b.pid, b.host) for r, b in beats.items() if r != me and b.pid)
+    return others[0][1] if others and others[0][2] == host else None
+
+
+def classify(error: Exception, rank: int, who: str = "") -> CollectiveError:
+    """Turn a backend error into one clear line naming what happened: a timeout is a
+    stall (code 3), anything else a rank that left (code 1)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+        return CollectiveError(f"rank {rank}: a collective timed out: {who or text}",
+                               ExitCode.STALLED)
+    return CollectiveError(f"rank {rank}: another rank left the job ({text})"
+                           + (f"; {who}" if who else ""), ExitCode.INTERNAL)
 
 
 @dataclass
@@ -39,20 +67,24 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
-    def heartbeat_path(self, root: Path) -> Path:
-        return root / f"heartbeat-rank{self.rank}.json"
-
     def sync(self, loss: float, stop: bool) -> tuple[float, bool]:
         """One small all-reduce per step: the mean loss, and whether any rank was asked
         to stop (so that all stop at the same step boundary)."""
         if not self.active:
             return loss, stop
+        total, stops = self.sum([loss, 1.0 if stop else 0.0])
+        return total / self.world, stops > 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks (float64)."""
+        if not self.active:
+            return list(values)
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t[0]) / self.world, bool(t[1] > 0)
+        return t.tolist()
 
     def min_int(self, value: int) -> int:
         if not self.active:
@@ -81,35 +113,34 @@ class Dist:
 
             dist.barrier()
 
+    def beats(self) -> dict[int, Heartbeat]:
+        return RunDir(self.root).rank_heartbeats() if self.active and self.root else {}
+
     def laggards(self) -> str:
-        """The ranks by heartbeat age, oldest first: the first is the one that stalled."""
-        if not self.active or self.root is None:
-            return ""
-        now, rows = time.time(), []
-        for path in sorted(self.root.glob("heartbeat-rank*.json")):
-            beat = read_json(path) or {}
-            if "time" in beat:
-                rows.append((now - beat["time"], int(path.stem.split("rank")[-1]), beat))
-        if not rows:
-            return ""
-        rows.sort(key=lambda r: -r[0])
-        # This rank is waiting in the collective, so the stalled one is another.
-        others = [r for r in rows if r[1] != self.rank] or rows
-        age, rank, beat = others[0]
-        return (f"rank {rank} stalled (pid {beat.get('pid')}, step {beat.get('step')}, phase "
-                f"'{beat.get('phase')}', heartbeat {age:.1f}s old; the others "
-                + ", ".join(f"rank {r} {a:.1f}s" for a, r, _ in rows if r != rank) + ")")
+        return laggards(self.beats(), self.rank, time.time()) if self.active else ""
 
     def stalled_pids(self) -> list[int]:
-        """The PID of the stalled rank (oldest heartbeat of the others) if on this host."""
-        if not self.active or self.root is None:
-            return []
-        beats = {int(p.stem.split("rank")[-1]): read_json(p) or {}
-                 for p in self.root.glob("heartbeat-rank*.json")}
-        here = socket.gethostname()
-        others = sorted((b.get("time", 0), b.get("pid"), b.get("host")) for r, b in beats.items()
-                        if r != self.rank and b.get("pid"))
-        return [pid for _, pid, host in others[:1] if host == here]
+        pid = stalled_pid(self.beats(), self.rank, socket.gethostname())
+        return [pid] if pid else []
+
+
+def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
+    """After a failed collective: name what happened, dump this rank, take py-spy stacks
+    of the stalled rank (it cannot dump itself) and, when it is frozen, kill it so that
+    torchrun can restart the job. Returns the error to raise."""
+    from lnsp.dumps import native_stacks
+
+    failure = classify(error, d.rank, d.laggards())
+    log(f"[DISTRIBUTED] {failure}")
+    dumper.dump("collective")
+    for pid in d.stalled_pids():
+        stacks = native_stacks(pid, timeout=10)
+        if stacks:
+            dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
+        if failure.exit_code == ExitCode.STALLED:  # frozen: nothing else ends it
+            log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
+            os.kill(pid, signal.SIGKILL)
+    return failure
 
 
 def init(pg_timeout: float, root: Path) -> Dist:
@@ -132,16 +163,6 @@ def init(pg_timeout: float, root: Path) -> Dist:
     dist.init_process_group(backend, store=dist.PrefixStore(f"lnsp/attempt-{attempt}", store),
                             rank=rank, world_size=world, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), root)
-
-
-def classify(error: Exception, d: Dist) -> CollectiveError:
-    """Turn a backend error into one clear line naming what happened."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    who = d.laggards()
-    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
-        return CollectiveError(f"rank {d.rank}: a collective timed out: {who or text}", 3)
-    return CollectiveError(f"rank {d.rank}: another rank left the job ({text})"
-                           + (f"; {who}" if who else ""), 1)
 
 
 def shutdown() -> None:

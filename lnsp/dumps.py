@@ -86,9 +86,9 @@ class Dumper:
         with self._lock:
             self.count += 1
             self.folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = self.folder / f"{self.prefix}dump-{self.count:03d}-{reason}-{stamp}.txt"
-            from lnsp.rundir import atomic_write
+            from lnsp.rundir import atomic_write, dump_name
+
+            path = self.folder / dump_name(reason, self.count, self.prefix)
 
             atomic_write(path, f"# lnsp stack dump: {reason}, pid {os.getpid()}, "
                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{body}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lnsp.launch import LaunchError
+from lnsp.errors import LaunchError
+from lnsp.rundir import ExitCode
 from lnsp.launch.docker import IMAGE, client
 
 SOURCE = Path(__file__).resolve().parent.parent  # the checkout that holds docker/
@@ -25,6 +26,6 @@ def build(base_image: str | None = None, tag: str = IMAGE, echo=print) -> str:
         if "aux" in chunk and "ID" in chunk["aux"]:
             image_id = chunk["aux"]["ID"]
         if "error" in chunk:
-            raise LaunchError(f"docker build failed: {chunk['error'].strip()}", 1)
+            raise LaunchError(f"docker build failed: {chunk['error'].strip()}", ExitCode.INTERNAL)
     echo(f"built {tag} ({(image_id or '?')[:19]})")
     return tag

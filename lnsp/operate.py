@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lnsp import procs
 from lnsp.launch import LaunchError, backend
-from lnsp.rundir import RunDir, read_json
+from lnsp.rundir import ExitCode, RunDir, read_json
 
 
 def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
@@ -25,10 +25,10 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
         args = procs.cmdline(pid)
         if "--run-dir" in args[:-1]:
             rd = RunDir(args[args.index("--run-dir") + 1])
-            return rd, {**(read_json(rd.run) or {}), "pid": pid}
+            return rd, {**rd.read_run(), "pid": pid}
         return None, {"pid": pid, "backend": "foreground"}
     rd = RunDir(target)
-    run = read_json(rd.run)
+    run = read_json(rd.run)  # None, not {}: no run.json at all
     if run is None:
         raise LaunchError(f"{target}: not a run directory (no run.json)")
     return rd, run
@@ -64,7 +64,7 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
 
     if not procs.wait_for(fresh, timeout):
         raise LaunchError(f"no dump appeared in {rd.dumps} within {timeout:g}s "
-                          "(the process may be frozen: try --native)", 3)
+                          "(the process may be frozen: try --native)", ExitCode.STALLED)
     newest = fresh()[-1]
     text = f"{newest}\n{newest.read_text()}"
     if native and run.get("backend") != "docker":
@@ -79,12 +79,13 @@ def stop(target: str, grace: float = 30.0) -> str:
     rd, run = resolve_run(target)
     ops = backend(run.get("backend", "foreground"))
     if not ops.alive(run):
-        ended = read_json(rd.exit) or {}
-        return f"{rd.root}: not running ({ended.get('state', 'no exit record')})"
+        ended = rd.read_exit()
+        return f"{rd.root}: not running ({ended.state if ended else 'no exit record'})"
     ops.send(run, signal.SIGTERM)
     if ops.wait_gone(run, grace):
-        ended = read_json(rd.exit) or {}
-        return (f"{rd.root}: {ended.get('state', 'ended')} at step {ended.get('step', '?')}; "
+        ended = rd.read_exit()
+        return (f"{rd.root}: {ended.state if ended else 'ended'} at step "
+                f"{ended.step if ended else '?'}; "
                 f"checkpoint {rd.last_checkpoint()}")
     ops.send(run, signal.SIGKILL)
     ops.wait_gone(run, 10)
@@ -105,7 +106,7 @@ def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
             if line:
                 out.write(line)
                 out.flush()
-            elif ops.alive(read_json(rd.run) or run):  # pids change on a restart
+            elif ops.alive(rd.read_run() or run):  # pids change on a restart
                 time.sleep(0.25)
             else:
                 break

@@ -3,12 +3,7 @@ matplotlib is an optional extra (pip install 'lnsp[plot]')."""
 
 from __future__ import annotations
 
-import json
-import re
-
 from lnsp.rundir import RunDir
-
-LOSS_LINE = re.compile(r"Epoch \d+/\d+ \| Step (\d+) \| Loss ([0-9.naif]+) \|")
 
 
 def draw(rd: RunDir):
@@ -17,13 +12,9 @@ def draw(rd: RunDir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [], []
-    if rd.log.exists():
-        for match in LOSS_LINE.finditer(rd.log.read_text()):
-            steps.append(int(match.group(1)))
-            losses.append(float(match.group(2)))
-    metrics = [json.loads(line) for line in rd.metrics.read_text().splitlines()
-               if line.strip()] if rd.metrics.exists() else []
+    records = rd.read_steps()  # steps.jsonl, never the log's wording
+    steps, losses = [r.step for r in records], [r.loss for r in records]
+    metrics = rd.read_metrics()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(steps, losses, lw=1)
     left.set(title="training loss", xlabel="step", ylabel="InfoNCE loss")

@@ -63,6 +63,28 @@ def wait_for(gone, timeout: float, interval: float = 0.1) -> bool:
     return gone()
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait up to `timeout` seconds for the process to end; True when it has."""
-    return wait_for(lambda: not alive(pid), timeout)
+def wait_gone(pids: int | list[int | None] | None, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the processes to end (psutil.wait_procs, which
+    knows a process by its start time, so a reused PID is not waited for); True when
+    all have. A zombie has ended: only its parent can reap it, and it may not be us."""
+    pids = [pids] if isinstance(pids, int) or pids is None else pids
+    waiting = []
+    for pid in pids:
+        try:
+            waiting.append(psutil.Process(pid)) if pid else None
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [p for p in waiting if _running(p)]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return not waiting
+        _, waiting = psutil.wait_procs(waiting, timeout=min(0.5, left))
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

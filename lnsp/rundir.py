@@ -1,16 +1,32 @@
-"""The run directory: its file names, atomic writes for what other processes read,
-and the flushed, timestamped run log."""
+"""The run directory's contract: every file name in it, the exit codes, typed records
+(heartbeat, run, exit, steps), atomic writes for what other processes read, the one
+"is this run stale" check, and the flushed, timestamped run log.
+
+Every other module asks this one; none spells a file name or an exit code itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 
+class ExitCode(IntEnum):
+    """The process exit codes of DESIGN.md."""
+    DONE = 0  # finished, or stopped on request
+    INTERNAL = 1  # a crash, a non-finite loss, a rank that left
+    BAD_INPUT = 2  # bad input or usage: one line, no traceback
+    STALLED = 3  # stalled or timed out (watchdog, frozen, collective timeout, probe)
+    INTERRUPTED = 130  # a second SIGINT
+
+
+# ---------------------------------------------------------------- atomic files
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:
     """Write to a temporary file beside `path`, then os.replace it into place, so a
     reader never sees half a file. `durable` also fsyncs (checkpoints, not heartbeats:
@@ -55,8 +71,130 @@ def update_json(path: str | Path, **fields) -> dict:
     return obj
 
 
+def append_jsonl(path: str | Path, obj: dict) -> None:
+    """One record per line; a single write of a whole line, so a reader sees whole lines."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when missing); a torn last line is skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+# ---------------------------------------------------------------- records
+def _from(cls, obj: dict | None):
+    """A record from a JSON object: known fields typed, the rest kept in `extra`."""
+    if obj is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in names},
+                   extra={k: v for k, v in obj.items() if k not in names})
+    except TypeError:  # a required field is missing: not a record of this kind
+        return None
+
+
+def _to(record) -> dict:
+    obj = {k: v for k, v in dataclasses.asdict(record).items() if k != "extra"}
+    return {**{k: v for k, v in obj.items() if v is not None}, **record.extra}
+
+
+@dataclass
+class Heartbeat:
+    """heartbeat.json (and heartbeat-rankN.json): replaced after every optimizer step."""
+    pid: int
+    time: float  # Unix seconds
+    host: str = ""
+    epoch: int = 0
+    step: int = 0
+    phase: str = ""
+    loss: float | None = None
+    samples_per_s: float = 0.0
+    rss_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExitRecord:
+    """exit.json: how the run ended; removed when a trainer starts."""
+    state: str  # finished, stopped, stalled, failed
+    exit_code: int
+    step: int = 0
+    time: float = 0.0
+    cause: str | None = None  # the diagnosis, when it stalled or failed
+    extra: dict = field(default_factory=dict)  # signal, frozen, error
+
+
+@dataclass
+class StepRecord:
+    """One line of steps.jsonl per log interval: what plots and bench read."""
+    step: int
+    epoch: int
+    loss: float
+    samples_per_s: float
+    phases: dict  # seconds per phase over the interval
+    rss_mb: float
+    time: float
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- staleness
+@dataclass(frozen=True)
+class Staleness:
+    idle: float  # seconds since the last sign of progress
+    budget: float  # seconds allowed
+    stepping: bool  # past the first step (the stall budget) or still starting
+
+    @property
+    def stale(self) -> bool:
+        return self.idle > self.budget
+
+    @property
+    def kind(self) -> str:
+        return "step" if self.stepping else "start-up and first step"
+
+
+def staleness(last: float, stepping: bool, stall_timeout: float, startup_timeout: float,
+              now: float, grace: float = 0.0) -> Staleness:
+    """The one check of whether a run is stale: idle past its budget, which is the stall
+    timeout once steps have started and the start-up timeout before. The watchdog asks
+    from inside (monotonic clock, no grace); the supervisor and status ask from outside
+    (heartbeat times), the supervisor with a grace so the trainer's own watchdog goes
+    first (at most doubling the budget)."""
+    budget = stall_timeout if stepping else startup_timeout
+    return Staleness(now - last, budget + min(grace, budget), stepping)
+
+
+def run_staleness(beat: Heartbeat | None, pid: int | None, started: float,
+                  stall_timeout: float, startup_timeout: float, now: float,
+                  grace: float = 0.0) -> Staleness:
+    """Staleness of the trainer `pid` seen from outside: its heartbeat's age once it has
+    written one (a heartbeat of an earlier trainer does not count), else the time since
+    it started."""
+    fresh = beat is not None and beat.pid == pid
+    return staleness(beat.time if fresh else started, fresh, stall_timeout, startup_timeout,
+                     now, grace)
+
+
+# ---------------------------------------------------------------- the directory
+def dump_name(reason: str, count: int, prefix: str = "") -> str:
+    """A stack dump's file name: `[rankN-]dump-NNN-REASON-STAMP.txt`."""
+    return f"{prefix}dump-{count:03d}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+
+
 class RunDir:
-    """Paths of one run: everything about a run lives under it."""
+    """Paths and records of one run: everything about a run lives under it."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -67,38 +205,108 @@ class RunDir:
     console = property(lambda self: self.root / "console.log")
     heartbeat = property(lambda self: self.root / "heartbeat.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
+    steps = property(lambda self: self.root / "steps.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")
     dumps = property(lambda self: self.root / "dumps")
     exit = property(lambda self: self.root / "exit.json")
     plots = property(lambda self: self.root / "plots.png")
 
+    def rank_heartbeat(self, rank: int) -> Path:
+        return self.root / f"heartbeat-rank{rank}.json"
+
+    def rank_heartbeats(self) -> dict[int, Heartbeat]:
+        """Every rank's last heartbeat, by rank."""
+        beats = {}
+        for path in self.root.glob("heartbeat-rank*.json"):
+            beat = _from(Heartbeat, read_json(path))
+            if beat is not None:
+                beats[int(path.stem.removeprefix("heartbeat-rank"))] = beat
+        return beats
+
     def last_checkpoint(self) -> Path:
         return self.checkpoints / "last.pt"
+
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.pt"
+
+    def dump_path(self, reason: str, count: int, prefix: str = "") -> Path:
+        return self.dumps / dump_name(reason, count, prefix)
+
+    def frozen_dump_path(self, pid: int) -> Path:
+        """The supervisor's native dump of a frozen trainer."""
+        return self.dumps / f"dump-frozen-{pid}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
 
     def exists(self) -> bool:
         return self.run.exists() or self.config.exists()
 
+    # typed records
+    def read_heartbeat(self, path: Path | None = None) -> Heartbeat | None:
+        return _from(Heartbeat, read_json(path or self.heartbeat))
+
+    def write_heartbeat(self, beat: Heartbeat, path: Path | None = None) -> None:
+        write_json(path or self.heartbeat, _to(beat), durable=False)
+
+    def read_exit(self) -> ExitRecord | None:
+        return _from(ExitRecord, read_json(self.exit))
+
+    def write_exit(self, state: str, code: int, step: int, cause: str | None = None,
+                   **extra) -> ExitRecord:
+        """exit.json, the one place it is written (trainer, watchdog, supervisor)."""
+        record = ExitRecord(state, int(code), step, time.time(), cause, extra)
+        write_json(self.exit, _to(record))
+        return record
+
+    def clear_exit(self) -> None:
+        self.exit.unlink(missing_ok=True)
+
+    def read_run(self) -> dict:
+        """run.json: the launch facts (backend, PIDs, start time, budgets, ranks). Its
+        fields are written by the launcher, the supervisor and the trainer, each its own."""
+        return read_json(self.run) or {}
+
+    def update_run(self, **fields) -> dict:
+        return update_json(self.run, **fields)
+
+    def append_step(self, record: StepRecord) -> None:
+        append_jsonl(self.steps, _to(record))
+
+    def read_steps(self) -> list[StepRecord]:
+        return [r for r in (_from(StepRecord, o) for o in read_jsonl(self.steps)) if r]
+
+    def append_metrics(self, metrics: dict) -> None:
+        append_jsonl(self.metrics, metrics)
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
 
 class RunLog:
-    """Timestamped lines into training.log (flushed at once) and to stdout."""
+    """Timestamped lines into training.log (flushed at once) and to stdout. Never called
+    from a signal handler: the lock would deadlock a write that the signal interrupted."""
 
     def __init__(self, path: str | Path | None, echo: bool = True, prefix: str = ""):
         self.file = open(path, "a", buffering=1) if path else None
         self.echo, self.prefix = echo, prefix
+        self._lock = threading.Lock()  # the loop, the watchdog and the dump thread all log
 
     def __call__(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {self.prefix}{message}"
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
-        if self.echo:
-            print(line, flush=True)
+        with self._lock:
+            if self.file:
+                self.file.write(line + "\n")
+                self.file.flush()
+            if self.echo:
+                print(line, flush=True)
 
     def raw(self, text: str) -> None:
         """Untimestamped text (a stack dump) into the log only."""
-        if self.file:
-            self.file.write(text if text.endswith("\n") else text + "\n")
-            self.file.flush()
+        with self._lock:
+            if self.file:
+                self.file.write(text if text.endswith("\n") else text + "\n")
+                self.file.flush()
 
     def fileno(self) -> int:
         return self.file.fileno() if self.file else sys.stderr.fileno()

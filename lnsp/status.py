@@ -1,5 +1,6 @@
 """The state of runs, read from their run directories and the live processes:
-running, stalled, finished, stopped or failed (and starting, restarting)."""
+running, stalled, finished, stopped or failed (and starting, restarting; unknown while
+a container engine does not answer)."""
 
 from __future__ import annotations
 
@@ -7,50 +8,63 @@ import json
 import time
 from pathlib import Path
 
-from lnsp.rundir import RunDir, read_json
+from lnsp.errors import LaunchError
+from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
+
+
+def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive: bool,
+             trainer_alive: bool, now: float, config: dict | None = None) -> str:
+    """The state of a run from its records and whether its processes live: running,
+    stalled, finished, stopped, failed, starting or restarting (a pure function)."""
+    config = config or {}
+    if ended:  # written just before the trainer exits, removed when one starts
+        if ended.state != "finished" and alive and \
+                run.get("restarts", 0) < run.get("max_restarts", 0):
+            return "restarting"
+        return ended.state
+    if trainer_alive:
+        s = run_staleness(beat, run.get("pid"), run.get("start_time",
+                                                        run.get("launch_time", now)),
+                          run.get("stall_timeout") or config.get("stall_timeout", 120),
+                          run.get("startup_timeout") or config.get("startup_timeout", 600), now)
+        return "stalled" if s.stale else "running"
+    if alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
+        return "starting"
+    return "failed"  # the process is gone and left no exit.json: killed or crashed
 
 
 def state(rd: RunDir, now: float | None = None) -> dict:
     from lnsp.launch import backend
 
     now = now or time.time()
-    run = read_json(rd.run) or {}
-    beat = read_json(rd.heartbeat) or {}
-    ended = read_json(rd.exit)
-    config = read_json(rd.config) or {}
+    run = rd.read_run()
+    beat = rd.read_heartbeat()
+    ended = rd.read_exit()
     kind = run.get("backend", "foreground")
     ops = backend(kind)
-    alive = ops.alive(run)
-    age = now - beat["time"] if beat.get("time") else None
-    if ended:  # written just before the trainer exits, removed when one starts
-        label = ended["state"]
-        if label != "finished" and alive and run.get("restarts", 0) < run.get("max_restarts", 0):
-            label = "restarting"
-    elif ops.trainer_alive(run):
-        stall = run.get("stall_timeout") or config.get("stall_timeout", 120)
-        startup = run.get("startup_timeout") or config.get("startup_timeout", 600)
-        fresh = beat.get("pid") == run.get("pid") and age is not None
-        since = age if fresh else now - run.get("start_time", run.get("launch_time", now))
-        label = "stalled" if since > (stall if fresh else startup) else "running"
-    elif alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
-        label = "starting"
-    else:
-        label = "failed"  # the process is gone and left no exit.json: killed or crashed
+    extra = {}
+    try:
+        label = classify(run, beat, ended, ops.alive(run),
+                         not ended and ops.trainer_alive(run), now, read_json(rd.config))
+        if hasattr(ops, "extra_status"):
+            extra = ops.extra_status(run)
+    except LaunchError as e:  # the engine did not answer: no verdict on the processes
+        label, extra = (ended.state if ended else "unknown"), {"error": str(e)}
+    age = now - beat.time if beat else None
     row = {"run": str(rd.root), "backend": kind, "state": label, "pid": run.get("pid"),
-           "epoch": beat.get("epoch"), "step": (ended or {}).get("step", beat.get("step")),
-           "loss": beat.get("loss"), "samples_per_s": beat.get("samples_per_s"),
+           "epoch": beat and beat.epoch, "step": ended.step if ended else beat and beat.step,
+           "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
-           "exit_code": (ended or {}).get("exit_code"), "restarts": run.get("restarts", 0)}
-    if hasattr(ops, "extra_status"):
-        row.update(ops.extra_status(run))
+           "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0)}
+    row.update(extra)
     if run.get("world_size", 1) > 1:  # one line per rank
+        beats = rd.rank_heartbeats()
         row["ranks"] = []
         for r in run.get("ranks", []):
-            b = read_json(rd.root / f"heartbeat-rank{r['rank']}.json") or {}
+            b = beats.get(r["rank"])
             row["ranks"].append({"rank": r["rank"], "pid": r["pid"], "host": r["host"],
-                                 "step": b.get("step"), "phase": b.get("phase"),
-                                 "heartbeat_age_s": round(now - b["time"], 1)
-                                 if b.get("time") else None})
+                                 "step": b and b.step, "phase": b and b.phase,
+                                 "heartbeat_age_s": round(now - b.time, 1) if b else None})
     return row
 
 
@@ -58,9 +72,8 @@ def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
     if runs:
         return [RunDir(r) for r in runs]
     base = Path(root)
-    found = [RunDir(p) for p in sorted(base.iterdir()) if (p / "run.json").exists()] \
+    return [RunDir(p) for p in sorted(base.iterdir()) if RunDir(p).run.exists()] \
         if base.is_dir() else []
-    return found
 
 
 def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> str:

@@ -16,18 +16,17 @@ import sys
 import time
 
 from lnsp.dumps import native_stacks
-from lnsp.rundir import RunDir, RunLog, atomic_write, read_json, update_json, write_json
+from lnsp.rundir import ExitCode, RunDir, RunLog, atomic_write, run_staleness
 
 FROZEN_GRACE_S = 5.0  # past the stall timeout (at most): the trainer's own watchdog goes first
 POLL_S = 0.5
-DONE, BAD_INPUT = 0, 2
 
 
 def supervise(config) -> int:
     rd = RunDir(config.run_dir)
     rd.root.mkdir(parents=True, exist_ok=True)
     log = RunLog(rd.log, echo=True)
-    update_json(rd.run, supervisor_pid=os.getpid(), max_restarts=config.max_restarts)
+    rd.update_run(supervisor_pid=os.getpid(), max_restarts=config.max_restarts)
     child = {"proc": None, "stop": False}
 
     def forward(signum, frame):  # a stop for the supervisor is a stop for the trainer
@@ -46,7 +45,7 @@ def supervise(config) -> int:
         started = time.time()
         child["proc"] = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         code = _watch(proc, rd, config, started, log)
-        if code in (DONE, BAD_INPUT) or child["stop"]:  # never restart what was stopped
+        if code in (ExitCode.DONE, ExitCode.BAD_INPUT) or child["stop"]:  # never restart what was stopped
             return code
         if restarts >= config.max_restarts:
             if config.max_restarts:
@@ -54,7 +53,7 @@ def supervise(config) -> int:
             return code
         restarts += 1
         resume = True
-        update_json(rd.run, restarts=restarts)
+        rd.update_run(restarts=restarts)
         log(f"[SUPERVISOR] trainer ended with exit code {code}; restart {restarts}/"
             f"{config.max_restarts} from {rd.last_checkpoint()}")
 
@@ -66,22 +65,18 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
             return proc.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
             pass
-        beat = read_json(rd.heartbeat) or {}
-        fresh = beat.get("pid") == proc.pid
-        last = beat["time"] if fresh else started
-        budget = config.stall_timeout if fresh else config.startup_timeout
-        budget += min(FROZEN_GRACE_S, budget)
-        age = time.time() - last
-        if age <= budget:
+        beat = rd.read_heartbeat()
+        s = run_staleness(beat, proc.pid, started, config.stall_timeout,
+                          config.startup_timeout, time.time(), grace=FROZEN_GRACE_S)
+        if not s.stale:
             continue
-        log(f"[SUPERVISOR] trainer pid {proc.pid} frozen: no heartbeat for {age:.1f}s "
-            f"(budget {budget:g}s); dumping native stacks and killing it")
+        log(f"[SUPERVISOR] trainer pid {proc.pid} frozen: no heartbeat for {s.idle:.1f}s "
+            f"(budget {s.budget:g}s); dumping native stacks and killing it")
         stacks = native_stacks(proc.pid, timeout=10) or "(py-spy not available)\n"
-        rd.dumps.mkdir(parents=True, exist_ok=True)
-        atomic_write(rd.dumps / f"dump-frozen-{proc.pid}-{time.strftime('%Y%m%d-%H%M%S')}.txt",
-                     f"# frozen trainer pid {proc.pid}, heartbeat {age:.1f}s old\n{stacks}")
+        atomic_write(rd.frozen_dump_path(proc.pid),
+                     f"# frozen trainer pid {proc.pid}, heartbeat {s.idle:.1f}s old\n{stacks}")
         proc.kill()
         proc.wait()
-        write_json(rd.exit, {"state": "stalled", "exit_code": 3, "time": time.time(),
-                             "step": beat.get("step", 0) if fresh else 0, "frozen": True})
-        return 3
+        rd.write_exit("stalled", ExitCode.STALLED, beat.step if s.stepping else 0,
+                      cause=f"frozen: no heartbeat for {s.idle:.1f}s", frozen=True)
+        return ExitCode.STALLED

@@ -87,9 +87,9 @@ def requested_policy(argv: list[str] | None = None) -> str | None:
         return stored
     if os.environ.get("LNSP_THREADS"):
         return os.environ["LNSP_THREADS"]
-    from lnsp.dotenv import read_dotenv
+    from lnsp.config import read_env_file  # imported here: config imports this module
 
-    return read_dotenv().get("LNSP_THREADS")
+    return read_env_file().get("LNSP_THREADS")
 
 
 def _resumed_policy(argv: list[str]) -> str | None:

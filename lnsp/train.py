@@ -1,17 +1,15 @@
-"""The trainer: set-up, one training step (shared with the probe) and the loop.
+"""The trainer: set-up, one training step (shared with the probe and bench), the
+run's state and the `fit` loop.
 
-Everything about a run lands in its run directory; the loop checks for a stop
-request at every step boundary and leaves exit.json on every way out.
+Everything about a run lands in its run directory through the recorder; the loop
+checks for a stop request at every step boundary and leaves exit.json on every way out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
-import signal
-import socket
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,15 +18,14 @@ import torch
 
 from lnsp import checkpoint, data, evaluate, miner
 from lnsp.config import TrainConfig
-from lnsp.dumps import Dumper, native_stacks
+from lnsp.errors import LnspError, RunDirError, TrainingError
 from lnsp.loss import info_nce
 from lnsp.model import QueryTower, resolve_device
-from lnsp.rundir import RunDir, RunLog, update_json, write_json
-from lnsp.watchdog import GracefulStop, Heartbeat, Watchdog
+from lnsp.recorder import Recorder
+from lnsp.rundir import RunDir, RunLog
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, a missing checkpoint): one clear line."""
+__all__ = ["Job", "RunState", "TrainingError", "setup", "train_step", "optimizer_step",
+           "epoch_batches", "micro_batches", "fit", "run"]
 
 
 @dataclass
@@ -114,8 +111,8 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
 
 def optimizer_step(job: Job, loss: float) -> None:
     """Clip-free step that refuses a non-finite loss or gradient."""
-    grads = [p.grad.norm() for p in job.model.parameters() if p.grad is not None]
-    norm = float(torch.stack(grads).norm()) if grads else 0.0
+    grads = [p.grad for p in job.model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if not (np.isfinite(loss) and np.isfinite(norm)):
         job.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} "
@@ -145,19 +142,160 @@ def micro_batches(job: Job, batches: list[np.ndarray]):
     return iter(loader)
 
 
-def run(config: TrainConfig) -> int:
-    """Train in the foreground (one rank of a torchrun job when started by torchrun);
-    returns the process exit code (0 finished or stopped)."""
-    from lnsp import distributed
+@dataclass
+class RunState:
+    """Where the run is: checkpointed as one object, so a resumed run continues exactly."""
+    epoch: int = 0  # epochs completed
+    position: int = 0  # optimizer steps done in the current epoch
+    step: int = 0  # optimizer steps done in all
+    best: float = -1.0  # the best held-out Hit@10 so far
 
-    rd = RunDir(config.run_dir)
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "RunState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        self.position += 1
+
+    def end_interval(self, steps_per_epoch: int) -> int:
+        """After an evaluation: the next epoch starts when this one is complete (not when
+        the step budget cut it short). Returns the epoch just evaluated (1-based)."""
+        evaluated = self.epoch + 1
+        if self.position >= steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return evaluated
+
+    def improved(self, hit10: float) -> bool:
+        """Keep the best model; on a tie the later, longer-trained one."""
+        if hit10 >= self.best:
+            self.best = hit10
+            return True
+        return False
+
+
+def held_out(job: Job, val: np.ndarray, dist) -> dict:
+    """The evaluation figures over the held-out windows. With ranks, each evaluates its
+    slice and the sums (hits, reciprocal ranks) and counts are all-reduced, so the
+    figures equal one process's and no rank waits at a barrier for the whole of it."""
+    shards = np.array_split(val, dist.world)
+    if not dist.active or min(len(s) for s in shards) == 0:  # too few: each does all
+        return evaluate.evaluate(job.module, job.ds, job.index, val, job.config.ctx_len,
+                                 job.device)
+    mine = shards[dist.rank]
+    part = evaluate.evaluate(job.module, job.ds, job.index, mine, job.config.ctx_len,
+                             job.device)
+    keys = sorted(k for k, v in part.items() if isinstance(v, (int, float)))
+    sums = dist.sum([float(part[k]) * len(mine) for k in keys] + [float(len(mine))])
+    return {**part, **{k: s / sums[-1] for k, s in zip(keys, sums)}}
+
+
+def plan(job: Job, dist) -> tuple[int, int]:
+    """Optimizer steps per epoch (the same on every rank, or one would wait in a
+    collective) and in all."""
+    cfg = job.config
+    steps_per_epoch = dist.min_int(len(epoch_batches(job, 0)) // cfg.accum_steps)
+    if steps_per_epoch == 0:
+        raise data.DataError(f"{job.ds.root}: {len(job.train_starts)} training windows are "
+                             f"fewer than one step ({job.batch} x {cfg.accum_steps})")
+    total = cfg.epochs * steps_per_epoch
+    return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def resume(job: Job, rd: RunDir, say) -> RunState:
+    """The state (and weights, optimizer, RNG) of last.pt, or a fresh start."""
+    if not job.config.resume:
+        return RunState()
+    if not rd.last_checkpoint().exists():
+        say("No checkpoint yet (the run ended before its first): starting from step 0")
+        return RunState()
+    saved = checkpoint.load(rd.last_checkpoint())
+    job.module.load_state_dict(saved["model"])
+    job.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    state = RunState.from_checkpoint(saved)
+    say(f"Resumed from {rd.last_checkpoint()} at epoch {state.epoch + 1}, step {state.step}")
+    return state
+
+
+def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
+    """The training loop; returns the exit code (0: finished or stopped)."""
+    cfg, rd = job.config, rec.rd
+    val = evaluate.subset(job.val_starts, cfg.eval_windows, cfg.seed)
+    steps_per_epoch, rec.total = plan(job, dist)
+    rec.say(f"Training {len(job.train_starts)} windows, {steps_per_epoch} steps/epoch, "
+            f"{rec.total} steps; {len(val)} held-out windows")
+    stopping = False
+    while state.step < rec.total and state.epoch < cfg.epochs:
+        # The epoch's batches are a function of (seed, epoch): a resumed run skips the
+        # ones it has done and sees the rest exactly as it would have.
+        batches = epoch_batches(job, state.epoch)
+        feed = micro_batches(job, batches[state.position * cfg.accum_steps:])
+        while state.position < steps_per_epoch and state.step < rec.total:
+            # A stop request is honoured between steps, never inside one, on every rank.
+            stop.announce()
+            if stopping or (stop.requested and not dist.active):
+                rec.checkpoint(rd.last_checkpoint(), job, state)
+                return rec.stopped(stop.requested)
+            if dist.active:  # this rank reached the collectives of this step
+                rec.beat(state, "sync")
+            # Forward, mine, loss and backward per micro-batch; one optimizer step.
+            phases: dict = {}
+            loss = sum(train_step(job, next(feed), 1 / cfg.accum_steps, phases, watchdog)
+                       for _ in range(cfg.accum_steps)) / cfg.accum_steps
+            watchdog.phase = "optimizer"
+            optimizer_step(job, loss)
+            # The ranks agree on the mean loss, and on stopping at the same boundary.
+            loss, stopping = dist.sync(loss, bool(stop.requested))
+            state.advance()
+            watchdog.first_step_done()
+            rec.step_done(state, loss, phases)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                watchdog.phase = "checkpoint"
+                rec.checkpoint(rd.last_checkpoint(), job, state)
+        # End of an epoch (or of the step budget): every rank evaluates its slice of
+        # the held-out windows; rank 0 records the figures and writes the checkpoints.
+        watchdog.progress("evaluate")
+        metrics = held_out(job, val, dist)
+        epoch = state.end_interval(steps_per_epoch)
+        watchdog.progress("checkpoint")
+        rec.evaluated(epoch, metrics)
+        if state.improved(metrics["hit@10"]):
+            rec.checkpoint(rd.best_checkpoint(), job, state)
+        rec.checkpoint(rd.epoch_checkpoint(state.epoch), job, state)
+        rec.checkpoint(rd.last_checkpoint(), job, state)
+        # The others wait for rank 0's checkpoints (seconds), not for an evaluation.
+        watchdog.progress("barrier")
+        dist.barrier()
+        rec.epoch_end(state.epoch)
+        watchdog.progress("train")
+    return rec.finished()
+
+
+def _check_run_dir(config: TrainConfig, rd: RunDir) -> TrainConfig:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         config = config.replace(resume=True)  # torchrun restarted the job: continue it
     if rd.config.exists() and not config.resume:
-        raise data.DataError(f"{rd.root}: run directory already holds a run; "
-                             "pass --resume to continue it or choose another --run-dir")
+        raise RunDirError(f"{rd.root}: run directory already holds a run; "
+                          "pass --resume to continue it or choose another --run-dir")
     if config.resume and not rd.config.exists():
-        raise data.DataError(f"{rd.root}: no run to resume here")
+        raise RunDirError(f"{rd.root}: no run to resume here")
+    return config
+
+
+def run(config: TrainConfig) -> int:
+    """Train in the foreground (one rank of a torchrun job when started by torchrun);
+    returns the process exit code (0 finished or stopped)."""
+    from lnsp import distributed, threads
+    from lnsp.dumps import Dumper
+    from lnsp.watchdog import GracefulStop, Watchdog
+
+    rd = RunDir(config.run_dir)
+    config = _check_run_dir(config, rd)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.batch_size % world:
@@ -166,14 +304,11 @@ def run(config: TrainConfig) -> int:
     log = RunLog(None, prefix=f"[rank {rank}] " if world > 1 else "")
     dumper = Dumper(rd.dumps, log, prefix=f"rank{rank}-" if world > 1 else "")
     stop = GracefulStop(log).install()
-    ending = {"step": 0, "dist": distributed.Dist(rank, world, rd.root)}
-
-    def on_stall(phase):
-        if rank == 0:
-            _write_exit(rd, "stalled", 3, ending["step"])
-
+    rec = Recorder(rd, log, config, rank, world)
+    dist = distributed.Dist(rank, world, rd.root)
     watchdog = Watchdog(config.startup_timeout, config.stall_timeout, config.on_stall, dumper,
-                        log, on_exit=on_stall, describe=lambda: ending["dist"].laggards())
+                        log, on_exit=rec.stalled, describe=lambda: dist.laggards(),
+                        on_tick=[stop.announce])
     watchdog.start()
 
     # Data first: bad input leaves no run directory behind.
@@ -182,182 +317,29 @@ def run(config: TrainConfig) -> int:
     resolve_device(config.device)
     # Every rank has checked the run directory before any rank writes to it.
     watchdog.progress("rendezvous")
-    dist = ending["dist"] = distributed.init(config.pg_timeout, rd.root)
+    dist = distributed.init(config.pg_timeout, rd.root)
     rd.root.mkdir(parents=True, exist_ok=True)
     log.file = open(rd.log, "a", buffering=1)
     dumper.enable_crash_dumps(log.file)
-    ranks = dist.ranks()
-    if dist.main:
-        write_json(rd.config, config.to_json())
-        rd.exit.unlink(missing_ok=True)
-        extra = {"ranks": ranks, "supervisor_pid": os.getppid()} if dist.active else {}
-        update_json(rd.run, pid=os.getpid(), backend=os.environ.get("LNSP_BACKEND", "foreground"),
-                    host=socket.gethostname(), python=sys.executable, argv=sys.argv,
-                    start_time=time.time(), stall_timeout=config.stall_timeout,
-                    startup_timeout=config.startup_timeout, world_size=dist.world, **extra)
+    rec.started(dist.ranks())
     try:
-        code = _loop(config, rd, ds, log, watchdog, stop, ending, dist)
+        n_threads = threads.enforce()
+        rec.say(f"lnsp train: pid {os.getpid()}, {ds.bank.shape[0]} x {ds.dim} bank, "
+                f"{len(ds.offsets) - 1} chains, threads {config.threads} ({n_threads} OpenMP)"
+                + (f", {dist.world} ranks" if dist.active else ""))
+        job = setup(config, ds, rec.say, watchdog, dist.rank, dist.world)
+        code = fit(job, resume(job, rd, rec.say), rec, watchdog, stop, dist)
     except RuntimeError as e:
-        if not dist.active or isinstance(e, TrainingError):
-            _fail(rd, log, ending, dist, e, 1)
+        if not dist.active or isinstance(e, LnspError):
+            rec.failed(e)
             raise
-        error = distributed.classify(e, dist)
-        log(f"[DISTRIBUTED] {error}")
-        dumper.dump("collective")
-        for pid in dist.stalled_pids():  # the stalled rank cannot dump itself
-            stacks = native_stacks(pid, timeout=10)
-            if stacks:
-                dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
-            if error.exit_code == 3:  # frozen: nothing else can end it for the restart
-                log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
-                os.kill(pid, signal.SIGKILL)
-        _fail(rd, log, ending, dist, error, error.exit_code)
+        error = distributed.post_mortem(e, dist, dumper, log)
+        rec.failed(error)
         raise error from None
     except BaseException as e:
-        _fail(rd, log, ending, dist, e, 1)
+        rec.failed(e)
         raise
     finally:
         watchdog.stop()
     distributed.shutdown()
     return code
-
-
-def _fail(rd: RunDir, log, ending, dist, error: BaseException, code: int) -> None:
-    state = "stalled" if code == 3 else "failed"
-    if dist.main:
-        _write_exit(rd, state, code, ending["step"], error=f"{type(error).__name__}: {error}")
-    log(f"FAILED: {type(error).__name__}: {error}")
-
-
-def _write_exit(rd: RunDir, state: str, code: int, step: int, **extra) -> None:
-    write_json(rd.exit, {"state": state, "exit_code": code, "step": step,
-                         "time": time.time(), **extra})
-
-
-def _loop(config: TrainConfig, rd: RunDir, ds, log, watchdog, stop, ending, dist) -> int:
-    from lnsp import threads
-
-    say = log if dist.main else (lambda message: None)  # rank 0 alone logs the routine
-    n_threads = threads.enforce()
-    say(f"lnsp train: pid {os.getpid()}, {ds.bank.shape[0]} x {ds.dim} bank, "
-        f"{len(ds.offsets) - 1} chains, threads {config.threads} ({n_threads} OpenMP)"
-        + (f", {dist.world} ranks" if dist.active else ""))
-    job = setup(config, ds, say, watchdog, dist.rank, dist.world)
-    beats = [Heartbeat(dist.heartbeat_path(rd.root), log, config.mem_margin_mb)] \
-        if dist.active else []
-    if dist.main:
-        beats.append(Heartbeat(rd.heartbeat, log, config.mem_margin_mb))
-    val = evaluate.subset(job.val_starts, config.eval_windows, config.seed)
-    # Every rank must take the same number of steps, or one waits in a collective.
-    steps_per_epoch = dist.min_int(len(epoch_batches(job, 0)) // config.accum_steps)
-    total = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    if steps_per_epoch == 0:
-        raise data.DataError(f"{ds.root}: {len(job.train_starts)} training windows are fewer "
-                             f"than one step ({job.batch} x {config.accum_steps})")
-    epoch, position, step, best = 0, 0, 0, -1.0
-    if config.resume and not rd.last_checkpoint().exists():
-        say("No checkpoint yet (the run ended before its first): starting from step 0")
-    elif config.resume:
-        state = checkpoint.load(rd.last_checkpoint())
-        job.module.load_state_dict(state["model"])
-        job.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        epoch, position, step, best = (state["epoch"], state["position"], state["step"],
-                                       state["best"])
-        say(f"Resumed from {rd.last_checkpoint()} at epoch {epoch + 1}, step {step}")
-    say(f"Training {len(job.train_starts)} windows, {steps_per_epoch} steps/epoch, "
-        f"{total} steps; {len(val)} held-out windows")
-
-    def save(path, epoch, position):  # rank 0 alone writes checkpoints
-        if dist.main:
-            checkpoint.save(path, job.module, job.optimizer, config, epoch=epoch,
-                            position=position, step=step, best=best)
-
-    def beat(phase):
-        for heartbeat in beats:
-            heartbeat.beat(epoch + 1, step, phase, loss, rate * config.batch_size
-                           * config.accum_steps)
-
-    loss, rate, stopping = float("nan"), 0.0, False
-    window_t, window_steps = time.perf_counter(), 0
-    while step < total and epoch < config.epochs:
-        batches = epoch_batches(job, epoch)
-        feed = micro_batches(job, batches[position * config.accum_steps:])
-        while position < steps_per_epoch and step < total:
-            # A stop request is honoured between steps, never inside one, on every rank.
-            if stopping or (stop.requested and not dist.active):
-                save(rd.last_checkpoint(), epoch, position)
-                if dist.main:
-                    _write_exit(rd, "stopped", 0, step, signal=stop.requested or "peer")
-                say(f"Stopped on {stop.requested or 'a peer rank'} at step {step}; checkpoint "
-                    f"{rd.last_checkpoint()} (continue with --resume)")
-                if dist.main:
-                    _plot(rd, log)
-                return 0
-            if dist.active:  # this rank reached the collectives of this step
-                beat("sync")
-            # Accumulate gradients over micro-batches, then one optimizer step.
-            loss = sum(train_step(job, next(feed), 1 / config.accum_steps, watchdog=watchdog)
-                       for _ in range(config.accum_steps)) / config.accum_steps
-            watchdog.phase = "optimizer"
-            optimizer_step(job, loss)
-            loss, stopping = dist.sync(loss, bool(stop.requested))
-            step, position, window_steps = step + 1, position + 1, window_steps + 1
-            ending["step"] = step
-            watchdog.first_step_done()
-            # Heartbeat after every step: an outside observer's proof of life.
-            rate = window_steps / max(time.perf_counter() - window_t, 1e-9)
-            beat("train")
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                watchdog.phase = "checkpoint"
-                save(rd.last_checkpoint(), epoch, position)
-            if step % config.log_every == 0 or step == total:
-                say(f"Epoch {epoch + 1}/{config.epochs} | Step {step} | Loss {loss:.4f} "
-                    f"| {rate:.2f} it/s")
-                window_t, window_steps = time.perf_counter(), 0
-        # End of epoch (or of the step budget): rank 0 evaluates, checkpoints, keeps
-        # the best; the others wait at the barrier.
-        watchdog.progress("evaluate")
-        done_epoch = position >= steps_per_epoch
-        next_epoch, next_position = (epoch + 1, 0) if done_epoch else (epoch, position)
-        if dist.main:
-            metrics = {"epoch": epoch + 1, "step": step, "loss": loss,
-                       **evaluate.evaluate(job.module, ds, job.index, val, config.ctx_len,
-                                           job.device)}
-            with open(rd.metrics, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            say(f"Eval epoch {epoch + 1}: Hit@1 {metrics['hit@1']:.3f} "
-                f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
-                f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
-                f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
-            watchdog.progress("checkpoint")
-            if metrics["hit@10"] >= best:  # on a tie the later, longer-trained model
-                best = metrics["hit@10"]
-                save(rd.checkpoints / "best.pt", next_epoch, next_position)
-            save(rd.checkpoints / f"epoch_{next_epoch:03d}.pt", next_epoch, next_position)
-            save(rd.last_checkpoint(), next_epoch, next_position)
-        epoch, position = next_epoch, next_position
-        watchdog.progress("barrier")
-        dist.barrier()
-        for heartbeat in beats:
-            heartbeat.epoch_end(epoch)
-        watchdog.progress("train")
-    if dist.main:
-        _write_exit(rd, "finished", 0, step)
-    say(f"Finished: {step} steps; run directory {rd.root}")
-    if dist.main:
-        _plot(rd, log)
-    return 0
-
-
-def _plot(rd: RunDir, log) -> None:
-    """plots.png for the run when matplotlib is installed (an optional extra)."""
-    try:
-        from lnsp import plot
-        plot.draw(rd)
-    except ImportError:
-        pass
-    except Exception as e:  # a plot must never fail a finished run
-        log(f"plot not drawn: {e}")

@@ -6,12 +6,15 @@
 set -euo pipefail
 DIR=${1:-.cache/wheelhouse}
 PIP=${PIP:-.venv/bin/pip}
+PY=${PY:-.venv/bin/python}
 mkdir -p "$DIR"
+# The dependency list lives in pyproject.toml alone; versions in constraints.txt.
+mapfile -t DEPS < <("$PY" scripts/dependencies.py pyproject.toml)
 "$PIP" download --quiet --dest "$DIR" --only-binary=:all: \
     --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
     --platform manylinux1_x86_64 --platform any \
     -c constraints.txt \
-    torch faiss-cpu numpy click threadpoolctl psutil docker py-spy
+    "${DEPS[@]}"
 echo "wheelhouse $DIR: $(ls "$DIR" | wc -l) wheels, $(du -sh "$DIR" | cut -f1)"

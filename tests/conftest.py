@@ -55,17 +55,27 @@ def lnsp(*args, cwd=None, timeout=120, extra_env=None) -> subprocess.CompletedPr
                           env=env(**(extra_env or {})), stdin=subprocess.DEVNULL)
 
 
-def spawn(*args, fault: str | None = None, at_step: int = 3, cwd=None, extra_env=None,
-          **kw) -> subprocess.Popen:
-    """Start `lnsp ARGS` in the background, through the fault driver when asked."""
+def spawn(*args, fault: str | None = None, at_step: int = 3, marker=None, cwd=None,
+          extra_env=None, **kw) -> subprocess.Popen:
+    """Start `lnsp ARGS` in the background, through the fault driver when asked; the
+    driver creates `marker` just before the fault blocks."""
     extra = dict(extra_env or {})
     if fault:
         extra.update(LNSP_TEST_FAULT=fault, LNSP_TEST_FAULT_STEP=at_step)
+        if marker:
+            extra.update(LNSP_TEST_MARKER=marker)
         cmd = [sys.executable, str(DRIVER), *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "lnsp", *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, env=env(**extra), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def release(gate) -> None:
+    """Open the driver's FIFO gate: its blocked read returns. Only called once the
+    marker shows that the reader is there (an open for writing waits for a reader)."""
+    with open(gate, "wb") as g:
+        g.write(b"x")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:

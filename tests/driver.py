@@ -7,21 +7,38 @@ which it strikes (start-up faults strike during data loading).
   never_returns a step that loops forever
   nan           a non-finite loss
   startup       data loading that never ends
+
+Just before a fault blocks, the driver creates the file LNSP_TEST_MARKER (when set):
+a test that signals, stalls or kills waits for that file, a state it controls, and
+never for a step number, which only suggests where the process is.
+
+LNSP_TEST_EVAL_LOG (when set): every call of evaluate.evaluate appends a line
+{"rank": R, "windows": N} there, so a test sees which rank evaluated what.
 """
 
+import json
 import os
 import sys
 import threading
 import time
 
 import lnsp  # noqa: F401  (thread policy first, as in the real entry point)
-from lnsp import cli, data, train
+from lnsp import cli, data, evaluate, train
 
-FAULT = os.environ["LNSP_TEST_FAULT"]
+FAULT = os.environ.get("LNSP_TEST_FAULT", "")
 AT_STEP = int(os.environ.get("LNSP_TEST_FAULT_STEP", "3"))
 
 
+def reached():
+    """Tell the test that the fault is about to block (it waits for this file)."""
+    marker = os.environ.get("LNSP_TEST_MARKER")
+    if marker:
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+
+
 def blocked_read(path):
+    reached()
     with open(path, "rb") as fifo:  # open() of a FIFO blocks in the kernel
         return fifo.read(1)
 
@@ -29,10 +46,12 @@ def blocked_read(path):
 def deadlock():
     lock = threading.Lock()
     lock.acquire()
+    reached()
     lock.acquire()
 
 
 def never_returns():
+    reached()
     while True:
         time.sleep(0.5)
 
@@ -61,8 +80,20 @@ def faulty_load(*args, **kwargs):
     return real_load(*args, **kwargs)
 
 
+real_evaluate = evaluate.evaluate
+
+
+def logged_evaluate(model, ds, index, starts, *args, **kwargs):
+    with open(os.environ["LNSP_TEST_EVAL_LOG"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")),
+                            "windows": [int(s) for s in starts]}) + "\n")
+    return real_evaluate(model, ds, index, starts, *args, **kwargs)
+
+
 train.optimizer_step = faulty_step
 data.load = faulty_load
+if os.environ.get("LNSP_TEST_EVAL_LOG"):
+    evaluate.evaluate = logged_evaluate
 
 if __name__ == "__main__":
     sys.argv[0] = "lnsp"

@@ -7,8 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lnsp.cli import main
-from lnsp.config import ConfigError, TrainConfig, env_example, env_name, resolve
-from lnsp.dotenv import read_dotenv
+from lnsp.config import ConfigError, TrainConfig, env_example, env_name, read_env_file, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -17,7 +16,7 @@ FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 def test_env_example_lists_every_field_with_its_default():
     assert (ROOT / ".env.example").read_text() == env_example(), \
         "regenerate: python -m lnsp.config > .env.example"
-    example = read_dotenv(ROOT / ".env.example")
+    example = read_env_file(ROOT / ".env.example")
     assert sorted(example) == sorted(env_name(f) for f in FIELDS)
     for f in dataclasses.fields(TrainConfig):
         value = example[env_name(f.name)]
@@ -60,10 +59,13 @@ def test_bad_environment_value_is_one_line_exit_2(tmp_path):
     assert "LNSP_EPOCHS" in r.output and "Traceback" not in r.output
 
 
-def test_to_argv_round_trips():
-    c = TrainConfig(epochs=5, resume=True, run_dir="runs/x")
-    r = CliRunner().invoke(main, ["train", "--help"])  # flags exist (above); parse back:
-    assert r.exit_code == 0
-    argv = c.to_argv()
-    parsed = dict(zip(argv[::2], argv[1::2]))
-    assert parsed["--epochs"] == "5" and "--resume" in argv
+def test_to_argv_round_trips(tmp_path, monkeypatch):
+    from lnsp.cli import config_from, train
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout's
+    c = TrainConfig(epochs=5, resume=True, run_dir="runs/x", lr=0.0007, index="ivf-sq8",
+                    threads="3", stall_timeout=2.5, on_stall="exit", max_restarts=2)
+    ctx = train.make_context("train", c.to_argv())  # parsed back by the real command
+    assert config_from(ctx.params) == c
+    assert config_from(train.make_context("train", c.replace(resume=False).to_argv())
+                       .params).resume is False

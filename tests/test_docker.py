@@ -7,7 +7,9 @@ they fail instead."""
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -143,3 +145,39 @@ def test_compare_prints_native_and_container_columns(image, tmp_path):
     values = {row[2:15].strip(): row[15:].split() for row in rows if row[2:15].strip()}
     assert values["threads"] == ["safe", "safe"] and values["omp_threads"] == ["1", "1"]
     assert len(values["forward_ms"]) == 2
+
+
+def _docker_run(root, container_id):
+    from lnsp.rundir import RunDir
+
+    rd = RunDir(root)
+    rd.update_run(backend="docker", container_id=container_id, launch_time=time.time() - 3600)
+    return rd
+
+
+def test_an_engine_that_does_not_answer_leaves_the_state_unknown_not_failed(tmp_path):
+    # A real socket that takes connections and never answers: a hung engine.
+    path = tmp_path / "engine.sock"
+    engine = socket.socket(socket.AF_UNIX)
+    engine.bind(str(path))
+    engine.listen(16)
+    try:
+        _docker_run(tmp_path / "run", "f" * 64)
+        r = lnsp("status", tmp_path / "run", "--json", cwd=tmp_path,
+                 extra_env={"DOCKER_HOST": f"unix://{path}", "LNSP_DOCKER_TIMEOUT": "1"})
+    finally:
+        engine.close()
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    assert row["state"] == "unknown" and "not reachable" in row["error"], row
+
+
+def test_a_container_the_engine_does_not_know_is_gone(tmp_path):
+    problem = _engine_problem()
+    if problem:
+        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
+            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
+        pytest.skip(problem)
+    _docker_run(tmp_path / "run", "0" * 64)  # no such container
+    row = status(tmp_path / "run", tmp_path)
+    assert row["state"] == "failed" and row["container"] is None, row

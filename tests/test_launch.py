@@ -5,12 +5,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json, spawn, wait_until
+from conftest import FAST_TRAIN, env, lnsp, read_json, release, spawn, wait_until
 from lnsp.config import TrainConfig
 from lnsp.launch.command import trainer_argv
 
@@ -95,21 +94,28 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
 
 
 def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap):
-    gate = tmp_path / "gate"
+    from lnsp.rundir import RunDir
+    from lnsp.status import state as status_of
+
+    gate, marker = tmp_path / "gate", tmp_path / "blocked"
     os.mkfifo(gate)
     run = tmp_path / "run"
     proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, "--epochs", "1",
-                 "--stall-timeout", "1.5", fault="blocked_read", at_step=5,
+                 "--stall-timeout", "1.5", fault="blocked_read", at_step=5, marker=marker,
                  extra_env={"LNSP_TEST_GATE": gate}, cwd=tmp_path)
     reap(proc.pid)
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
-               what="step 4")
-    assert state(run, tmp_path)["state"] == "running"
-    stalled = wait_until(lambda: state(run, tmp_path)["state"] == "stalled", 30,
-                         what="status stalled")
-    assert stalled
-    with open(gate, "wb") as g:
-        g.write(b"x")
+    wait_until(lambda: marker.exists() or proc.poll() is not None, 60, what="step 5 blocked")
+    assert proc.poll() is None
+    # The live process and its real records, judged at two moments of our choosing:
+    # just after the last heartbeat, and past the stall timeout.
+    last = read_json(run / "heartbeat.json")["time"]
+    assert status_of(RunDir(run), now=last + 0.1)["state"] == "running"
+    assert status_of(RunDir(run), now=last + 1.6)["state"] == "stalled"
+    # And from the command line, once the clock has really passed the budget.
+    row = wait_until(lambda: (lambda r: r if r["state"] == "stalled" else None)(
+        state(run, tmp_path)), 30, what="status stalled")
+    assert row["step"] == 4 and row["heartbeat_age_s"] > 1.5, row
+    release(gate)
     proc.wait(60)
     final = state(run, tmp_path)
     assert final["state"] == "finished" and final["exit_code"] == 0
@@ -135,28 +141,34 @@ def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
     reap(other.pid)
     r = lnsp("dump", other.pid, cwd=tmp_path)
     assert r.returncode == 2 and "not an lnsp trainer" in r.stderr, r.stderr
-    time.sleep(0)  # no wait needed: the check is synchronous
-    assert other.poll() is None  # still alive: no signal was sent
+    # A SIGUSR1 would have ended `sleep` at once (its default action); the refusal
+    # came back after any signal would have landed, so it is still alive, not killed.
+    assert other.poll() is None and psutil.Process(other.pid).status() != "zombie"
 
 
 def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
+    from lnsp import data
+
     run = tmp_path / "run"
-    launch("nohup", run, small_data, "--epochs", "10", cwd=tmp_path)
+    # Far more epochs than the test waits for: the stop lands mid-run wherever it lands.
+    launch("nohup", run, small_data, "--epochs", "500", cwd=tmp_path)
     reap(trainer_pid(run))
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 20, 60,
                what="step 20")
     r = lnsp("stop", run, cwd=tmp_path)
     assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
     assert state(run, tmp_path)["state"] == "stopped"
-    r = lnsp("train", "--run-dir", run, "--resume", cwd=tmp_path, timeout=180)
-    assert r.returncode == 0, r.stderr
     config = read_json(run / "config.json")
-    ended = read_json(run / "exit.json")
-    from lnsp import data
     ds = data.load(small_data, config["ctx_len"])
     train_starts, _ = data.windows(ds, config["ctx_len"], config["val_fraction"], config["seed"])
-    assert ended["state"] == "finished"
-    assert ended["step"] == config["epochs"] * (len(train_starts) // config["batch_size"])
+    per_epoch = len(train_starts) // config["batch_size"]
+    epochs = read_json(run / "exit.json")["step"] // per_epoch + 1  # end in the stopped epoch
+    r = lnsp("train", "--run-dir", run, "--resume", "--epochs", epochs, cwd=tmp_path,
+             timeout=180)
+    assert r.returncode == 0, r.stderr
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "finished" and read_json(run / "config.json")["epochs"] == epochs
+    assert ended["step"] == epochs * per_epoch
 
 
 @pytest.mark.timeout(300)
@@ -176,9 +188,21 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     ended = wait_until(lambda: (lambda e: e if e and e["state"] == "finished" else None)(
         read_json(run / "exit.json")), 180, what="the restarted run to finish")
     frozen_dump = next((run / "dumps").glob("dump-frozen-*.txt")).read_text()
-    assert f"Process {first}" in frozen_dump and "_loop" in frozen_dump, frozen_dump
+    assert f"Process {first}" in frozen_dump and "fit" in frozen_dump, frozen_dump
     log = (run / "training.log").read_text()
     assert "[SUPERVISOR] trainer pid" in log and "restart 1/1" in log and "Resumed from" in log
     metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
     config = read_json(run / "config.json")
     assert len(metrics) == config["epochs"] and ended["step"] % config["epochs"] == 0
+
+
+def test_wait_gone_waits_for_the_process_and_not_past_its_end(reap):
+    from lnsp import procs
+
+    child = subprocess.Popen(["sleep", "60"])
+    reap(child.pid)
+    assert procs.wait_gone(child.pid, 0.3) is False  # still running: the full wait
+    child.kill()  # a zombie until reaped: it has ended all the same
+    assert procs.wait_gone([child.pid, None], 10) is True
+    child.wait(5)  # reaped: gone for good
+    assert procs.wait_gone(child.pid, 10) is True

@@ -6,18 +6,28 @@ import signal
 
 import pytest
 
-from conftest import FAST_TRAIN, finish, read_json, spawn, wait_until
+from conftest import FAST_TRAIN, finish, read_json, release, spawn, wait_until
 
 STALL = ["--stall-timeout", "2", "--on-stall", "exit"]
 
 
 def blocked_run(small_data, tmp_path, *extra, fault="blocked_read", at_step=5):
+    """A trainer whose `at_step`-th optimizer step blocks; wait(proc) returns once the
+    driver says it is about to block (its marker file), never on a step number."""
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     run = tmp_path / "run"
+    marker = tmp_path / "blocked"
     proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, *extra,
-                 fault=fault, at_step=at_step, extra_env={"LNSP_TEST_GATE": gate})
-    return proc, run, gate
+                 fault=fault, at_step=at_step, marker=marker,
+                 extra_env={"LNSP_TEST_GATE": gate})
+    return proc, run, gate, marker
+
+
+def wait_blocked(proc, marker):
+    wait_until(lambda: marker.exists() or proc.poll() is not None, 60,
+               what="the trainer to reach the blocked step")
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
 
 
 def dumps(run):
@@ -26,14 +36,12 @@ def dumps(run):
 
 def test_three_sigusr1_dumps_while_blocked_in_native_code_and_the_run_finishes(
         small_data, tmp_path):
-    proc, run, gate = blocked_run(small_data, tmp_path, "--epochs", "1")
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
-               what="step 4")
+    proc, run, gate, marker = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_blocked(proc, marker)
     for n in (1, 2, 3):
         proc.send_signal(signal.SIGUSR1)
         wait_until(lambda: len(dumps(run)) == n, 30, what=f"dump {n}")
-    with open(gate, "wb") as g:
-        g.write(b"x")
+    release(gate)
     code, out = finish(proc)
     assert code == 0, out
     assert read_json(run / "exit.json")["state"] == "finished"
@@ -47,7 +55,7 @@ def test_three_sigusr1_dumps_while_blocked_in_native_code_and_the_run_finishes(
                                           ("deadlock", "deadlock"),
                                           ("never_returns", "never_returns")])
 def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fault, frame):
-    proc, run, _ = blocked_run(small_data, tmp_path, *STALL, fault=fault)
+    proc, run, _, _ = blocked_run(small_data, tmp_path, *STALL, fault=fault)
     code, out = finish(proc, timeout=60)
     assert code == 3, out
     log = (run / "training.log").read_text()
@@ -55,15 +63,17 @@ def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fau
     assert frame in dumps(run)[0].read_text()
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 4
+    assert ended["cause"] == "no progress in phase 'optimizer'"
 
 
 def test_watchdog_in_dump_mode_keeps_waiting(small_data, tmp_path, reap):
-    proc, run, gate = blocked_run(small_data, tmp_path, "--stall-timeout", "1", "--epochs", "1")
+    proc, run, gate, marker = blocked_run(small_data, tmp_path, "--stall-timeout", "1",
+                                          "--epochs", "1")
     reap(proc.pid)
+    wait_blocked(proc, marker)
     wait_until(lambda: dumps(run), 30, what="the watchdog's dump")
     assert proc.poll() is None  # still alive: dump mode waits
-    with open(gate, "wb") as g:
-        g.write(b"x")
+    release(gate)
     code, out = finish(proc)
     assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out
 
@@ -78,10 +88,10 @@ def test_startup_budget_covers_data_loading(small_data, tmp_path):
 
 
 def test_sigint_stops_gracefully_and_a_second_exits_at_once(small_data, tmp_path):
-    proc, run, _ = blocked_run(small_data, tmp_path, "--epochs", "1")
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
-               what="step 4")
+    proc, run, _, marker = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_blocked(proc, marker)
     proc.send_signal(signal.SIGINT)  # the step is blocked: the flag waits for it
+    # Logged by the watchdog's thread, not by the handler, while the step is blocked.
     wait_until(lambda: "SIGINT received" in (run / "training.log").read_text(), 10,
                what="the first SIGINT logged")
     proc.send_signal(signal.SIGINT)
@@ -90,12 +100,10 @@ def test_sigint_stops_gracefully_and_a_second_exits_at_once(small_data, tmp_path
 
 
 def test_sigterm_checkpoints_and_exits_0(small_data, tmp_path):
-    proc, run, gate = blocked_run(small_data, tmp_path, "--epochs", "1")
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
-               what="step 4")
-    proc.send_signal(signal.SIGTERM)
-    with open(gate, "wb") as g:
-        g.write(b"x")
+    proc, run, gate, marker = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_blocked(proc, marker)
+    proc.send_signal(signal.SIGTERM)  # lands while step 5 is blocked: it stops after it
+    release(gate)
     code, out = finish(proc)
     assert code == 0, out
     assert read_json(run / "exit.json") | {"time": 0} == {
@@ -104,9 +112,8 @@ def test_sigterm_checkpoints_and_exits_0(small_data, tmp_path):
 
 
 def test_crash_leaves_stacks_in_the_log(small_data, tmp_path):
-    proc, run, _ = blocked_run(small_data, tmp_path, "--epochs", "1")
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step") == 4, 60,
-               what="step 4")
+    proc, run, _, marker = blocked_run(small_data, tmp_path, "--epochs", "1")
+    wait_blocked(proc, marker)
     proc.send_signal(signal.SIGSEGV)
     code, out = finish(proc)
     assert code == -signal.SIGSEGV

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from conftest import FAST_TRAIN, finish, lnsp, read_json, spawn, wait_until
+from conftest import FAST_TRAIN, finish, lnsp, read_json, release, spawn, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +63,12 @@ def test_stop_and_resume_match_an_uninterrupted_run(small_data, tmp_path):
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     part = tmp_path / "part"
+    marker = tmp_path / "blocked"
     proc = spawn("train", "--run-dir", part, *common, fault="blocked_read", at_step=40,
-                 extra_env={"LNSP_TEST_GATE": gate})
-    wait_until(lambda: (read_json(part / "heartbeat.json") or {}).get("step", 0) >= 39, 60,
-               what="step 39")
+                 marker=marker, extra_env={"LNSP_TEST_GATE": gate})
+    wait_until(lambda: marker.exists() or proc.poll() is not None, 60, what="step 40 blocked")
     proc.send_signal(signal.SIGTERM)  # lands while step 40 is blocked
-    with open(gate, "wb") as g:
-        g.write(b"x")
+    release(gate)
     code, out = finish(proc)
     assert code == 0, out
     stopped = read_json(part / "exit.json")

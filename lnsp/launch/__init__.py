@@ -10,15 +10,10 @@ from __future__ import annotations
 import importlib
 import time
 
-from lnsp.rundir import RunDir, update_json
+from lnsp.errors import LaunchError, RunDirError
+from lnsp.rundir import RunDir
 
-
-class LaunchError(RuntimeError):
-    """A launch or an operation on a run that cannot be done: one line, an exit code."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["LaunchError", "backend", "start"]
 
 
 def backend(name: str):
@@ -35,14 +30,14 @@ def start(name: str, config, options: dict) -> str:
     load(config.data, config.ctx_len)  # bad input fails here, not in the background
     rd = RunDir(config.run_dir)
     if rd.exists() and not config.resume:
-        raise LaunchError(f"{rd.root}: run directory already holds a run; "
+        raise RunDirError(f"{rd.root}: run directory already holds a run; "
                           "pass --resume to continue it or choose another --run-dir")
     module = importlib.import_module(f"lnsp.launch.{name}")
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)
     rd.root.mkdir(parents=True, exist_ok=True)
-    update_json(rd.run, backend=name, launch_time=time.time(), **info)
+    rd.update_run(backend=name, launch_time=time.time(), **info)
     module.start(config, info)
     lines = [f"Started {name} run: {rd.root}"]
     lines += module.notes(config, info) if hasattr(module, "notes") else []

@@ -11,24 +11,35 @@ import os
 from pathlib import Path
 
 from lnsp import procs
-from lnsp.launch import LaunchError
+from lnsp.errors import LaunchError
 from lnsp.launch.command import environment
+from lnsp.rundir import ExitCode
 from lnsp.threads import user_environment
 
 IMAGE = "lnsp:latest"
 LABEL = "lnsp.run"
+# Seconds an engine call may take (LNSP_DOCKER_TIMEOUT): past it, the engine is
+# "not answering", which says nothing about whether the container still runs.
+TIMEOUT_S = float(os.environ.get("LNSP_DOCKER_TIMEOUT", "30"))
+
+
+class EngineError(LaunchError):
+    """The engine did not answer (down, timed out, a server error): a container's state
+    is unknown, not gone."""
+
+    exit_code = ExitCode.INTERNAL
 
 
 def client():
     try:
         import docker
 
-        c = docker.from_env(timeout=30)
+        c = docker.from_env(timeout=TIMEOUT_S)
         c.ping()
         return c
     except Exception as e:  # any failure here means: no usable engine
-        raise LaunchError(f"Docker engine not reachable ({type(e).__name__}: {e}); "
-                          "start it (sudo dockerd, or Docker Desktop) and retry", 1) from None
+        raise EngineError(f"Docker engine not reachable ({type(e).__name__}: {e}); "
+                          "start it (sudo dockerd, or Docker Desktop) and retry") from None
 
 
 def container_name(run_dir: str) -> str:
@@ -55,7 +66,7 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    from lnsp.rundir import RunDir, update_json
+    from lnsp.rundir import RunDir
 
     rd = RunDir(config.run_dir)
     data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
@@ -75,7 +86,7 @@ def start(config, info: dict) -> None:
         volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
         working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
         **kwargs)
-    update_json(rd.run, container_id=container.id)
+    rd.update_run(container_id=container.id)
     container.start()
 
 
@@ -84,12 +95,18 @@ def notes(config, info: dict) -> list[str]:
 
 
 def _container(run: dict):
+    """The run's container; None when the engine says it does not exist (removed). Any
+    other failure (a timeout, a server error) is an EngineError: not an answer."""
+    import docker
+
+    engine = client()
     try:
-        return client().containers.get(run["container_id"])
-    except LaunchError:
-        raise
-    except Exception:
+        return engine.containers.get(run["container_id"])
+    except docker.errors.NotFound:
         return None
+    except Exception as e:
+        raise EngineError(f"Docker engine did not answer about container "
+                          f"{run['container_id'][:12]} ({type(e).__name__}: {e})") from None
 
 
 def alive(run: dict) -> bool:

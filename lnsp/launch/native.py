@@ -23,4 +23,6 @@ def send(run: dict, signum: int) -> None:
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
-    return procs.wait_for(lambda: not alive(run), timeout)
+    """The trainer and its supervisor have both ended (a supervisor may restart it)."""
+    trainer = run.get("pid") if trainer_alive(run) else None
+    return procs.wait_gone([trainer, run.get("supervisor_pid")], timeout) and not alive(run)

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lnsp.launch import LaunchError
+from lnsp.errors import LaunchError
+from lnsp.rundir import ExitCode
 from lnsp.launch.command import OPEN_FILES, caffeinate, environment, trainer_argv
 
 
@@ -43,7 +44,7 @@ def start(config, info: dict) -> None:
     r = tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50",
              shell_command(config), socket=socket)
     if r.returncode != 0:
-        raise LaunchError(f"tmux new-session failed: {r.stderr.strip()}", 1)
+        raise LaunchError(f"tmux new-session failed: {r.stderr.strip()}", ExitCode.INTERNAL)
 
 
 def notes(config, info: dict) -> list[str]:

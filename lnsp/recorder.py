@@ -1,0 +1,142 @@
+"""What a training run leaves behind as it goes: heartbeats after every step, the log
+line and steps.jsonl record per interval, metrics.jsonl per evaluation, checkpoints,
+the exit record and the plot. The rank checks live here: every rank beats its own
+heartbeat; rank 0 alone logs the routine and writes what the ranks share."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+from lnsp import checkpoint
+from lnsp.rundir import ExitCode, RunDir, StepRecord
+from lnsp.watchdog import Heartbeat
+
+
+class Recorder:
+    def __init__(self, rd: RunDir, log, config, rank: int = 0, world: int = 1):
+        self.rd, self.log, self.config = rd, log, config
+        self.rank, self.world = rank, world
+        self.main = rank == 0
+        self.beats: list[Heartbeat] = []
+        self.step = 0  # the last step done: what the exit record names
+        self.loss = float("nan")
+        self.samples_per_s = 0.0
+        self.total = 0  # steps in the run: the last one always logs
+        self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+
+    def say(self, message: str) -> None:
+        """The routine (steps, evaluations): logged by rank 0 alone."""
+        if self.main:
+            self.log(message)
+
+    def started(self, ranks: list[dict]) -> None:
+        """The run directory is ours: heartbeats, a fresh exit record, config and run.json."""
+        if self.world > 1:
+            self.beats.append(Heartbeat(self.rd.rank_heartbeat(self.rank), self.log,
+                                        self.config.mem_margin_mb))
+        if not self.main:
+            return
+        self.beats.append(Heartbeat(self.rd.heartbeat, self.log, self.config.mem_margin_mb))
+        from lnsp.rundir import write_json
+
+        write_json(self.rd.config, self.config.to_json())
+        self.rd.clear_exit()
+        extra = {"ranks": ranks, "supervisor_pid": os.getppid()} if self.world > 1 else {}
+        self.rd.update_run(pid=os.getpid(), backend=os.environ.get("LNSP_BACKEND", "foreground"),
+                           host=socket.gethostname(), python=sys.executable, argv=sys.argv,
+                           start_time=time.time(), stall_timeout=self.config.stall_timeout,
+                           startup_timeout=self.config.startup_timeout, world_size=self.world,
+                           **extra)
+
+    # ------------------------------------------------------------ every step
+    def beat(self, state, phase: str) -> None:
+        for heartbeat in self.beats:
+            heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s)
+
+    def step_done(self, state, loss: float, phases: dict) -> None:
+        """After every optimizer step: the heartbeat (an outside observer's proof of
+        life); per log interval, the log line and the steps.jsonl record."""
+        self.step, self.loss = state.step, loss
+        self._window_steps += 1
+        for name, seconds in phases.items():
+            self._phases[name] = self._phases.get(name, 0.0) + seconds
+        rate = self._window_steps / max(time.perf_counter() - self._window_t, 1e-9)
+        self.samples_per_s = rate * self.config.batch_size * self.config.accum_steps
+        self.beat(state, "train")
+        if state.step % self.config.log_every and state.step != self.total:
+            return
+        self.say(f"Epoch {state.epoch + 1}/{self.config.epochs} | Step {state.step} | "
+                 f"Loss {loss:.4f} | {rate:.2f} it/s")
+        if self.main:
+            rss = self.beats[-1].rss_mb() if self.beats else 0.0
+            self.rd.append_step(StepRecord(
+                step=state.step, epoch=state.epoch + 1, loss=loss,
+                samples_per_s=self.samples_per_s,
+                phases={k: v / self._window_steps for k, v in self._phases.items()},
+                rss_mb=round(rss, 1), time=time.time()))
+        self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+
+    # ------------------------------------------------------------ epochs
+    def evaluated(self, epoch: int, metrics: dict) -> None:
+        if not self.main:
+            return
+        self.rd.append_metrics({"epoch": epoch, "step": self.step, "loss": self.loss, **metrics})
+        self.log(f"Eval epoch {epoch}: Hit@1 {metrics['hit@1']:.3f} "
+                 f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
+                 f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
+                 f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
+
+    def checkpoint(self, path, job, state) -> None:
+        """Rank 0 alone writes checkpoints (the ranks' weights are the same)."""
+        if self.main:
+            checkpoint.save(path, job.module, job.optimizer, job.config, **state.as_dict())
+
+    def epoch_end(self, epoch: int) -> None:
+        for heartbeat in self.beats:
+            heartbeat.epoch_end(epoch)
+
+    # ------------------------------------------------------------ endings
+    def finished(self) -> int:
+        if self.main:
+            self.rd.write_exit("finished", ExitCode.DONE, self.step)
+        self.say(f"Finished: {self.step} steps; run directory {self.rd.root}")
+        self.plot()
+        return ExitCode.DONE
+
+    def stopped(self, signal_name: str | None) -> int:
+        if self.main:
+            self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=signal_name or "peer")
+        self.say(f"Stopped on {signal_name or 'a peer rank'} at step {self.step}; checkpoint "
+                 f"{self.rd.last_checkpoint()} (continue with --resume)")
+        self.plot()
+        return ExitCode.DONE
+
+    def stalled(self, phase: str) -> None:
+        """The watchdog's exit (from its thread, just before os._exit)."""
+        if self.main:
+            self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
+                               cause=f"no progress in phase '{phase}'")
+
+    def failed(self, error: BaseException) -> None:
+        code = int(getattr(error, "exit_code", ExitCode.INTERNAL))
+        if self.main:
+            self.rd.write_exit("stalled" if code == ExitCode.STALLED else "failed", code,
+                               self.step, cause=f"{type(error).__name__}: {error}",
+                               error=f"{type(error).__name__}: {error}")
+        self.log(f"FAILED: {type(error).__name__}: {error}")
+
+    def plot(self) -> None:
+        """plots.png when matplotlib is installed (an optional extra); never fails a run."""
+        if not self.main:
+            return
+        try:
+            from lnsp import plot
+
+            plot.draw(self.rd)
+        except ImportError:
+            pass
+        except Exception as e:
+            self.log(f"plot not drawn: {e}")

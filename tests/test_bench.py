@@ -1,0 +1,32 @@
+"""`lnsp bench`'s parts: a worker runs as `python -m lnsp.bench`, not through hidden
+flags of the user's command, and leaves no temporary directory behind."""
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import env
+from lnsp.cli import main
+
+
+def test_the_user_command_has_no_worker_flags():
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert r.exit_code == 0, r.output
+    assert "--part" not in r.output and "--seconds" in r.output
+    r = CliRunner().invoke(main, ["bench", "--part", "worker"])
+    assert r.exit_code == 2 and "No such option" in r.output, r.output
+
+
+def test_a_worker_measures_and_cleans_up(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lnsp.bench", "worker", "--batch", "8",
+                        "--seconds", "0.1", "--threads", "safe"], capture_output=True,
+                       text=True, timeout=120, env=env(TMPDIR=tmp_path),
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["batch"] == 8 and result["hardened_samples_per_s"] > 0
+    assert 0 < result["hardened_ratio"] < 2, result
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("lnsp-")]
+    assert left == [], left

@@ -1,0 +1,123 @@
+"""The run directory's contract and the pure functions that read it: records, the one
+staleness check, the state of a run, the laggard rank and the failure classes."""
+
+import json
+import time
+
+import pytest
+
+from lnsp.distributed import classify as classify_failure, laggards, stalled_pid
+from lnsp.errors import (ConfigError, DataError, LaunchError, LnspError, RunDirError,
+                         TrainingError)
+from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, StepRecord, run_staleness,
+                         staleness)
+from lnsp.status import classify
+
+
+def test_records_round_trip_and_keep_unknown_fields(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.write_heartbeat(Heartbeat(pid=7, time=100.0, epoch=2, step=9, phase="train", loss=1.5))
+    assert rd.read_heartbeat() == Heartbeat(pid=7, time=100.0, epoch=2, step=9, phase="train",
+                                            loss=1.5)
+    ended = rd.write_exit("stopped", ExitCode.DONE, 40, signal="SIGTERM")
+    on_disk = json.loads(rd.exit.read_text())
+    assert on_disk["signal"] == "SIGTERM" and on_disk["exit_code"] == 0 and "cause" not in on_disk
+    assert rd.read_exit() == ended and ended.extra == {"signal": "SIGTERM"}
+    rd.append_step(StepRecord(5, 1, 2.0, 80.0, {"forward": 0.01}, 300.0, 1.0))
+    with open(rd.steps, "a") as f:
+        f.write('{"step": 10, "epo')  # a torn last line, being written
+    assert [r.step for r in rd.read_steps()] == [5]
+    rd.rank_heartbeat(1).write_text(json.dumps({"pid": 8, "time": 5.0, "step": 3}))
+    assert rd.rank_heartbeats()[1].step == 3
+
+
+def test_a_record_missing_its_required_fields_reads_as_none(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.heartbeat.write_text('{"step": 3}')  # no pid, no time
+    rd.exit.write_text("not json")
+    assert rd.read_heartbeat() is None and rd.read_exit() is None
+
+
+def test_staleness_uses_the_startup_budget_before_the_first_step():
+    assert not staleness(0.0, False, 2.0, 10.0, now=9.0).stale
+    assert staleness(0.0, True, 2.0, 10.0, now=9.0).stale
+    s = staleness(0.0, True, 2.0, 10.0, now=3.0, grace=5.0)  # grace at most doubles
+    assert s.budget == 4.0 and not s.stale and s.kind == "step"
+
+
+def test_run_staleness_ignores_the_heartbeat_of_an_earlier_trainer():
+    old = Heartbeat(pid=1, time=0.0, step=9)
+    s = run_staleness(old, pid=2, started=50.0, stall_timeout=2, startup_timeout=30, now=60.0)
+    assert not s.stepping and s.idle == 10.0 and not s.stale
+    s = run_staleness(Heartbeat(pid=2, time=55.0), 2, 50.0, 2, 30, now=60.0)
+    assert s.stepping and s.stale
+
+
+@pytest.mark.parametrize("ended, alive, trainer, beat_age, expected", [
+    (None, True, True, 0.5, "running"),
+    (None, True, True, 5.0, "stalled"),
+    (None, False, False, None, "failed"),
+    (ExitRecord("finished", 0, 10), False, False, 1.0, "finished"),
+    (ExitRecord("stalled", 3, 10), True, False, 9.0, "restarting"),
+    (ExitRecord("stopped", 0, 10), False, False, 1.0, "stopped"),
+])
+def test_state_of_a_run(ended, alive, trainer, beat_age, expected):
+    now = 1000.0
+    run = {"pid": 42, "start_time": 900.0, "stall_timeout": 2, "startup_timeout": 60,
+           "restarts": 0, "max_restarts": 1}
+    beat = Heartbeat(pid=42, time=now - beat_age) if beat_age is not None else None
+    assert classify(run, beat, ended, alive, trainer, now) == expected
+
+
+def test_a_run_still_starting_and_one_never_started():
+    now = 1000.0
+    assert classify({"launch_time": now - 5}, None, None, False, False, now) == "starting"
+    assert classify({"pid": 1, "start_time": now - 100, "startup_timeout": 60}, None, None,
+                    True, True, now) == "stalled"
+
+
+def test_laggards_name_the_oldest_other_rank():
+    now = 100.0
+    beats = {0: Heartbeat(pid=10, time=99.0, step=5), 1: Heartbeat(pid=11, time=90.0, step=4,
+                                                                   phase="forward", host="h"),
+             2: Heartbeat(pid=12, time=98.0, step=5)}
+    text = laggards(beats, me=0, now=now)
+    assert text.startswith("rank 1 stalled (pid 11, step 4, phase 'forward', heartbeat 10.0s")
+    assert "rank 0 1.0s" in text and "rank 2 2.0s" in text
+    assert stalled_pid(beats, 0, "h") == 11 and stalled_pid(beats, 0, "elsewhere") is None
+    assert laggards({}, 0, now) == ""
+
+
+def test_failure_classification():
+    timeout = classify_failure(RuntimeError("Timed out waiting 6000ms for recv"), 0, "rank 1 x")
+    assert timeout.exit_code == ExitCode.STALLED and "collective timed out: rank 1 x" in str(timeout)
+    left = classify_failure(RuntimeError("Connection closed by peer [127.0.0.1]:1"), 0)
+    assert left.exit_code == ExitCode.INTERNAL and "another rank left the job" in str(left)
+
+
+def test_error_types_carry_their_exit_codes():
+    assert {DataError("x").exit_code, ConfigError("x").exit_code, RunDirError("x").exit_code,
+            LaunchError("x").exit_code} == {ExitCode.BAD_INPUT}
+    assert TrainingError("x").exit_code == ExitCode.INTERNAL
+    assert LaunchError("x", 1).exit_code == 1 and isinstance(RunDirError("x"), LnspError)
+    assert not isinstance(RunDirError("x"), DataError)
+
+
+def test_run_state_round_trips_through_a_checkpoint_and_ends_epochs():
+    from lnsp.train import RunState
+
+    state = RunState(epoch=1, position=9, step=29, best=0.5)
+    assert RunState.from_checkpoint({**state.as_dict(), "model": {}}) == state
+    state.advance()
+    assert state.end_interval(steps_per_epoch=10) == 2 and (state.epoch, state.position) == (2, 0)
+    cut = RunState(epoch=0, position=4, step=4)  # the step budget ended mid-epoch
+    assert cut.end_interval(10) == 1 and (cut.epoch, cut.position) == (0, 4)
+    assert cut.improved(0.3) and cut.improved(0.3) and not cut.improved(0.2)
+
+
+def test_status_time_is_a_fresh_clock_by_default(tmp_path):
+    from lnsp.status import state
+
+    rd = RunDir(tmp_path)
+    rd.update_run(backend="foreground", pid=None, launch_time=time.time())
+    assert state(rd)["state"] == "starting"

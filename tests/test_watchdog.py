@@ -1,0 +1,52 @@
+"""The watchdog thread and graceful stop, in this process: the thread joins, and a
+signal handler only sets a flag (the log is written outside it)."""
+
+import os
+import signal
+
+from conftest import wait_until
+from lnsp.watchdog import GracefulStop, Watchdog
+
+
+class NoDumps:
+    def dump(self, reason):
+        raise AssertionError(f"unexpected dump ({reason})")
+
+
+def test_watchdog_joins_after_stop():
+    said = []
+    dog = Watchdog(60, 60, "dump", NoDumps(), said.append)
+    dog.start()
+    dog.stop()
+    dog.join(5)  # Thread.join calls Thread._stop once the thread ends: not shadowed
+    assert not dog.is_alive() and said == []
+
+
+def test_watchdog_ticks_announce_a_stop_while_the_loop_is_busy():
+    said = []
+    stop = GracefulStop(said.append)
+    stop.requested = "SIGTERM"
+    dog = Watchdog(60, 60, "dump", NoDumps(), said.append, on_tick=[stop.announce])
+    dog.start()
+    try:
+        wait_until(lambda: said, 5, what="the stop logged from the watchdog's thread")
+    finally:
+        dog.stop()
+        dog.join(5)
+    stop.announce()  # the loop's own call at the step boundary logs nothing more
+    assert said == ["SIGTERM received: stopping after the current step"]
+
+
+def test_the_signal_handler_only_sets_a_flag():
+    said = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = GracefulStop(said.append).install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_until(lambda: stop.requested, 5, what="the handler to run")
+        assert stop.requested == "SIGTERM" and said == []  # nothing written in the handler
+        stop.announce()
+        assert said == ["SIGTERM received: stopping after the current step"]
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
