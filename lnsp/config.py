@@ -51,6 +51,8 @@ class TrainConfig:
     nlist: int = _f(0, "IVF lists (0: about the square root of the bank rows)")
     nprobe: int = _f(0, "IVF lists searched per query (0: the fewest reaching recall@K 0.95 "
                      "against exact search, measured at build)")
+    precision: str = _f("auto", "GRU matrix products: auto (bf16 where the CPU computes it "
+                        "natively), fp32 or bf16", ("auto", "fp32", "bf16"))
     threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")
     device: str = _f("cpu", "device of the towers: cpu, cuda, mps or auto", ("cpu", "cuda", "mps", "auto"))
     seed: int = _f(0, "seed of data order, initialisation and split")

@@ -100,7 +100,7 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
     if prebuilt is not None:
         if nprobe:
             _set_nprobe(prebuilt, nprobe)
-        elif faiss.try_extract_index_ivf(prebuilt) is not None:
+        elif isinstance(prebuilt, faiss.Index) and faiss.try_extract_index_ivf(prebuilt):
             calibrate(prebuilt, bank, k, log=log, seed=seed)
         return prebuilt
     requested = kind

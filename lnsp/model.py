@@ -11,16 +11,20 @@ from lnsp.config import ConfigError
 
 
 class QueryTower(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bf16: bool = False):
         super().__init__()
         self.gru = nn.GRU(dim, hidden, batch_first=True)
         self.proj = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim)
+        self.bf16 = bf16  # the GRU's matrix products in bfloat16 (lnsp.precision)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """(B, T, D) context vectors -> (B, D) unit queries."""
-        _, last = self.gru(context)  # pooled: the final hidden state
-        return F.normalize(self.norm(self.proj(last[-1])), dim=-1)
+        # Under autocast the GRU's GEMMs run in bf16 while its hidden state stays
+        # float32; the head, the norm and everything after run in float32.
+        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            _, last = self.gru(context)  # pooled: the final hidden state
+        return F.normalize(self.norm(self.proj(last[-1].float())), dim=-1)
 
 
 def flops_per_sample(dim: int, hidden: int, ctx_len: int) -> float:
