@@ -25,7 +25,7 @@ from lnsp.threads import user_environment
 
 WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100, "hidden": 768}
 SEED_BANK = 771_115
-SEED_INDEXES = ("auto", "ivf-sq8")  # the default, and 8-bit codes at a fixed nprobe 8
+SEED_INDEXES = ("auto", "ivf", "ivf-sq8")  # the default; IVF and 8-bit codes at nprobe 8
 TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.5,
            "vs_plain_b64": 1.0, "vs_plain_b8": 1.0, "probe_wall_s": 5.0, "ivf_p95_ms": 2.5,
            "rss_over_baseline_gb": 1.0, "decider_p99_ms": 1.0, "seed_train_samples_per_s": 300,

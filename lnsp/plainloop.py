@@ -67,7 +67,8 @@ def main(path, batch, hidden=768, ctx=10, k=100):
 
     for _ in range(3):
         step()
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "lnsp_loaded": "lnsp" in sys.modules,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "quit":

@@ -34,8 +34,11 @@ def lnsp_side(path: str, batch: int, hidden: int, ctx: int, k: int) -> None:
     bank = np.load(path)
     ids = np.random.default_rng(1).permutation(len(bank))
     ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24))
+    # The defaults, or what LNSP_INDEX / LNSP_PRECISION say (variants of the comparison).
     job = train.setup(TrainConfig(batch_size=batch, k=k, ctx_len=ctx, hidden=hidden,
-                                  run_dir="-"), ds, lambda m: None)
+                                  run_dir="-", index=os.environ.get("LNSP_INDEX", "auto"),
+                                  precision=os.environ.get("LNSP_PRECISION", "auto")),
+                      ds, lambda m: None)
     batches = train.epoch_batches(job, 0)
     state = {"i": 0}
 
@@ -78,7 +81,7 @@ class _Side:
     def __init__(self, argv: list[str], env: dict):
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
-        self.ready = self.ask(None)
+        self.ready = None  # its first line, read once every side has started
 
     def ask(self, command: str | None) -> dict:
         if command:
@@ -122,6 +125,8 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
                                  "--batch", str(batch), "--hidden", str(hidden), "--ctx",
                                  str(ctx), "--k", str(k)],
                                 {**user_environment(), **policy_env(threads), **extra})
+        for side in sides.values():  # they start (imports, warm-up) side by side
+            side.ready = side.ask(None)
         # Steps per block from one probe step of each, so a block lasts ~block_s.
         probe = max(sides[n].ask("run 2")["seconds"] / 2 for n in sides)
         steps = max(1, int(block_s / probe))
@@ -139,6 +144,7 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
         return {"batch": batch, "hidden": hidden, "ctx": ctx, "k": k, "bank": bank_rows,
                 "threads": threads, "steps_per_block": steps, "blocks": blocks,
                 "lnsp_index": sides["lnsp"].ready.get("index"),
+                "plain_ready": sides["plain"].ready if "plain" in sides else None,
                 "plain_samples_per_s": rate["plain"], "lnsp_samples_per_s": rate["lnsp"],
                 "ratio": rate["lnsp"] / rate["plain"], "gemm_flops": peak,
                 "flop_fraction": model_flops * rate["lnsp"] / peak,
