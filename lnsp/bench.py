@@ -43,18 +43,6 @@ def _job(batch: int, threads: str, index: str = "auto"):
     return train.setup(config, ds, lambda m: None)
 
 
-def _gemm_flops(n: int = 1024, repeats: int = 20) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
-
-
 def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dict:
     """Bare and hardened steps, alternating in blocks, in this process."""
     from lnsp import threads as policy, train
@@ -108,13 +96,17 @@ def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dic
         watchdog.stop()
         watchdog.join(5)
     rate = {k: batch * block / float(np.median(v)) for k, v in blocks.items()}
-    gemm = _gemm_flops()
+    from lnsp.versus import gemm_flops
+
+    # Against the peak GEMM of the precision the GRU runs in (bf16 under autocast).
+    dtype = "bfloat16" if getattr(job.module, "bf16", False) else "float32"
+    gemm = float(np.median([gemm_flops(dtype=dtype) for _ in range(5)]))
     cfg = job.config
     model_flops = 3 * flops_per_sample(WORKLOAD["dim"], cfg.hidden, cfg.ctx_len)
     return {"batch": batch, "threads": threads, "index": index, "omp_threads": n_threads,
             "bare_samples_per_s": rate["bare"], "hardened_samples_per_s": rate["hardened"],
             "hardened_ratio": rate["hardened"] / rate["bare"], "gemm_flops": gemm,
-            "flop_fraction": model_flops * rate["bare"] / gemm,
+            "flop_fraction": model_flops * rate["bare"] / gemm, "gemm_dtype": dtype,
             "model_flops_per_sample": model_flops}
 
 

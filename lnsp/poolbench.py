@@ -124,7 +124,7 @@ def measure(hidden: int = 768, bank_rows: int = 10_000, dim: int = 768, ctx: int
             "load": os.getloadavg()[0], "rows": rows}
 
 
-def table(hidden: int = 768, waits=("passive", "active"), blocks: int = 7) -> list[dict]:
+def table(hidden: int = 768, waits=("passive",), blocks: int = 7) -> list[dict]:
     """One process per OpenMP wait policy (read when the runtimes load)."""
     results = []
     for wait in waits:

@@ -54,8 +54,10 @@ def lnsp_side(path: str, batch: int, hidden: int, ctx: int, k: int) -> None:
         words = line.split()
         if not words or words[0] == "quit":
             break
-        if words[0] == "gemm":
-            print(json.dumps({"gemm_flops": gemm_flops(),
+        if words[0] == "gemm":  # the peak of the precision the GRU runs in
+            dtype = "bfloat16" if getattr(job.module, "bf16", False) else "float32"
+            print(json.dumps({"gemm_flops": gemm_flops(dtype=dtype), "gemm_dtype": dtype,
+                              "fp32_gemm_flops": gemm_flops(),
                               "model_flops_per_sample": 3 * flops_per_sample(
                                   bank.shape[1], hidden, ctx)}), flush=True)
             continue
@@ -65,10 +67,11 @@ def lnsp_side(path: str, batch: int, hidden: int, ctx: int, k: int) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
 
 
-def gemm_flops(n: int = 1024, repeats: int = 5) -> float:
+def gemm_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a square GEMM in torch: the peak a training step is measured against."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(3):
         a @ b
     t = time.perf_counter()
@@ -140,15 +143,19 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
         rate = {n: batch * steps / float(np.median(v)) for n, v in times.items()}
         rate.setdefault("plain", float("nan"))
         peak = float(np.median([g["gemm_flops"] for g in gemm]))
+        fp32_peak = float(np.median([g["fp32_gemm_flops"] for g in gemm]))
         model_flops = gemm[0]["model_flops_per_sample"]
+        gemm_dtype = gemm[0]["gemm_dtype"]
         return {"batch": batch, "hidden": hidden, "ctx": ctx, "k": k, "bank": bank_rows,
                 "threads": threads, "steps_per_block": steps, "blocks": blocks,
                 "lnsp_index": sides["lnsp"].ready.get("index"),
                 "plain_ready": sides["plain"].ready if "plain" in sides else None,
                 "plain_samples_per_s": rate["plain"], "lnsp_samples_per_s": rate["lnsp"],
                 "ratio": rate["lnsp"] / rate["plain"], "gemm_flops": peak,
+                "gemm_dtype": gemm_dtype,
                 "flop_fraction": model_flops * rate["lnsp"] / peak,
-                "plain_flop_fraction": model_flops * rate["plain"] / peak,
+                "plain_flop_fraction": model_flops * rate["plain"] / fp32_peak,
+                "fp32_gemm_flops": fp32_peak,
                 "variants": {n: {"samples_per_s": rate[n], "ratio": rate[n] / rate["plain"]}
                              for n in variants or {}},
                 "load_median": float(np.median(loads))}
