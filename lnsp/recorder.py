@@ -25,6 +25,9 @@ class Recorder:
         self.loss = float("nan")
         self.samples_per_s = 0.0
         self.total = 0  # steps in the run: the last one always logs
+        self.watchdog = None  # its learned budgets, slowdown and goodput go into the records
+        self.goodput_prior: dict = {}  # goodput.json of the earlier attempts
+        self.steps_trained = 0  # optimizer steps this attempt ran (redone ones too)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
 
     def say(self, message: str) -> None:
@@ -49,17 +52,22 @@ class Recorder:
                            host=socket.gethostname(), python=sys.executable, argv=sys.argv,
                            start_time=time.time(), stall_timeout=self.config.stall_timeout,
                            startup_timeout=self.config.startup_timeout, world_size=self.world,
+                           attempts_from=self.rd.read_run().get("attempts_from", [])
+                           + [self.rd.checkpoint_step() if self.config.resume else 0],
                            **extra)
 
     # ------------------------------------------------------------ every step
     def beat(self, state, phase: str) -> None:
+        extra = self.watchdog.vitals() if self.watchdog else None
         for heartbeat in self.beats:
-            heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s)
+            heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s,
+                           extra)
 
     def step_done(self, state, loss: float, phases: dict) -> None:
         """After every optimizer step: the heartbeat (an outside observer's proof of
         life); per log interval, the log line and the steps.jsonl record."""
         self.step, self.loss = state.step, loss
+        self.steps_trained += 1
         self._window_steps += 1
         for name, seconds in phases.items():
             self._phases[name] = self._phases.get(name, 0.0) + seconds
@@ -77,6 +85,7 @@ class Recorder:
                 samples_per_s=self.samples_per_s,
                 phases={k: v / self._window_steps for k, v in self._phases.items()},
                 rss_mb=round(rss, 1), time=time.time()))
+            self.write_goodput()
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
 
     # ------------------------------------------------------------ epochs
@@ -90,9 +99,58 @@ class Recorder:
                  f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
 
     def checkpoint(self, path, job, state) -> None:
-        """Rank 0 alone writes checkpoints (the ranks' weights are the same)."""
-        if self.main:
-            checkpoint.save(path, job.module, job.optimizer, job.config, **state.as_dict())
+        """Rank 0 alone writes checkpoints (the ranks' weights are the same). The learned
+        budgets go with them: a resumed run is guarded at once."""
+        if not self.main:
+            return
+        budgets = self.watchdog.budgets.state() if self.watchdog else {}
+        checkpoint.save(path, job.module, job.optimizer, job.config, budgets=budgets,
+                        **state.as_dict())
+        if path == self.rd.last_checkpoint():
+            self.rd.write_checkpoint_record(state.step, state.epoch)
+
+    # ------------------------------------------------------------ goodput
+    def resumed(self, state, saved: dict | None) -> None:
+        """A new attempt: budgets from the checkpoint, the goodput of the earlier
+        attempts, and the steps that this one must redo charged as such."""
+        if self.watchdog is None:
+            return
+        if saved:
+            self.watchdog.budgets.restore(saved.get("budgets"))
+        prior = self.rd.read_goodput() if self.config.resume else {}
+        self.goodput_prior = prior
+        if not prior:
+            return
+        g = self.watchdog.goodput
+        g.restore(prior.get("seconds"))
+        redo = max(0, int(prior.get("step", 0)) - state.step)
+        trained = max(1, int(prior.get("steps_trained", 0)))
+        if redo:
+            g.move("training", "redone", redo * prior["seconds"].get("training", 0.0) / trained)
+            self.log(f"[GOODPUT] {redo} steps since the last checkpoint are redone")
+
+    def write_goodput(self) -> None:
+        """goodput.json: cumulative over the attempts (never parsed from the log)."""
+        if not self.main or self.watchdog is None:
+            return
+        self.watchdog.account()
+        g = self.watchdog.goodput
+        attempt_wall = sum(g.seconds.values()) - sum(
+            (self.goodput_prior.get("seconds") or {}).values())
+        self.rd.write_goodput({
+            **g.summary(), "pid": os.getpid(), "step": self.step,
+            "steps_trained": int(self.goodput_prior.get("steps_trained", 0))
+            + self.steps_trained,
+            "attempts": int(self.goodput_prior.get("attempts", 0)) + 1,
+            "attempt_wall_s": round(attempt_wall, 3), "time": time.time()})
+
+    def log_goodput(self) -> None:
+        if not self.main or self.watchdog is None:
+            return
+        self.write_goodput()
+        s = self.watchdog.goodput.summary()
+        self.log(f"[GOODPUT] {s['goodput']:.1%} of {s['wall_s']:.1f}s wall time trained; "
+                 + ", ".join(f"{c} {v:.1%}" for c, v in s["shares"].items() if v))
 
     def epoch_end(self, epoch: int) -> None:
         for heartbeat in self.beats:
@@ -103,6 +161,7 @@ class Recorder:
         if self.main:
             self.rd.write_exit("finished", ExitCode.DONE, self.step)
         self.say(f"Finished: {self.step} steps; run directory {self.rd.root}")
+        self.log_goodput()
         self.plot()
         return ExitCode.DONE
 
@@ -111,14 +170,18 @@ class Recorder:
             self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=signal_name or "peer")
         self.say(f"Stopped on {signal_name or 'a peer rank'} at step {self.step}; checkpoint "
                  f"{self.rd.last_checkpoint()} (continue with --resume)")
+        self.log_goodput()
         self.plot()
         return ExitCode.DONE
 
     def stalled(self, phase: str) -> None:
         """The watchdog's exit (from its thread, just before os._exit)."""
         if self.main:
+            stall = getattr(self.watchdog, "last_stall", None) or {}
             self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
-                               cause=f"no progress in phase '{phase}'")
+                               cause=f"no progress in phase '{phase}'"
+                               + (f"; {stall['main_thread']}" if stall else ""))
+            self.write_goodput()
 
     def failed(self, error: BaseException) -> None:
         code = int(getattr(error, "exit_code", ExitCode.INTERNAL))
@@ -127,6 +190,8 @@ class Recorder:
                                self.step, cause=f"{type(error).__name__}: {error}",
                                error=f"{type(error).__name__}: {error}")
         self.log(f"FAILED: {type(error).__name__}: {error}")
+        if self.watchdog is not None and self.main and self.rd.root.exists():
+            self.write_goodput()
 
     def plot(self) -> None:
         """plots.png when matplotlib is installed (an optional extra); never fails a run."""

@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     INTERNAL = 1  # a crash, a non-finite loss, a rank that left
     BAD_INPUT = 2  # bad input or usage: one line, no traceback
     STALLED = 3  # stalled or timed out (watchdog, frozen, collective timeout, probe)
+    CRASH_LOOP = 4  # restarts that made no progress past the last checkpoint
     INTERRUPTED = 130  # a second SIGINT
 
 
@@ -210,6 +211,8 @@ class RunDir:
     dumps = property(lambda self: self.root / "dumps")
     exit = property(lambda self: self.root / "exit.json")
     plots = property(lambda self: self.root / "plots.png")
+    goodput = property(lambda self: self.root / "goodput.json")
+    last_checkpoint_record = property(lambda self: self.checkpoints / "last.json")
 
     def rank_heartbeat(self, rank: int) -> Path:
         return self.root / f"heartbeat-rank{rank}.json"
@@ -269,6 +272,21 @@ class RunDir:
 
     def update_run(self, **fields) -> dict:
         return update_json(self.run, **fields)
+
+    def checkpoint_step(self) -> int:
+        """The step of last.pt (from its small record beside it: no torch needed)."""
+        return int((read_json(self.last_checkpoint_record) or {}).get("step", 0))
+
+    def write_checkpoint_record(self, step: int, epoch: int) -> None:
+        write_json(self.last_checkpoint_record, {"step": step, "epoch": epoch,
+                                                 "time": time.time()})
+
+    def read_goodput(self) -> dict:
+        """goodput.json: where the run's wall time went, over every attempt."""
+        return read_json(self.goodput) or {}
+
+    def write_goodput(self, record: dict) -> None:
+        write_json(self.goodput, record, durable=False)
 
     def append_step(self, record: StepRecord) -> None:
         append_jsonl(self.steps, _to(record))

@@ -1,6 +1,6 @@
 """The state of runs, read from their run directories and the live processes:
-running, stalled, finished, stopped or failed (and starting, restarting; unknown while
-a container engine does not answer)."""
+running (or slow: alive but crawling), stalled, finished, stopped or failed (and
+starting, restarting; unknown while a container engine does not answer)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive:
                                                         run.get("launch_time", now)),
                           run.get("stall_timeout") or config.get("stall_timeout", 120),
                           run.get("startup_timeout") or config.get("startup_timeout", 600), now)
-        return "stalled" if s.stale else "running"
+        if s.stale:
+            return "stalled"
+        fresh = beat is not None and beat.pid == run.get("pid")
+        return "slow" if fresh and beat.extra.get("slow") else "running"
     if alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
         return "starting"
     return "failed"  # the process is gone and left no exit.json: killed or crashed
@@ -56,6 +59,14 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
            "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0)}
+    if ended and ended.cause:
+        row["cause"] = ended.cause
+    if beat and beat.extra.get("budgets"):
+        row["budgets_s"] = beat.extra["budgets"]
+    goodput = rd.read_goodput()
+    if goodput:
+        row["goodput"] = {k: goodput[k] for k in ("goodput", "wall_s", "shares", "attempts")
+                          if k in goodput}
     row.update(extra)
     if run.get("world_size", 1) > 1:  # one line per rank
         beats = rd.rank_heartbeats()
@@ -91,6 +102,16 @@ def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> st
                      f"{fmt(r['pid'], 'd'):>7} {fmt(r['epoch'], 'd'):>5} {fmt(r['step'], 'd'):>7} "
                      f"{fmt(r['loss'], '.4f'):>8} {fmt(r['samples_per_s'], '.1f'):>9} "
                      f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9}")
+        if r.get("cause"):
+            lines.append(f"  cause: {r['cause']}")
+        if r.get("budgets_s"):
+            lines.append("  learned budgets: " + ", ".join(
+                f"{p} {b:g}s" for p, b in r["budgets_s"].items()))
+        if r.get("goodput"):
+            g = r["goodput"]
+            lines.append(f"  goodput {g.get('goodput', 0):.0%} of {g.get('wall_s', 0):.0f}s: "
+                         + ", ".join(f"{c} {v:.0%}" for c, v in g.get("shares", {}).items()
+                                     if v >= 0.005))
         for k in r.get("ranks", []):
             lines.append(f"  rank {k['rank']:<3} pid {k['pid']:<7} {k['host']:<12} step "
                          f"{fmt(k['step'], 'd'):>6} phase {k['phase'] or '-':<10} heartbeat "

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 
+from lnsp.budgets import RESTARTABLE, classify_ending, crash_loop
 from lnsp.dumps import native_stacks
+from lnsp.launch.command import caffeinate_argv
 from lnsp.rundir import ExitCode, RunDir, RunLog, atomic_write, run_staleness
 
 FROZEN_GRACE_S = 5.0  # past the stall timeout (at most): the trainer's own watchdog goes first
@@ -39,23 +41,60 @@ def supervise(config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, forward)
     restarts, resume = 0, config.resume
+    resumed_from = []  # the checkpoint step each attempt started from
     while True:
-        argv = [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "train",
-                *config.replace(resume=resume).to_argv()]
+        argv = trainer_argv(config, resume)
         started = time.time()
+        resumed_from.append(rd.checkpoint_step() if resume else 0)
         child["proc"] = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        power = caffeinate_argv(proc.pid)  # macOS: App Nap would throttle it
+        if power:
+            subprocess.Popen(power, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
         code = _watch(proc, rd, config, started, log)
-        if code in (ExitCode.DONE, ExitCode.BAD_INPUT) or child["stop"]:  # never restart what was stopped
+        if code == ExitCode.DONE or child["stop"]:  # never restart what was stopped
+            return code
+        record = rd.read_exit()
+        kind = classify_ending(code, _record_dict(record))
+        if not RESTARTABLE.get(kind, True):
+            if config.max_restarts:
+                log(f"[SUPERVISOR] trainer ended: {kind} (exit code {code}); a restart "
+                    "would repeat it: not restarting")
             return code
         if restarts >= config.max_restarts:
             if config.max_restarts:
                 log(f"[SUPERVISOR] giving up after {restarts} restarts (exit code {code})")
             return code
+        if crash_loop(resumed_from + [rd.checkpoint_step()]):
+            cause = (record.cause if record and record.cause else kind)
+            log(f"[SUPERVISOR] crash loop: the last {CRASH_LOOP_ATTEMPTS} attempts all "
+                f"started from step {resumed_from[-1]} and made no progress past it; "
+                f"each ended: {cause}. Not restarting (exit code {int(ExitCode.CRASH_LOOP)})")
+            rd.write_exit("failed", ExitCode.CRASH_LOOP, record.step if record else 0,
+                          cause=f"crash loop: {CRASH_LOOP_ATTEMPTS} attempts from step "
+                                f"{resumed_from[-1]} without progress; each: {cause}",
+                          ending=kind, attempts=len(resumed_from))
+            return ExitCode.CRASH_LOOP
         restarts += 1
         resume = True
         rd.update_run(restarts=restarts)
-        log(f"[SUPERVISOR] trainer ended with exit code {code}; restart {restarts}/"
+        log(f"[SUPERVISOR] trainer ended: {kind} (exit code {code}); restart {restarts}/"
             f"{config.max_restarts} from {rd.last_checkpoint()}")
+
+
+def trainer_argv(config, resume: bool) -> list[str]:
+    """The trainer's command line (unbuffered, faulthandler on)."""
+    return [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "train",
+            *config.replace(resume=resume).to_argv()]
+
+
+CRASH_LOOP_ATTEMPTS = 3  # the first attempt and two restarts
+
+
+def _record_dict(record) -> dict:
+    if record is None:
+        return {}
+    return {"state": record.state, "cause": record.cause or "", **record.extra}
 
 
 def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> int:
@@ -70,9 +109,13 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
                           config.startup_timeout, time.time(), grace=FROZEN_GRACE_S)
         if not s.stale:
             continue
+        ended = rd.read_exit()
+        if ended and ended.time >= started:  # it has said how it ended and is exiting
+            continue  # (a plot after the last step can take seconds): not frozen
         log(f"[SUPERVISOR] trainer pid {proc.pid} frozen: no heartbeat for {s.idle:.1f}s "
             f"(budget {s.budget:g}s); dumping native stacks and killing it")
         stacks = native_stacks(proc.pid, timeout=10) or "(py-spy not available)\n"
+        _charge_frozen_time(rd, proc.pid)
         atomic_write(rd.frozen_dump_path(proc.pid),
                      f"# frozen trainer pid {proc.pid}, heartbeat {s.idle:.1f}s old\n{stacks}")
         proc.kill()
@@ -80,3 +123,44 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
         rd.write_exit("stalled", ExitCode.STALLED, beat.step if s.stepping else 0,
                       cause=f"frozen: no heartbeat for {s.idle:.1f}s", frozen=True)
         return ExitCode.STALLED
+
+
+def _charge_frozen_time(rd: RunDir, pid: int) -> None:
+    """A frozen trainer cannot account for its last seconds: they are stall time."""
+    import psutil
+
+    record = rd.read_goodput()
+    if record.get("pid") != pid:
+        return
+    try:
+        lived = time.time() - psutil.Process(pid).create_time()
+    except psutil.Error:
+        return
+    missing = lived - float(record.get("attempt_wall_s", 0.0))
+    if missing <= 0:
+        return
+    seconds = record.get("seconds", {})
+    seconds["stalled"] = seconds.get("stalled", 0.0) + missing
+    wall = sum(seconds.values())
+    record.update(seconds=seconds, wall_s=round(wall, 3), attempt_wall_s=round(lived, 3),
+                  shares={c: round(s / wall, 4) for c, s in seconds.items()},
+                  goodput=round(seconds.get("training", 0.0) / wall, 4))
+    rd.write_goodput(record)
+
+
+def restart_refused(rd: RunDir) -> tuple[str, int] | None:
+    """For a job that torchrun's agent restarts (it restarts on any failure): why this
+    attempt should not run, and its exit code, or None. Every rank asks before the
+    rendezvous, from the same files, so all give the same answer."""
+    record = rd.read_exit()
+    if record is None:
+        return None
+    kind = classify_ending(record.exit_code, _record_dict(record))
+    if not RESTARTABLE.get(kind, True):
+        return (f"the last attempt ended: {kind} ({record.cause or record.state}); a restart "
+                "would repeat it: not running", int(record.exit_code) or 1)
+    steps = rd.read_run().get("attempts_from", []) + [rd.checkpoint_step()]
+    if crash_loop(steps):
+        return (f"crash loop: the last restarts made no progress past step {steps[-1]}; "
+                f"each ended: {record.cause or kind}", int(ExitCode.CRASH_LOOP))
+    return None

@@ -22,7 +22,7 @@ from lnsp.errors import LnspError, RunDirError, TrainingError
 from lnsp.loss import info_nce
 from lnsp.model import QueryTower, resolve_device
 from lnsp.recorder import Recorder
-from lnsp.rundir import RunDir, RunLog
+from lnsp.rundir import ExitCode, RunDir, RunLog
 
 __all__ = ["Job", "RunState", "TrainingError", "setup", "train_step", "optimizer_step",
            "epoch_batches", "micro_batches", "fit", "run"]
@@ -181,20 +181,31 @@ class RunState:
         return False
 
 
-def held_out(job: Job, val: np.ndarray, dist) -> dict:
-    """The evaluation figures over the held-out windows. With ranks, each evaluates its
-    slice and the sums (hits, reciprocal ranks) and counts are all-reduced, so the
-    figures equal one process's and no rank waits at a barrier for the whole of it."""
+EVAL_CHUNK = 128  # held-out windows between two signs of progress to the watchdog
+
+
+def held_out(job: Job, val: np.ndarray, dist, tick=lambda: None) -> dict:
+    """The evaluation figures over the held-out windows, evaluated in chunks with a sign
+    of progress after each (a long evaluation is work, not a stall). With ranks, each
+    evaluates its slice and the sums (hits, reciprocal ranks) and counts are
+    all-reduced, so the figures equal one process's and no rank waits at a barrier for
+    the whole of it."""
     shards = np.array_split(val, dist.world)
-    if not dist.active or min(len(s) for s in shards) == 0:  # too few: each does all
-        return evaluate.evaluate(job.module, job.ds, job.index, val, job.config.ctx_len,
+    sharded = dist.active and min(len(s) for s in shards) > 0  # too few: each does all
+    mine = shards[dist.rank] if sharded else val
+    sums: dict = {}
+    for chunk in np.array_split(mine, max(1, -(-len(mine) // EVAL_CHUNK))):
+        part = evaluate.evaluate(job.module, job.ds, job.index, chunk, job.config.ctx_len,
                                  job.device)
-    mine = shards[dist.rank]
-    part = evaluate.evaluate(job.module, job.ds, job.index, mine, job.config.ctx_len,
-                             job.device)
-    keys = sorted(k for k, v in part.items() if isinstance(v, (int, float)))
-    sums = dist.sum([float(part[k]) * len(mine) for k in keys] + [float(len(mine))])
-    return {**part, **{k: s / sums[-1] for k, s in zip(keys, sums)}}
+        for k, v in part.items():
+            if isinstance(v, (int, float)):
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+        tick()
+    keys = sorted(sums)
+    totals = [sums[k] for k in keys] + [float(len(mine))]
+    if sharded:
+        totals = dist.sum(totals)
+    return {k: s / totals[-1] for k, s in zip(keys, totals)}
 
 
 def plan(job: Job, dist) -> tuple[int, int]:
@@ -209,12 +220,16 @@ def plan(job: Job, dist) -> tuple[int, int]:
     return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def resume(job: Job, rd: RunDir, say) -> RunState:
-    """The state (and weights, optimizer, RNG) of last.pt, or a fresh start."""
+def resume(job: Job, rec: Recorder) -> RunState:
+    """The state (and weights, optimizer, RNG, learned budgets) of last.pt, or a fresh
+    start."""
+    rd, say = rec.rd, rec.say
     if not job.config.resume:
+        rec.resumed(RunState(), None)
         return RunState()
     if not rd.last_checkpoint().exists():
         say("No checkpoint yet (the run ended before its first): starting from step 0")
+        rec.resumed(RunState(), None)
         return RunState()
     saved = checkpoint.load(rd.last_checkpoint())
     job.module.load_state_dict(saved["model"])
@@ -222,6 +237,7 @@ def resume(job: Job, rd: RunDir, say) -> RunState:
     torch.set_rng_state(saved["torch_rng"])
     state = RunState.from_checkpoint(saved)
     say(f"Resumed from {rd.last_checkpoint()} at epoch {state.epoch + 1}, step {state.step}")
+    rec.resumed(state, saved)
     return state
 
 
@@ -243,6 +259,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
             stop.announce()
             if stopping or (stop.requested and not dist.active):
                 rec.checkpoint(rd.last_checkpoint(), job, state)
+                watchdog.stop()  # what follows (the plot) is not training
                 return rec.stopped(stop.requested)
             if dist.active:  # this rank reached the collectives of this step
                 rec.beat(state, "sync")
@@ -255,7 +272,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
             # The ranks agree on the mean loss, and on stopping at the same boundary.
             loss, stopping = dist.sync(loss, bool(stop.requested))
             state.advance()
-            watchdog.first_step_done()
+            watchdog.step_done()
             rec.step_done(state, loss, phases)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 watchdog.phase = "checkpoint"
@@ -263,7 +280,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         # End of an epoch (or of the step budget): every rank evaluates its slice of
         # the held-out windows; rank 0 records the figures and writes the checkpoints.
         watchdog.progress("evaluate")
-        metrics = held_out(job, val, dist)
+        metrics = held_out(job, val, dist, watchdog.progress)
         epoch = state.end_interval(steps_per_epoch)
         watchdog.progress("checkpoint")
         rec.evaluated(epoch, metrics)
@@ -276,6 +293,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         dist.barrier()
         rec.epoch_end(state.epoch)
         watchdog.progress("train")
+    watchdog.stop()  # what follows (the plot) is not training
     return rec.finished()
 
 
@@ -290,6 +308,20 @@ def _check_run_dir(config: TrainConfig, rd: RunDir) -> TrainConfig:
     return config
 
 
+def _restart_refused(rd: RunDir, rank: int) -> int | None:
+    from lnsp.supervise import restart_refused
+
+    refused = restart_refused(rd)
+    if refused is None:
+        return None
+    message, code = refused
+    RunLog(rd.log if rank == 0 else None, prefix=f"[rank {rank}] ")(f"[RESTART] {message}")
+    if rank == 0 and code == ExitCode.CRASH_LOOP:
+        ended = rd.read_exit()
+        rd.write_exit("failed", code, ended.step if ended else 0, cause=message)
+    return code
+
+
 def run(config: TrainConfig) -> int:
     """Train in the foreground (one rank of a torchrun job when started by torchrun);
     returns the process exit code (0 finished or stopped)."""
@@ -301,6 +333,10 @@ def run(config: TrainConfig) -> int:
     config = _check_run_dir(config, rd)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        code = _restart_refused(rd, rank)  # torchrun restarts whatever the ending
+        if code is not None:
+            return code
     if config.batch_size % world:
         raise data.DataError(f"--batch-size {config.batch_size} must divide by the "
                              f"{world} ranks")
@@ -311,7 +347,8 @@ def run(config: TrainConfig) -> int:
     dist = distributed.Dist(rank, world, rd.root)
     watchdog = Watchdog(config.startup_timeout, config.stall_timeout, config.on_stall, dumper,
                         log, on_exit=rec.stalled, describe=lambda: dist.laggards(),
-                        on_tick=[stop.announce])
+                        on_tick=[stop.announce], slow_window=config.slow_window)
+    rec.watchdog = watchdog
     watchdog.start()
 
     # Data first: bad input leaves no run directory behind.
@@ -331,7 +368,7 @@ def run(config: TrainConfig) -> int:
                 f"{len(ds.offsets) - 1} chains, threads {config.threads} ({n_threads} OpenMP)"
                 + (f", {dist.world} ranks" if dist.active else ""))
         job = setup(config, ds, rec.say, watchdog, dist.rank, dist.world)
-        code = fit(job, resume(job, rd, rec.say), rec, watchdog, stop, dist)
+        code = fit(job, resume(job, rec), rec, watchdog, stop, dist)
     except RuntimeError as e:
         if not dist.active or isinstance(e, LnspError):
             rec.failed(e)

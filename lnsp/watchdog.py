@@ -23,60 +23,232 @@ TICK_S = 0.25
 
 
 class Watchdog(threading.Thread):
+    """Every phase change and every `progress()` is an event; the time since the last
+    event is held against the current phase's budget: the start-up timeout until the
+    first step, then what `PhaseBudgets` learned from the run's own steps (capped by
+    the stall timeout). The same events charge the wall time to goodput categories,
+    and step completions feed the slowdown detector."""
+
     def __init__(self, startup_timeout: float, stall_timeout: float, on_stall: str,
-                 dumper, log, on_exit=None, label: str = "", describe=None, on_tick=()):
+                 dumper, log, on_exit=None, label: str = "", describe=None, on_tick=(),
+                 slow_window: float = 0.0, diagnose=None):
+        from lnsp.budgets import Goodput, PhaseBudgets, PhaseClock, SlowDetector
+
         super().__init__(name="lnsp-watchdog", daemon=True)
         self.startup_timeout, self.stall_timeout = startup_timeout, stall_timeout
         self.on_stall, self.dumper, self.log = on_stall, dumper, log
         self.on_exit = on_exit  # called with the phase before a stall exit
         self.label = label
         self.describe = describe  # extra words for the stall line (which rank stalled)
+        self.diagnose = diagnose  # optional: a verdict for the stall line (bounded)
         self.on_tick = list(on_tick)  # called from this thread every tick (stop notices)
-        self.phase = "startup"
         self.started_steps = False
+        self.budgets = PhaseBudgets(ceiling=stall_timeout)
+        self.goodput = Goodput()
+        self.clock = PhaseClock(self.goodput, "startup", now=_process_start_monotonic())
+        self.slow = SlowDetector(window=slow_window) if slow_window > 0 else None
+        self.slow_since: float | None = None
+        self.stalled_interval = False  # the current interval was reported as a stall
+        self._phase = "startup"
+        self._changed: dict = {}  # budgets changed since the last step, logged at its end
+        self._events = threading.Lock()
         self.last = time.monotonic()
         # Not `_stop`: threading.Thread._stop is a method that join() and is_alive()
         # call once the thread has ended; an Event there makes them raise TypeError.
         self._stopping = threading.Event()
 
+    # ------------------------------------------------------------ events (main thread)
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        # Before the first step only progress() resets the clock: the start-up budget
+        # covers the whole first step (the probe's timeout is for the whole probe).
+        self._event(name, reset=self.started_steps)
+
     def progress(self, phase: str | None = None) -> None:
-        """A unit of work finished: reset the clock (and leave start-up)."""
-        self.last = time.monotonic()
-        if phase:
-            self.phase = phase
+        """A unit of work finished: reset the clock (and maybe change phase)."""
+        self._event(phase or self._phase)
 
     def first_step_done(self) -> None:
+        """Kept for callers that count steps themselves; see step_done."""
+        self.step_done()
+
+    def step_done(self) -> None:
+        """An optimizer step finished: steps are guarded by learned budgets from now on."""
+        self._event(STEP_END)
         self.started_steps = True
-        self.progress()
+        if self._changed:
+            changed, self._changed = self._changed, {}
+            self.log(f"[WATCHDOG] {self.label}budgets learned (longest x "
+                     f"{self.budgets.factor:g}, floor {self.budgets.floor:g}s, ceiling "
+                     f"{self.budgets.ceiling:g}s): "
+                     + ", ".join(f"{p} {b:.1f}s" for p, b in sorted(changed.items())))
+        if self.slow:
+            self.slow.step(time.monotonic())
+
+    def _event(self, phase: str, reset: bool = True) -> None:
+        now = time.monotonic()
+        with self._events:
+            previous = self._phase
+            spent = now - self.clock.since
+            if self.stalled_interval:  # the time of a reported stall is lost time
+                self.clock.phase = "stalled"
+                self.stalled_interval = False
+            self.clock.enter(phase, now)
+            if self.started_steps and previous != "startup":
+                changed = self.budgets.observe(previous, spent)
+                if changed is not None:
+                    self._changed[previous] = changed
+            if self.slow and phase in PAUSES:
+                self.slow.pause(now)
+            self._phase = phase
+            if reset:
+                self.last = now
+
+    def account(self) -> None:
+        """Charge the time up to now to the current phase (goodput is read after)."""
+        with self._events:
+            self.clock.flush()
+
+    def budget(self) -> float:
+        if not self.started_steps:
+            return self.startup_timeout
+        return self.budgets.budget(self._phase)
 
     def stop(self) -> None:
         self._stopping.set()
 
+    # ------------------------------------------------------------ the thread
     def run(self) -> None:
         fired_at = None
         while not self._stopping.wait(TICK_S):
             for tick in self.on_tick:
                 tick()
-            last = self.last
-            s = staleness(last, self.started_steps, self.stall_timeout, self.startup_timeout,
-                          time.monotonic())
-            if not s.stale:
+            now = time.monotonic()
+            self._check_slow(now)
+            last, phase, budget = self.last, self._phase, self.budget()
+            idle = now - last
+            if idle <= budget:
                 fired_at = None
                 continue
             if fired_at == last:
                 continue  # already reported this stall; wait for progress
             fired_at = last
-            extra = self.describe() if self.describe else ""
-            self.log(f"[WATCHDOG] {self.label}no progress for {s.idle:.1f}s in phase "
-                     f"'{self.phase}' (budget {s.budget:g}s for {s.kind}); dumping all threads"
-                     + (f"; {extra}" if extra else ""))
-            self.dumper.dump("stall")
+            self.stalled_interval = True
+            self._report_stall(phase, idle, budget)
             if self.on_stall == "exit":
                 self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
                          "(--on-stall exit)")
+                with self._events:
+                    self.clock.phase = "stalled"
+                    self.clock.flush()
                 if self.on_exit:
-                    self.on_exit(self.phase)
+                    self.on_exit(phase)
                 os._exit(ExitCode.STALLED)
+
+    def _report_stall(self, phase: str, idle: float, budget: float) -> None:
+        from lnsp.mainthread import MainThreadProbe, describe
+
+        kind = "start-up and first step" if not self.started_steps else (
+            f"phase '{phase}', learned" if phase in self.budgets.learned() else
+            f"phase '{phase}', not yet learned: the stall timeout")
+        where = describe(MainThreadProbe().runs_python(MAIN_THREAD_PROBE_S))
+        extra = self.describe() if self.describe else ""
+        self.log(f"[WATCHDOG] {self.label}no progress for {idle:.1f}s in phase '{phase}' "
+                 f"(budget {budget:g}s for {kind}); {where}; dumping all threads"
+                 + (f"; {extra}" if extra else ""))
+        self.last_stall = {"phase": phase, "idle_s": round(idle, 1), "budget_s": budget,
+                           "main_thread": where}
+        self.dumper.dump("stall")
+
+    def _check_slow(self, now: float) -> None:
+        if not self.slow:
+            return
+        change = self.slow.check(now)
+        if change == "slow":
+            self.slow_since = time.time()
+            rate = self.slow.rate(now) or 0.0
+            self.log(f"[SLOW] {self.label}{rate:.2f} steps/s over the last "
+                     f"{self.slow.window:g}s, below a third of this run's best "
+                     f"{self.slow.best:.2f}: {slow_context(self.slow.window)}")
+        elif change == "recovered":
+            self.slow_since = None
+            self.log(f"[SLOW] {self.label}recovered: {self.slow.rate(now) or 0:.2f} steps/s "
+                     f"(best {self.slow.best:.2f})")
+
+    def vitals(self) -> dict:
+        """What the heartbeat carries besides the step: learned budgets, slowdown."""
+        out = {"budgets": self.budgets.learned(), "slow": bool(self.slow and self.slow.slow)}
+        if self.slow and self.slow.best:
+            out["best_steps_per_s"] = round(self.slow.best, 3)
+        return out
+
+
+STEP_END = "step end"  # after an optimizer step: heartbeat, log, the next batch
+PAUSES = ("evaluate", "checkpoint", "barrier", "train", "calibrate")  # not slowdowns
+MAIN_THREAD_PROBE_S = 1.0
+
+
+def _process_start_monotonic() -> float:
+    """This process's start on the monotonic clock: goodput counts from the exec."""
+    try:
+        age = time.time() - psutil.Process().create_time()
+    except psutil.Error:
+        age = 0.0
+    return time.monotonic() - max(0.0, age)
+
+
+def slow_context(window: float) -> str:
+    """What can be seen from inside when a run crawls: this process's CPU share, CPU
+    quota throttling, swapping, who else uses the CPU, and on macOS the power assertion."""
+    import sys
+
+    me = psutil.Process()
+    parts = []
+    try:
+        cpu = me.cpu_percent(interval=0.2)
+        parts.append(f"this process used {cpu:.0f}% CPU (of {psutil.cpu_count()} cores)")
+    except psutil.Error:
+        pass
+    try:
+        st = me.status()
+        parts.append(f"state {st}")
+    except psutil.Error:
+        pass
+    throttled = _cgroup_throttling()
+    if throttled:
+        parts.append(throttled)
+    swap = psutil.swap_memory()
+    if swap.total and swap.used:
+        parts.append(f"swap in use {swap.used / 2**20:.0f} MB (in {swap.sin / 2**20:.0f} MB, "
+                     f"out {swap.sout / 2**20:.0f} MB since boot)")
+    busy = []
+    for p in psutil.process_iter(["pid", "name", "cpu_percent"]):
+        if p.info["pid"] != me.pid and (p.info["cpu_percent"] or 0) > 20:
+            busy.append(f"{p.info['name']} (pid {p.info['pid']}) {p.info['cpu_percent']:.0f}%")
+    if busy:
+        parts.append("other busy processes: " + ", ".join(busy[:3]))
+    if sys.platform == "darwin" and "caffeinate" not in {a.name() for a in me.parents()}:
+        parts.append("no caffeinate power assertion: App Nap throttles a background process "
+                     "(start it with lnsp launch, which holds `caffeinate -i -s -w PID`)")
+    return "; ".join(parts) or "nothing visible from inside"
+
+
+def _cgroup_throttling() -> str:
+    """CPU quota throttling of this process's cgroup (v2), when readable."""
+    try:
+        stat = dict(line.split() for line in
+                    open("/sys/fs/cgroup/cpu.stat").read().splitlines() if line.strip())
+        quota = open("/sys/fs/cgroup/cpu.max").read().split()
+    except (OSError, ValueError):
+        return ""
+    if quota and quota[0] != "max":
+        return (f"CPU quota {int(quota[0]) / int(quota[1]):.2f} cores, throttled "
+                f"{int(stat.get('nr_throttled', 0))} times")
+    return ""
 
 
 class Heartbeat:
@@ -92,10 +264,12 @@ class Heartbeat:
     def rss_mb(self) -> float:
         return self.process.memory_info().rss / 2**20
 
-    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float) -> None:
+    def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float,
+             extra: dict | None = None) -> None:
         RunDir(Path(self.path).parent).write_heartbeat(HeartbeatRecord(
             pid=os.getpid(), time=time.time(), host=HOST, epoch=epoch, step=step, phase=phase,
-            loss=loss, samples_per_s=samples_per_s, rss_mb=round(self.rss_mb(), 1)), self.path)
+            loss=loss, samples_per_s=samples_per_s, rss_mb=round(self.rss_mb(), 1),
+            extra=extra or {}), self.path)
 
     def epoch_end(self, epoch: int) -> None:
         rss = self.rss_mb()

@@ -7,6 +7,12 @@ which it strikes (start-up faults strike during data loading).
   never_returns a step that loops forever
   nan           a non-finite loss
   startup       data loading that never ends
+  crash         an exception at that step of every attempt (a crash loop)
+  slow_eval     every evaluation chunk takes LNSP_TEST_EVAL_SECONDS (a long evaluation)
+
+LNSP_TEST_FAULT_ONCE (a path): the fault strikes in the first attempt only (the file
+records that it did), so a restarted run can get past it. Under `lnsp supervise` the
+trainers it starts run through this driver too.
 
 Just before a fault blocks, the driver creates the file LNSP_TEST_MARKER (when set):
 a test that signals, stalls or kills waits for that file, a state it controls, and
@@ -23,7 +29,7 @@ import threading
 import time
 
 import lnsp  # noqa: F401  (thread policy first, as in the real entry point)
-from lnsp import cli, data, evaluate, train
+from lnsp import cli, data, evaluate, supervise, train
 
 FAULT = os.environ.get("LNSP_TEST_FAULT", "")
 AT_STEP = int(os.environ.get("LNSP_TEST_FAULT_STEP", "3"))
@@ -60,9 +66,20 @@ calls = {"n": 0}
 real_step, real_load = train.optimizer_step, data.load
 
 
+def strikes() -> bool:
+    once = os.environ.get("LNSP_TEST_FAULT_ONCE")
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def faulty_step(job, loss):
     calls["n"] += 1
-    if calls["n"] == AT_STEP:
+    if calls["n"] == AT_STEP and strikes():
         if FAULT == "blocked_read":
             blocked_read(os.environ["LNSP_TEST_GATE"])
         elif FAULT == "deadlock":
@@ -71,6 +88,8 @@ def faulty_step(job, loss):
             never_returns()
         elif FAULT == "nan":
             loss = float("nan")
+        elif FAULT == "crash":
+            raise RuntimeError("injected crash")
     return real_step(job, loss)
 
 
@@ -90,10 +109,24 @@ def logged_evaluate(model, ds, index, starts, *args, **kwargs):
     return real_evaluate(model, ds, index, starts, *args, **kwargs)
 
 
+def slow_evaluate(*args, **kwargs):
+    time.sleep(float(os.environ.get("LNSP_TEST_EVAL_SECONDS", "1")))
+    return real_evaluate(*args, **kwargs)
+
+
+def driven_trainer(config, resume):
+    """The supervisor's trainers run through this driver, with the same faults."""
+    return [sys.executable, "-u", "-X", "faulthandler", __file__, "train",
+            *config.replace(resume=resume).to_argv()]
+
+
 train.optimizer_step = faulty_step
 data.load = faulty_load
 if os.environ.get("LNSP_TEST_EVAL_LOG"):
     evaluate.evaluate = logged_evaluate
+if FAULT == "slow_eval":
+    evaluate.evaluate = slow_evaluate
+supervise.trainer_argv = driven_trainer
 
 if __name__ == "__main__":
     sys.argv[0] = "lnsp"

@@ -196,3 +196,21 @@ def test_two_ranks_learn_as_well_as_one_and_share_the_evaluation(tmp_path):
     alone = evaluate.evaluate(model, ds, index, val, config.ctx_len, torch.device("cpu"))
     for key, value in alone.items():
         assert np.isclose(b[key], value, rtol=0, atol=1e-9), (key, b[key], value)
+
+
+def test_torchrun_does_not_rerun_an_ending_a_restart_would_repeat(small_data, tmp_path):
+    """torchrun's agent restarts on any failure; each restarted attempt reads how the
+    last one ended and does not train again after a non-finite loss."""
+    config = TrainConfig(data=str(small_data), run_dir=str(tmp_path / "run"), hidden=32,
+                         batch_size=32, k=20, threads="safe", max_restarts=2)
+    argv = torchrun_argv(config, 2)
+    at = argv.index("-m", argv.index("--monitor-interval=1"))
+    argv[at:at + 2] = [str(DRIVER)]  # the ranks run through the driver: a NaN at step 3
+    job = subprocess.run(argv, env=env(LNSP_TEST_FAULT="nan", LNSP_TEST_FAULT_STEP=3),
+                         capture_output=True, text=True, timeout=240)
+    assert job.returncode != 0
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert log.count("Training ") == 1, log  # the restarts did not train
+    assert log.count("[RESTART] the last attempt ended: non-finite") == 2, log
+    ended = read_json(tmp_path / "run" / "exit.json")
+    assert ended["exit_code"] == 1 and "non-finite" in ended["cause"], ended

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FAST_TRAIN, env, lnsp, read_json, release, spawn, wait_until
 from lnsp.config import TrainConfig
-from lnsp.launch.command import trainer_argv
+from lnsp.launch.command import caffeinate_argv, trainer_argv
 
 
 def launch(backend, run, data, *extra, cwd, extra_env=None):
@@ -33,13 +33,14 @@ def trainer_pid(run):
                       what="the trainer's pid in run.json")
 
 
-def test_caffeinate_wraps_the_command_on_macos_only():
+def test_caffeinate_holds_the_assertions_of_a_computation_tied_to_the_trainer():
+    # The exact command a Mac runs beside each trainer (caffeinate cannot run here).
+    assert caffeinate_argv(4242, platform="darwin") == ["caffeinate", "-i", "-s", "-w", "4242"]
+    assert caffeinate_argv(4242, platform="linux") == []
     config = TrainConfig(run_dir="runs/x")
-    mac = trainer_argv(config, platform="darwin")
-    assert mac[:2] == ["caffeinate", "-dims"]
-    assert mac[2:7] == [sys.executable, "-u", "-X", "faulthandler", "-m"]
-    assert mac[7:9] == ["lnsp", "supervise"] and "--run-dir" in mac
-    assert trainer_argv(config, platform="linux")[0] == sys.executable
+    argv = trainer_argv(config)
+    assert argv[:6] == [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp"]
+    assert argv[6] == "supervise" and "--run-dir" in argv
 
 
 def test_nohup_run_outlives_its_shell_and_records_the_trainers_pid(small_data, tmp_path, reap):

@@ -37,19 +37,28 @@ def detach(argv: list[str], env: dict[str, str], console: Path) -> None:
                          preexec_fn=_raise_open_files)
 
 
-def caffeinate(platform: str = sys.platform) -> tuple[list[str], str]:
-    """The prefix that keeps macOS from napping or sleeping a background run, and why
-    (or why not) it is used."""
+def caffeinate(platform: str = sys.platform) -> tuple[bool, str]:
+    """Whether the supervisor holds a power assertion for each trainer (macOS), and why
+    (or why not)."""
     if platform != "darwin":
-        return [], f"caffeinate: not used ({platform} has no App Nap; it is macOS only)"
+        return False, f"caffeinate: not used ({platform} has no App Nap; it is macOS only)"
     if not shutil.which("caffeinate") and platform == sys.platform:
-        return [], "caffeinate: not found on this Mac; App Nap may throttle the run"
-    return ["caffeinate", "-dims"], "caffeinate -dims: App Nap and sleep cannot throttle the run"
+        return False, "caffeinate: not found on this Mac; App Nap may throttle the run"
+    return True, ("caffeinate -i -s -w PID: each trainer holds the assertions against "
+                  "idle and system sleep that a background computation needs")
 
 
-def trainer_argv(config, platform: str = sys.platform) -> list[str]:
-    """caffeinate (macOS) + the supervisor, which runs `python -m lnsp train` and
-    restarts it when it stalls or crashes (--max-restarts)."""
-    prefix, _ = caffeinate(platform)
-    return prefix + [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "supervise",
-                     *config.to_argv()]
+def caffeinate_argv(pid: int, platform: str = sys.platform) -> list[str]:
+    """The power assertion for one trainer: -i (no idle sleep, which also keeps App Nap
+    off the process), -s (no system sleep on AC power), -w (held while PID lives, so a
+    restart takes a new one). -d, the display, is not needed for a computation."""
+    if not caffeinate(platform)[0]:
+        return []
+    return ["caffeinate", "-i", "-s", "-w", str(pid)]
+
+
+def trainer_argv(config) -> list[str]:
+    """The supervisor, which runs `python -m lnsp train`, holds caffeinate for it on
+    macOS, and restarts it when it stalls or crashes (--max-restarts)."""
+    return [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "supervise",
+            *config.to_argv()]

@@ -8,7 +8,7 @@ from lnsp.rundir import RunDir
 
 
 def plan(config, options: dict) -> dict:
-    return {"caffeinate": bool(caffeinate()[0])}
+    return {"caffeinate": caffeinate()[0]}
 
 
 def start(config, info: dict) -> None:

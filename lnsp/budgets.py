@@ -1,0 +1,213 @@
+"""What the watchdog learns about a run: per-phase stall budgets from observed
+durations, the step rate that counts as a slowdown, and where the wall time went.
+
+Pure bookkeeping with no threads and no I/O, so each piece has a fast unit test; the
+watchdog, the loop and the supervisor feed it. The idea of budgets from the longest
+observed interval times a safety factor, kept across restarts, is NVIDIA
+nvidia-resiliency-ext's (its first iterations are not monitored by a learned budget).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+FACTOR = 5.0  # a phase may take this many times its longest observed duration
+FLOOR_S = 8.0  # never less: a busy machine or a GC pause is not a hang
+WARMUP = 5  # observations of a phase before its learned budget replaces the ceiling
+
+
+@dataclass
+class PhaseBudgets:
+    """Per-phase budgets: `ceiling` (the --stall-timeout) until a phase has been seen
+    WARMUP times, then max(FLOOR_S, longest * FACTOR), never above the ceiling."""
+
+    ceiling: float
+    factor: float = FACTOR
+    floor: float = FLOOR_S
+    warmup: int = WARMUP
+    longest: dict = field(default_factory=dict)  # phase -> longest duration seen (s)
+    seen: dict = field(default_factory=dict)  # phase -> observations
+
+    def budget(self, phase: str) -> float:
+        if self.seen.get(phase, 0) < self.warmup:
+            return self.ceiling
+        return min(self.ceiling, max(self.floor, self.longest[phase] * self.factor))
+
+    def observe(self, phase: str, seconds: float) -> float | None:
+        """Record one duration; returns the phase's new budget when it changed by more
+        than 10% (worth a log line), else None."""
+        before = self.budget(phase)
+        self.seen[phase] = self.seen.get(phase, 0) + 1
+        self.longest[phase] = max(self.longest.get(phase, 0.0), seconds)
+        after = self.budget(phase)
+        return after if abs(after - before) > 0.1 * before else None
+
+    def learned(self) -> dict:
+        """The phases whose budget is learned, with their budgets (for status)."""
+        return {p: round(self.budget(p), 2) for p in sorted(self.seen)
+                if self.seen[p] >= self.warmup}
+
+    def state(self) -> dict:
+        """Plain types only (checkpoints are loaded with weights_only=True)."""
+        return {"longest": dict(self.longest), "seen": dict(self.seen)}
+
+    def restore(self, state: dict | None) -> None:
+        """Budgets kept across a resume: a restarted run is guarded at once."""
+        if state:
+            self.longest.update({k: float(v) for k, v in state.get("longest", {}).items()})
+            self.seen.update({k: int(v) for k, v in state.get("seen", {}).items()})
+
+
+@dataclass
+class SlowDetector:
+    """A run whose step rate over the last `window` seconds is below `ratio` of its
+    own best rate over any earlier window is slow (App Nap, a CPU quota, swapping, a
+    noisy neighbour): alive, so no watchdog fires, but crawling."""
+
+    window: float
+    ratio: float = 1 / 3
+    best: float = 0.0
+    slow: bool = False
+    first: float | None = None  # start of the current measurement (a window needs one)
+    steps: deque = field(default_factory=deque)  # times of recent steps
+
+    def step(self, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        self.steps.append(now)
+
+    def rate(self, now: float) -> float | None:
+        """Steps per second over the last window, None until a whole window is seen."""
+        while self.steps and self.steps[0] < now - self.window:
+            self.steps.popleft()
+        if self.first is None or now - self.first < self.window:
+            return None
+        return len(self.steps) / self.window
+
+    def check(self, now: float) -> str | None:
+        """'slow' when the run just became slow, 'recovered' when it just recovered."""
+        rate = self.rate(now)
+        if rate is None:
+            return None
+        if not self.slow:
+            self.best = max(self.best, rate)
+        if not self.slow and self.best > 0 and rate < self.ratio * self.best:
+            self.slow = True
+            return "slow"
+        if self.slow and rate >= 0.5 * self.best:
+            self.slow = False
+            return "recovered"
+        return None
+
+    def pause(self, now: float) -> None:
+        """An evaluation or a checkpoint is not a slowdown: start a new window after it."""
+        self.steps.clear()
+        self.first = None
+
+
+# Goodput: where the wall time of a run went. Categories sum to the wall time.
+CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "other")
+PHASE_CATEGORY = {
+    "startup": "startup", "load data": "startup", "rendezvous": "startup", "index": "startup",
+    "load": "training", "forward": "training", "retrieve": "training", "loss": "training",
+    "backward": "training", "optimizer": "training", "train": "training", "sync": "training",
+    "step end": "training",
+    "evaluate": "evaluation", "calibrate": "evaluation", "barrier": "evaluation",
+    "checkpoint": "checkpoint", "stalled": "stalled",
+}
+
+
+@dataclass
+class Goodput:
+    """Seconds per category, accumulated across restarts (kept in the checkpoint and
+    goodput.json). `redone` is the training time of steps a restart had to repeat."""
+
+    seconds: dict = field(default_factory=lambda: {c: 0.0 for c in CATEGORIES})
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[PHASE_CATEGORY.get(phase, "other")] += max(0.0, seconds)
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Reclassify time already counted (a stall found after the fact)."""
+        seconds = min(seconds, self.seconds[source])
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
+
+    def wall(self) -> float:
+        return sum(self.seconds.values())
+
+    def shares(self) -> dict:
+        wall = self.wall()
+        return {c: (s / wall if wall else 0.0) for c, s in self.seconds.items()}
+
+    def summary(self) -> dict:
+        wall = self.wall()
+        return {"wall_s": round(wall, 3),
+                "seconds": {c: round(s, 3) for c, s in self.seconds.items()},
+                "shares": {c: round(v, 4) for c, v in self.shares().items()},
+                "goodput": round(self.seconds["training"] / wall, 4) if wall else 0.0}
+
+    def state(self) -> dict:
+        return dict(self.seconds)
+
+    def restore(self, state: dict | None) -> None:
+        """Add the seconds of earlier attempts (this attempt's own are kept)."""
+        for c, s in (state or {}).items():
+            if c in self.seconds:
+                self.seconds[c] += float(s)
+
+
+class PhaseClock:
+    """Charges the time between phase changes to the phase that was running: every
+    second of the process's life lands in exactly one category."""
+
+    def __init__(self, goodput: Goodput, phase: str = "startup", now: float | None = None):
+        self.goodput, self.phase = goodput, phase
+        self.since = time.monotonic() if now is None else now
+
+    def enter(self, phase: str, now: float | None = None) -> float:
+        """Switch phase; returns how long the previous one ran."""
+        now = time.monotonic() if now is None else now
+        spent = now - self.since
+        self.goodput.add(self.phase, spent)
+        self.phase, self.since = phase, now
+        return spent
+
+    def flush(self, now: float | None = None) -> None:
+        self.enter(self.phase, now)
+
+
+# Endings: what a restart can fix.
+RESTARTABLE = {"stall": True, "crash": True, "bad-input": False, "non-finite": False,
+               "out-of-memory": False, "stopped": False, "finished": False}
+
+
+def classify_ending(exit_code: int, record: dict | None) -> str:
+    """The kind of an ending from the trainer's exit code and its exit.json."""
+    record = record or {}
+    text = f"{record.get('error', '')} {record.get('cause', '')}".lower()
+    if exit_code == 0:
+        return "stopped" if record.get("state") == "stopped" else "finished"
+    if exit_code == 2:
+        return "bad-input"
+    if "non-finite" in text:
+        return "non-finite"
+    if "out of memory" in text or "memoryerror" in text or exit_code == -9 and \
+            record.get("oom"):
+        return "out-of-memory"
+    if exit_code == 3:
+        return "stall"
+    return "crash"
+
+
+def crash_loop(checkpoint_steps: list[int]) -> bool:
+    """Two restarts in a row that made no progress past the last checkpoint.
+    `checkpoint_steps`: the checkpoint step each attempt started from, then the one the
+    last attempt left. A restart made no progress when the checkpoint it left is the one
+    it started from; the first attempt is not a restart."""
+    if len(checkpoint_steps) < 4:  # the first attempt, two restarts, and where they left it
+        return False
+    latest, previous = checkpoint_steps[-2:], checkpoint_steps[-3:-1]
+    return latest[1] <= latest[0] and previous[1] <= previous[0]
