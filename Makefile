@@ -98,7 +98,7 @@ docker-offline: docker-base wheelhouse ## build the image with no registry: base
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)
 
-bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
+bench: $(STAMP) ## throughput ratios, vs a plain user loop, thread policies, FLOP fraction, auto miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
 plot: $(STAMP) ## redraw a run's plots.png (RUN=)

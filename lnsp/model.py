@@ -20,11 +20,29 @@ class QueryTower(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """(B, T, D) context vectors -> (B, D) unit queries."""
-        # Under autocast the GRU's GEMMs run in bf16 while its hidden state stays
-        # float32; the head, the norm and everything after run in float32.
-        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            _, last = self.gru(context)  # pooled: the final hidden state
-        return F.normalize(self.norm(self.proj(last[-1].float())), dim=-1)
+        if self.bf16:
+            with torch.autocast(context.device.type, dtype=torch.bfloat16):
+                last = _gru_last(self.gru, context)
+        else:
+            last = self.gru(context)[1][-1]  # pooled: the final hidden state
+        return F.normalize(self.norm(self.proj(last.float())), dim=-1)
+
+
+def _gru_last(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
+    """nn.GRU's last hidden state, step by step with its own parameters: autocast
+    reaches these matrix products (bf16), not those inside torch's fused CPU GRU. The
+    input projection of the whole window is one product, as in torch's."""
+    gi = F.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)  # (B, T, 3H)
+    h = x.new_zeros(x.shape[0], gru.hidden_size, dtype=torch.float32)
+    for t in range(x.shape[1]):
+        gh = F.linear(h, gru.weight_hh_l0, gru.bias_hh_l0)
+        i_r, i_z, i_n = gi[:, t].chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h = n + z * (h - n)
+    return h
 
 
 def flops_per_sample(dim: int, hidden: int, ctx_len: int) -> float:

@@ -55,7 +55,7 @@ def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int =
         watchdog.progress("index")
     t = time.perf_counter()
     index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root, log,
-                        config.seed, prebuilt=ds.index)
+                        config.seed, prebuilt=ds.index, k=config.k + 1)
     log(f"Index {type(index).__name__}: {index.ntotal} vectors of dimension {index.d} "
         f"in {time.perf_counter() - t:.1f}s")
     bf16 = precision.tower_bf16(config.precision, device)

@@ -24,3 +24,14 @@ def test_a_bf16_tower_gives_float32_queries_close_to_the_fp32_tower():
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
     b.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.parameters())
+
+
+def test_the_step_by_step_gru_is_torchs_gru():
+    """The bf16 path runs nn.GRU's own parameters through an explicit recurrence; in
+    float32 it must give nn.GRU's answer (and so share its checkpoints)."""
+    from lnsp.model import _gru_last
+
+    torch.manual_seed(1)
+    tower = QueryTower(64, 48)
+    x = torch.randn(6, 9, 64)
+    assert torch.allclose(_gru_last(tower.gru, x), tower.gru(x)[1][-1], atol=1e-5)
