@@ -109,9 +109,13 @@ generate: $(STAMP) ## dual-path generation from RUN=...'s best.pt (ARGS='--steps
 	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make generate RUN=..."; exit 2; }
 	$(LNSP) generate --checkpoint $(RUN)/checkpoints/best.pt --data $(DATA) $(ARGS)
 
+calibrate: $(STAMP) ## measure RUN=...'s decider thresholds again on its held-out windows
+	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make calibrate RUN=..."; exit 2; }
+	$(LNSP) calibrate --checkpoint $(RUN)/checkpoints/best.pt --data $(DATA) $(ARGS)
+
 clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate clean
+	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

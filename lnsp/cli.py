@@ -311,35 +311,64 @@ def compare(image, threads, batch, k, timeout):
               help="a checkpoint (runs/NAME/checkpoints/best.pt)")
 @click.option("--data", "data_dir", default="data/demo", show_default=True)
 @click.option("--start", type=int, default=None, help="chain whose first ctx_len ids start it")
+@click.option("--chains", default=1, show_default=True,
+              help="held-out chains to generate from, chosen by the seed (without --start)")
 @click.option("--context-ids", default=None, help="comma-separated bank ids to start from")
-@click.option("--steps", default=20, show_default=True)
+@click.option("--steps", default=20, show_default=True, help="steps per chain")
 @click.option("--lane", default="neutral", show_default=True,
               type=click.Choice(["conservative", "neutral", "creative"]))
-@click.option("--tau-snap", type=float, default=None, help="override the lane's SNAP threshold")
+@click.option("--tau-snap", type=float, default=None,
+              help="override the lane's SNAP threshold (calibrated when the checkpoint has one)")
 @click.option("--tau-novel", type=float, default=None, help="override the lane's NOVEL threshold")
 @click.option("--k", type=int, default=None, help="override the lane's neighbour count")
+@click.option("--teacher-forced", is_flag=True,
+              help="the true next vector of the chain joins the context, not the generated one")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default=None, help="JSON lines, one per step")
 @user_errors
-def generate(checkpoint, data_dir, start, context_ids, steps, lane, tau_snap, tau_novel, k,
-             seed, out):
-    """Dual-path generation (SNAP / BLEND / NOVEL) from a checkpoint.
+def generate(checkpoint, data_dir, start, chains, context_ids, steps, lane, tau_snap, tau_novel,
+             k, teacher_forced, seed, out):
+    """Dual-path generation (SNAP / BLEND / NOVEL) from a checkpoint, with its
+    calibrated thresholds; with texts.jsonl in the data, a readable passage.
 
     Example: lnsp generate --checkpoint runs/x/checkpoints/best.pt --steps 20 --out gen.jsonl
     """
     import json
 
-    from lnsp import decider
     from lnsp.generate import generate as run_generate
 
     try:
-        profile = decider.lane(lane, tau_snap, tau_novel, k)
         ids = [int(x) for x in context_ids.split(",")] if context_ids else None
     except ValueError as e:
-        raise Fail(str(e)) from None
-    summary = run_generate(checkpoint, data_dir, steps, profile, start, ids, seed, out,
-                           echo=click.echo)
+        raise Fail(f"--context-ids: {e}") from None
+    if chains < 1 or steps < 1:
+        raise Fail("--chains and --steps must be >= 1")
+    summary = run_generate(checkpoint, data_dir, steps, lane, tau_snap, tau_novel, k, start, ids,
+                           seed, out, echo=click.echo, chains=chains,
+                           teacher_forced=teacher_forced)
     click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a checkpoint (runs/NAME/checkpoints/best.pt)")
+@click.option("--data", "data_dir", default="data/demo", show_default=True)
+@click.option("--out", default=None,
+              help="calibration.json to write (default: the checkpoint's run directory)")
+@click.option("--store/--no-store", default=True, show_default=True,
+              help="also store the thresholds in the checkpoint")
+@user_errors
+def calibrate(checkpoint, data_dir, out, store):
+    """Per-lane decider thresholds measured on the run's held-out windows: prints
+    thresholds, held-out shares of SNAP / BLEND / NOVEL and SNAP precision.
+
+    Example: lnsp calibrate --checkpoint runs/x/checkpoints/best.pt --data data/demo
+    """
+    from lnsp.calibrate import on_demand, table
+
+    result, path = on_demand(checkpoint, data_dir, out, store)
+    click.echo(table(result))
+    click.echo(f"wrote {path}" + (f" and the thresholds into {checkpoint}" if store else ""))
 
 
 @main.command()

@@ -1,5 +1,10 @@
 """The dual-path decider: per generated vector, SNAP to the nearest bank vector, BLEND
-with it, or stay NOVEL, by cosine thresholds per lane, with a near-duplicate guard."""
+with it, or stay NOVEL, by cosine thresholds per lane, with a near-duplicate guard.
+
+The thresholds are cosines. LANES holds the seed's fixed values; a trained model's
+own, measured on held-out windows (lnsp.calibrate), replace them when the checkpoint
+carries a calibration. BLEND's weight follows the seed's schedule mapped onto the
+lane's [tau_novel, tau_snap]."""
 
 from __future__ import annotations
 
@@ -11,12 +16,23 @@ DUP_COSINE = 0.98  # above this, a recently used neighbour is a near-duplicate
 DUP_WINDOW = 8  # how many recently used ids the guard looks at
 
 
+# The seed's neutral lane: the scale on which blend_weight's schedule was written.
+SEED_SNAP, SEED_NOVEL = 0.92, 0.85
+
+
 @dataclass(frozen=True)
 class Lane:
     name: str
     tau_snap: float
     tau_novel: float
     k: int
+    calibrated: bool = False  # thresholds measured on this model's held-out windows
+
+    def alpha(self, c: float) -> float:
+        """BLEND's weight on the predicted vector: the seed schedule with the lane's
+        [tau_novel, tau_snap] mapped affinely onto the seed's [0.85, 0.92]."""
+        u = (c - self.tau_novel) / (self.tau_snap - self.tau_novel)
+        return blend_weight(SEED_NOVEL + u * (SEED_SNAP - SEED_NOVEL))
 
 
 LANES = {
@@ -27,13 +43,20 @@ LANES = {
 
 
 def lane(name: str, tau_snap: float | None = None, tau_novel: float | None = None,
-         k: int | None = None) -> Lane:
-    """A lane profile by name, with any of its values overridden."""
+         k: int | None = None, calibration: dict | None = None) -> Lane:
+    """A lane profile by name: the calibrated thresholds when a calibration is given
+    (its "lanes" entry, as lnsp.calibrate writes it), else the seed's; any value given
+    explicitly overrides both."""
     if name not in LANES:
         raise ValueError(f"lane must be one of {', '.join(LANES)} (got {name!r})")
     base = LANES[name]
+    if calibration and name in calibration.get("lanes", {}):
+        measured = calibration["lanes"][name]
+        base = Lane(name, float(measured["tau_snap"]), float(measured["tau_novel"]),
+                    int(measured.get("k", base.k)), True)
     chosen = Lane(name, base.tau_snap if tau_snap is None else tau_snap,
-                  base.tau_novel if tau_novel is None else tau_novel, base.k if k is None else k)
+                  base.tau_novel if tau_novel is None else tau_novel, base.k if k is None else k,
+                  base.calibrated and tau_snap is None and tau_novel is None)
     if not chosen.tau_novel < chosen.tau_snap:
         raise ValueError(f"tau_novel ({chosen.tau_novel}) must be below tau_snap "
                          f"({chosen.tau_snap})")
@@ -41,8 +64,8 @@ def lane(name: str, tau_snap: float | None = None, tau_novel: float | None = Non
 
 
 def blend_weight(c: float) -> float:
-    """The weight on the predicted vector: 0.3 up to c = 0.86, linearly to 0.7 at
-    0.91, linearly to 0.9 at 0.95, then 0.9."""
+    """The seed's weight on the predicted vector: 0.3 up to c = 0.86, linearly to 0.7
+    at 0.91, linearly to 0.9 at 0.95, then 0.9 (on the seed's neutral scale)."""
     if c <= 0.86:
         return 0.3
     if c <= 0.91:
@@ -85,6 +108,6 @@ def decide(v: np.ndarray, neighbors: np.ndarray, neighbor_ids: np.ndarray, profi
         return Decision("SNAP", neighbor.astype(np.float32), c, nid, None)
     if c <= profile.tau_novel:
         return Decision("NOVEL", v.astype(np.float32), c, nid, None)
-    alpha = blend_weight(c)
+    alpha = profile.alpha(c)
     return Decision("BLEND", _unit(alpha * v + (1 - alpha) * neighbor).astype(np.float32),
                     c, nid, alpha)

@@ -211,6 +211,7 @@ class RunDir:
     dumps = property(lambda self: self.root / "dumps")
     exit = property(lambda self: self.root / "exit.json")
     plots = property(lambda self: self.root / "plots.png")
+    calibration = property(lambda self: self.root / "calibration.json")  # decider thresholds
     goodput = property(lambda self: self.root / "goodput.json")
     last_checkpoint_record = property(lambda self: self.checkpoints / "last.json")
 

@@ -293,7 +293,10 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         dist.barrier()
         rec.epoch_end(state.epoch)
         watchdog.progress("train")
-    watchdog.stop()  # what follows (the plot) is not training
+    watchdog.stop()  # what follows (calibration, the plot) is not training
+    if rec.main:  # the decider's thresholds for best.pt, measured on held-out windows
+        from lnsp.calibrate import after_training
+        after_training(rd, job.ds, rec.say)
     return rec.finished()
 
 

@@ -118,3 +118,37 @@ def test_a_retriever_that_times_out_gives_none():
     r = Retriever(Stuck(), np.eye(8, dtype=np.float32), timeout_s=0.2, log=said.append)
     assert r.search(np.ones(8, np.float32), 3) is None and "timed out" in said[0]
     release.set()
+
+
+CALIBRATION = {"lanes": {"neutral": {"tau_snap": 0.6, "tau_novel": 0.4, "k": 50},
+                         "creative": {"tau_snap": 0.5, "tau_novel": 0.3, "k": 40}}}
+
+
+@pytest.mark.parametrize("c, expected, alpha", [
+    (0.65, "SNAP", None), (0.6 + 1e-9, "SNAP", None), (0.6 - 1e-6, "BLEND", 0.75),
+    (0.5, "BLEND", 0.5), (0.4 + 1e-6, "BLEND", 0.3), (0.4 - 1e-9, "NOVEL", None),
+    (0.2, "NOVEL", None)])
+def test_calibrated_lane_at_constructed_cosines(c, expected, alpha):
+    profile = lane("neutral", calibration=CALIBRATION)
+    assert (profile.tau_snap, profile.tau_novel, profile.k, profile.calibrated) == \
+        (0.6, 0.4, 50, True)
+    d = decide(*pair(c), profile)
+    assert d.decision == expected
+    # BLEND's weight: the seed's schedule with [0.4, 0.6] mapped onto [0.85, 0.92].
+    assert d.alpha == (None if alpha is None else pytest.approx(alpha, abs=1e-4))
+
+
+def test_calibrated_blend_weight_is_the_seed_schedule_rescaled():
+    profile = lane("creative", calibration=CALIBRATION)
+    for u in np.linspace(0, 1, 11):
+        c = 0.3 + u * 0.2
+        assert profile.alpha(c) == pytest.approx(blend_weight(0.85 + u * 0.07))
+    assert lane("neutral").alpha(0.88) == pytest.approx(blend_weight(0.88))  # seed: identity
+
+
+def test_explicit_thresholds_override_the_calibration():
+    profile = lane("neutral", tau_snap=0.7, calibration=CALIBRATION)
+    assert (profile.tau_snap, profile.tau_novel, profile.calibrated) == (0.7, 0.4, False)
+    assert lane("conservative", calibration=CALIBRATION) == LANES["conservative"]  # not in it
+    with pytest.raises(ValueError, match="tau_novel"):
+        lane("neutral", tau_novel=0.65, calibration=CALIBRATION)
