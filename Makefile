@@ -80,6 +80,10 @@ logs: $(STAMP) ## print a run's log (RUN=, ARGS=-f to follow)
 	@test -n "$(filter command line environment,$(origin RUN))" || { echo "make logs RUN=..."; exit 2; }
 	$(LNSP) logs $(RUN) $(ARGS)
 
+diagnose: $(STAMP) ## why a Python process is stuck: VERDICT, evidence, fix (PID= or RUN=)
+	@test -n "$(PID)$(filter command line environment,$(origin RUN))" || { echo "make diagnose PID=... or RUN=..."; exit 2; }
+	$(LNSP) diagnose $(TARGET) $(ARGS)
+
 doctor: $(STAMP) ## threads, BLAS/OpenMP runtimes, tools, known hazards
 	$(LNSP) doctor $(ARGS)
 
@@ -97,6 +101,9 @@ docker-offline: docker-base wheelhouse ## build the image with no registry: base
 
 compare: $(STAMP) ## the probe natively and in the container, side by side
 	$(LNSP) compare $(ARGS)
+
+realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
+	scripts/realtext.sh
 
 bench: $(STAMP) ## throughput ratios, vs a plain user loop, thread policies, FLOP fraction, auto miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
@@ -117,5 +124,5 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump stop \
-	logs doctor docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean
+.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump diagnose stop \
+	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

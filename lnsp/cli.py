@@ -79,9 +79,9 @@ def data():
 
 @data.command("synth")
 @click.option("--out", default="data/demo", show_default=True, help="directory to write")
-@click.option("--chains", default=1000, show_default=True)
+@click.option("--chains", default=400, show_default=True)
 @click.option("--length", default=24, show_default=True, help="vectors per chain")
-@click.option("--dim", default=768, show_default=True)
+@click.option("--dim", default=384, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def data_synth(out, chains, length, dim, seed):
     """Write the deterministic demo data set (bank.npy, chains.npz).
@@ -92,6 +92,33 @@ def data_synth(out, chains, length, dim, seed):
 
     path = synth.write(out, chains=chains, length=length, dim=dim, seed=seed)
     click.echo(f"wrote {chains * length} x {dim} bank and {chains} chains to {path}")
+
+
+@data.command("corpus")
+@click.argument("kind", type=click.Choice(["man", "docstrings"]))
+@click.option("--out", required=True, help="the .jsonl file of documents to write")
+@click.option("--limit", default=0, show_default=True, help="documents at most (0 = all)")
+@click.option("--max-chars", default=3000, show_default=True,
+              help="cut each document after the paragraph that reaches this size (0 = whole)")
+@click.option("--modules", default=None,
+              help="docstrings: comma-separated modules [default: numpy and torch's main ones]")
+def data_corpus(kind, out, limit, max_chars, modules):
+    """Documents of a real corpus on this machine, for `lnsp data from-text`: the
+    manual pages (man) or the docstrings of installed packages (docstrings).
+
+    Example: lnsp data corpus docstrings --out data/numpy.jsonl --modules numpy
+    """
+    from lnsp import corpora
+
+    chosen = tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else \
+        corpora.DEFAULT_MODULES
+    n = corpora.write(corpora.documents(kind, limit, chosen, max_chars), out)
+    if n == 0:
+        import os
+
+        os.unlink(out)  # an empty file would pass for a corpus
+        raise Fail(f"{kind}: no document found on this machine (nothing written to {out})")
+    click.echo(f"wrote {n} documents to {out}")
 
 
 @data.command("from-text")
@@ -227,6 +254,25 @@ def dump(target, native, root, timeout):
     from lnsp.operate import dump as do_dump
 
     click.echo(do_dump(target, root, native, timeout))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--samples", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="snapshots of every thread")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="seconds between snapshots")
+@click.option("--root", default="runs", show_default=True, help="where runs live")
+@click.option("--json", "as_json", is_flag=True, help="kind, summary, evidence, fix, samples")
+def diagnose(target, samples, interval, root, as_json):
+    """Why a Python process (an lnsp run or any script) is stuck: the first line is
+    `VERDICT <kind>: <one sentence>`, then the evidence and the fix.
+
+    Example: lnsp diagnose 12345 --samples 3 --interval 0.5
+    """
+    from lnsp.diagnose import report
+
+    click.echo(report(target, samples, interval, as_json, root))
 
 
 @main.command()

@@ -15,25 +15,35 @@ from collections import Counter
 from lnsp.threads import THREAD_VARS
 
 
-def facts() -> dict:
+# The user's setting, read before threadpoolctl is imported: threadpoolctl sets
+# KMP_DUPLICATE_LIB_OK=True in its own process (os.environ.setdefault at import), so
+# that inspecting the loaded libraries never aborts; that is not the user's choice.
+USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
+
+
+def facts(snapshot: bool = False) -> dict:
+    """`snapshot`: as this process is now, for a hang bundle taken inside a stuck run:
+    the pools are read, not resized, and the container engine is not asked."""
     import faiss
     import numpy
     import torch
 
     from lnsp import threads
 
-    threads.enforce()
+    if not snapshot:
+        threads.enforce()
     pools = threads.pools()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    docker_engine = _docker_engine()
+    docker_engine = "not asked (snapshot of a running process)" if snapshot else _docker_engine()
     return {
         "platform": platform.platform(), "machine": platform.machine(),
         "python": sys.version.split()[0], "cores": threads.cpu_count(),
         "versions": {"torch": torch.__version__, "numpy": numpy.__version__,
                      "faiss": faiss.__version__},
         "torch_threads": torch.get_num_threads(), "pools": pools,
-        "thread_env": {k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
-                                                      "KMP_BLOCKTIME")},
+        "thread_env": {**{k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
+                                                         "KMP_BLOCKTIME")},
+                       "KMP_DUPLICATE_LIB_OK": USER_KMP_DUPLICATE_LIB_OK},
         "start_method": multiprocessing.get_start_method(allow_none=True) or
         multiprocessing.get_context().get_start_method(),
         "open_files": {"soft": soft, "hard": hard},
@@ -71,6 +81,14 @@ def hazards(f: dict) -> list[str]:
                      "fork after either has run can hang the child forever. Fix: never fork "
                      "after OpenMP work (lnsp uses spawn for workers); keep one thread "
                      "(--threads safe) if a library forks behind your back.")
+    if (f["thread_env"].get("KMP_DUPLICATE_LIB_OK") or "").upper() in ("TRUE", "1", "YES"):
+        # Intel's runtime aborts when it finds a second OpenMP runtime; this variable
+        # silences the abort and leaves two runtimes that are reported to hang at 0% CPU
+        # in the OpenMP barrier (https://github.com/pytorch/pytorch/issues/193520).
+        found.append("KMP_DUPLICATE_LIB_OK=TRUE hides a duplicate OpenMP runtime (libiomp5 "
+                     "beside libgomp/libomp), which is reported upstream to hang. Fix: unset "
+                     "it and install packages that share one OpenMP runtime; `lnsp diagnose` "
+                     "names the runtimes a stuck process maps.")
     # An OpenMP-threaded BLAS runs in its OpenMP runtime's pool, not one of its own.
     busy = [p for p in f["pools"] if p["threads"] > 1 and p.get("threading_layer") != "openmp"]
     if len(busy) > 2:

@@ -96,7 +96,9 @@ class Recorder:
         self.log(f"Eval epoch {epoch}: Hit@1 {metrics['hit@1']:.3f} "
                  f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
                  f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
-                 f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f}")
+                 f"{metrics['baseline_hit@10']:.3f} MRR {metrics['baseline_mrr']:.3f} "
+                 f"| blend({metrics['blend_decay']:g}) Hit@10 {metrics['blend_hit@10']:.3f} "
+                 f"MRR {metrics['blend_mrr']:.3f}")
 
     def checkpoint(self, path, job, state) -> None:
         """Rank 0 alone writes checkpoints (the ranks' weights are the same). The learned
@@ -174,13 +176,19 @@ class Recorder:
         self.plot()
         return ExitCode.DONE
 
-    def stalled(self, phase: str) -> None:
-        """The watchdog's exit (from its thread, just before os._exit)."""
+    def stalled(self, phase: str, verdict: dict | None = None) -> None:
+        """The watchdog's exit (from its thread, just before os._exit); the cause is the
+        diagnosis when there is one."""
+        from lnsp.hangbundle import cause
+
         if self.main:
             stall = getattr(self.watchdog, "last_stall", None) or {}
+            extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
+                if cause(verdict) else {}
             self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
-                               cause=f"no progress in phase '{phase}'"
-                               + (f"; {stall['main_thread']}" if stall else ""))
+                               cause=cause(verdict) or f"no progress in phase '{phase}'"
+                               + (f"; {stall['main_thread']}" if stall else ""),
+                               phase=phase, **extra)
             self.write_goodput()
 
     def failed(self, error: BaseException) -> None:

@@ -239,6 +239,15 @@ class RunDir:
     def dump_path(self, reason: str, count: int, prefix: str = "") -> Path:
         return self.dumps / dump_name(reason, count, prefix)
 
+    def bundle_path(self, kind: str, prefix: str = "") -> Path:
+        """A hang bundle's folder: `[rankN-]hang-STAMP-KIND/` (lnsp.hangbundle)."""
+        return self.dumps / f"{prefix}hang-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+
+    def bundles(self) -> list[Path]:
+        """The hang bundles written so far, oldest first (complete ones only)."""
+        return sorted((p for p in self.dumps.glob("*hang-*") if (p / "verdict.json").exists()),
+                      key=lambda p: p.stat().st_mtime)
+
     def frozen_dump_path(self, pid: int) -> Path:
         """The supervisor's native dump of a frozen trainer."""
         return self.dumps / f"dump-frozen-{pid}-{time.strftime('%Y%m%d-%H%M%S')}.txt"

@@ -59,8 +59,10 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
            "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0)}
-    if ended and ended.cause:
-        row["cause"] = ended.cause
+    cause = _cause(rd, ended, beat) if label in ("stalled", "failed", "restarting") \
+        else ended and ended.cause
+    if cause:
+        row["cause"] = cause
     if beat and beat.extra.get("budgets"):
         row["budgets_s"] = beat.extra["budgets"]
     goodput = rd.read_goodput()
@@ -77,6 +79,18 @@ def state(rd: RunDir, now: float | None = None) -> dict:
                                  "step": b and b.step, "phase": b and b.phase,
                                  "heartbeat_age_s": round(now - b.time, 1) if b else None})
     return row
+
+
+def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str | None:
+    """Why a run stalled or failed: exit.json's cause, or for a live stalled run the
+    verdict of the newest hang bundle written since its last heartbeat."""
+    if ended and ended.cause:
+        return ended.cause
+    for bundle in reversed(rd.bundles()):
+        verdict = read_json(bundle / "verdict.json") or {}
+        if verdict.get("kind") and (beat is None or verdict.get("time", 0) >= beat.time):
+            return f"{verdict['kind']}: {verdict.get('summary', '')}"
+    return None
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from lnsp import hangbundle
 from lnsp.budgets import RESTARTABLE, classify_ending, crash_loop
 from lnsp.dumps import native_stacks
 from lnsp.launch.command import caffeinate_argv
@@ -118,10 +119,19 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, started: float, log) -> i
         _charge_frozen_time(rd, proc.pid)
         atomic_write(rd.frozen_dump_path(proc.pid),
                      f"# frozen trainer pid {proc.pid}, heartbeat {s.idle:.1f}s old\n{stacks}")
+        # Why it froze, before it is killed: the verdict goes into the log and exit.json.
+        job = hangbundle.Explanation(rd, proc.pid, log=log).start()
+        verdict = job.wait(hangbundle.VERDICT_WAIT_S, hangbundle.BUNDLE_WAIT_S)
+        why = hangbundle.cause(verdict)
+        if why:
+            log(f"[SUPERVISOR] VERDICT {why} fix: {verdict['fix']} "
+                f"(bundle {verdict.get('bundle')})")
         proc.kill()
         proc.wait()
+        extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} if why else {}
         rd.write_exit("stalled", ExitCode.STALLED, beat.step if s.stepping else 0,
-                      cause=f"frozen: no heartbeat for {s.idle:.1f}s", frozen=True)
+                      cause=why or f"frozen: no heartbeat for {s.idle:.1f}s", frozen=True,
+                      **extra)
         return ExitCode.STALLED
 
 

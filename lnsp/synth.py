@@ -1,10 +1,14 @@
-"""Deterministic demo data with structure a model can learn and copy-last cannot.
+"""Deterministic demo data with structure a model can learn and copy-last cannot,
+noisy enough that nothing solves it.
 
-Each chain walks a low-dimensional latent sphere by a fixed rotation (about 60
-degrees in every plane) plus noise whose size varies from chain to chain; the bank rows are
-those latents embedded in D dimensions with a little isotropic noise. The next vector
-is predictable from the context (closely on quiet chains, loosely on noisy ones), but
-sits at cosine ~0.5 to the last one, so copying the last vector finds it rarely.
+Each chain walks a low-dimensional latent sphere by a fixed rotation (about 57
+degrees in every plane) plus noise whose size varies from chain to chain; the bank
+rows are those latents embedded in D dimensions with a little isotropic noise. The
+next vector is predictable from the context on quiet chains and only loosely on
+noisy ones, and sits at cosine ~0.5 to the last one, so copying the last vector
+finds it in the top 10 about one time in five, the true rotation (an oracle) about
+three times in five, and a trained model in between: a demo that shows learning,
+not a solved toy (measured figures in the README).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 
 def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
-         angle: float = np.pi / 3, step_noise: float = 0.6, embed_noise: float = 0.15,
+         angle: float = 1.0, step_noise: float = 2.2, embed_noise: float = 0.15,
          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bank (N, D) float32 unit rows, ids (N,), offsets (chains+1,))."""
     rng = np.random.default_rng(seed)

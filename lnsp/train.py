@@ -101,12 +101,17 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
         query = job.model(context)
     # Mine with the current query; the TRUE next vector stays the positive.
     with phase("retrieve"):
-        _, candidates = miner.search(job.index, query.detach().float().cpu().numpy(), cfg.k + 1)
-        ok = (candidates != next_ids[:, None]) & (candidates != -1)
+        # k + ctx_len + 1 so that k candidates remain once the context is masked out.
+        _, candidates = miner.search(job.index, query.detach().float().cpu().numpy(),
+                                     cfg.k + cfg.ctx_len + 1)
+        # Evaluation never ranks the context: neither may training push away from it.
+        in_context = (candidates[:, :, None] == context_ids[:, None, :]).any(-1)
+        ok = (candidates != next_ids[:, None]) & (candidates != -1) & ~in_context
         mined = vectors(job.ds, np.where(ok, candidates, 0), job.device)
     with phase("loss"):
         loss = info_nce(query, positive, mined, torch.from_numpy(ok).to(job.device),
-                        torch.from_numpy(next_ids).to(job.device), cfg.temperature)
+                        torch.from_numpy(next_ids).to(job.device), cfg.temperature,
+                        torch.from_numpy(context_ids).to(job.device), cfg.cosine_weight)
     with phase("backward"):  # with ranks, gradients are all-reduced in here
         (loss * scale).backward()
     return float(loss.detach())
@@ -196,7 +201,7 @@ def held_out(job: Job, val: np.ndarray, dist, tick=lambda: None) -> dict:
     sums: dict = {}
     for chunk in np.array_split(mine, max(1, -(-len(mine) // EVAL_CHUNK))):
         part = evaluate.evaluate(job.module, job.ds, job.index, chunk, job.config.ctx_len,
-                                 job.device)
+                                 job.device, decay=evaluate.run_decay(job))
         for k, v in part.items():
             if isinstance(v, (int, float)):
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
@@ -330,6 +335,7 @@ def run(config: TrainConfig) -> int:
     returns the process exit code (0 finished or stopped)."""
     from lnsp import distributed, threads
     from lnsp.dumps import Dumper
+    from lnsp.hangbundle import Explanation
     from lnsp.watchdog import GracefulStop, Watchdog
 
     rd = RunDir(config.run_dir)
@@ -350,7 +356,8 @@ def run(config: TrainConfig) -> int:
     dist = distributed.Dist(rank, world, rd.root)
     watchdog = Watchdog(config.startup_timeout, config.stall_timeout, config.on_stall, dumper,
                         log, on_exit=rec.stalled, describe=lambda: dist.laggards(),
-                        on_tick=[stop.announce], slow_window=config.slow_window)
+                        on_tick=[stop.announce], slow_window=config.slow_window,
+                        diagnose=lambda: Explanation(rd, os.getpid(), dumper.prefix, log).start())
     rec.watchdog = watchdog
     watchdog.start()
 

@@ -40,7 +40,9 @@ class Watchdog(threading.Thread):
         self.on_exit = on_exit  # called with the phase before a stall exit
         self.label = label
         self.describe = describe  # extra words for the stall line (which rank stalled)
-        self.diagnose = diagnose  # optional: a verdict for the stall line (bounded)
+        # Optional: starts the diagnosis of this process (an lnsp.hangbundle.Explanation)
+        # after the stall line and the dump, in its own thread, waited for with a bound.
+        self.diagnose = diagnose
         self.on_tick = list(on_tick)  # called from this thread every tick (stop notices)
         self.started_steps = False
         self.budgets = PhaseBudgets(ceiling=stall_timeout)
@@ -139,6 +141,7 @@ class Watchdog(threading.Thread):
             fired_at = last
             self.stalled_interval = True
             self._report_stall(phase, idle, budget)
+            verdict = self._verdict()
             if self.on_stall == "exit":
                 self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
                          "(--on-stall exit)")
@@ -146,8 +149,28 @@ class Watchdog(threading.Thread):
                     self.clock.phase = "stalled"
                     self.clock.flush()
                 if self.on_exit:
-                    self.on_exit(phase)
+                    self.on_exit(phase, verdict)
                 os._exit(ExitCode.STALLED)
+
+    def _verdict(self) -> dict | None:
+        """The diagnosis of this stall, logged as a [WATCHDOG] VERDICT line; before a
+        stall exit also the bundle, which the exit would otherwise cut short."""
+        if not self.diagnose:
+            return None
+        from lnsp import hangbundle
+
+        job = self.diagnose()
+        verdict = job.wait(hangbundle.VERDICT_WAIT_S)
+        if verdict is None:
+            self.log(f"[WATCHDOG] {self.label}no verdict within {hangbundle.VERDICT_WAIT_S:g}s; "
+                     "the diagnosis goes on in the background")
+            return None
+        if verdict.get("kind") != "error":
+            self.log(f"[WATCHDOG] {self.label}VERDICT {verdict['kind']}: {verdict['summary']} "
+                     f"fix: {verdict['fix']} (bundle {verdict.get('bundle')})")
+        if self.on_stall == "exit":
+            job.wait(0, hangbundle.BUNDLE_WAIT_S)
+        return verdict
 
     def _report_stall(self, phase: str, idle: float, budget: float) -> None:
         from lnsp.mainthread import MainThreadProbe, describe
@@ -155,7 +178,13 @@ class Watchdog(threading.Thread):
         kind = "start-up and first step" if not self.started_steps else (
             f"phase '{phase}', learned" if phase in self.budgets.learned() else
             f"phase '{phase}', not yet learned: the stall timeout")
-        where = describe(MainThreadProbe().runs_python(MAIN_THREAD_PROBE_S))
+        # One probe for the watchdog's life: a pending call that timed out still runs
+        # when the main thread leaves native code, and calls the probe's ctypes
+        # callback; a probe freed before then makes that call jump into freed memory
+        # (a segfault once the memory is reused, e.g. by the diagnosis that follows).
+        if getattr(self, "_probe", None) is None:
+            self._probe = MainThreadProbe()
+        where = describe(self._probe.runs_python(MAIN_THREAD_PROBE_S))
         extra = self.describe() if self.describe else ""
         self.log(f"[WATCHDOG] {self.label}no progress for {idle:.1f}s in phase '{phase}' "
                  f"(budget {budget:g}s for {kind}); {where}; dumping all threads"

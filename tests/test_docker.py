@@ -16,7 +16,9 @@ import pytest
 from conftest import FAST_TRAIN, lnsp, read_json, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
-IMAGE = "lnsp:latest"
+# The engine may be shared: this session's image and containers carry names of their own.
+TAG = f"t{os.getpid()}"
+IMAGE = f"lnsp:test-{TAG}"
 
 
 def _engine_problem() -> str | None:
@@ -40,10 +42,13 @@ def image():
     if not base and subprocess.run(["docker", "image", "inspect", "lnsp-base:bookworm"],
                                    capture_output=True).returncode == 0:
         base = "lnsp-base:bookworm"  # the offline base (make docker-base) when present
-    r = lnsp("image", "build", *(["--base-image", base] if base else []), timeout=900)
+    r = lnsp("image", "build", "--tag", IMAGE, *(["--base-image", base] if base else []),
+             timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert f"built {IMAGE}" in r.stdout
-    return IMAGE
+    yield IMAGE
+    # --no-prune: the untagged parent layers stay, the cache of the next build
+    subprocess.run(["docker", "rmi", "--no-prune", IMAGE], capture_output=True)
 
 
 def docker_cli(*args) -> str:
@@ -84,14 +89,15 @@ def test_image_bakes_the_thread_environment(image):
 
 
 def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, cleanup):
-    run = tmp_path / "crun"
-    cleanup("lnsp-crun")
+    run = tmp_path / f"crun-{TAG}"
+    cleanup(f"lnsp-crun-{TAG}")
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
-             "--epochs", "200", cwd=tmp_path)
+             "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     info = read_json(run / "run.json")
     attrs = json.loads(docker_cli("inspect", info["container_id"]))[0]
-    assert attrs["Name"] == "/lnsp-crun" and attrs["Config"]["Labels"]["lnsp.run"] == "crun"
+    assert attrs["Name"] == f"/lnsp-crun-{TAG}"
+    assert attrs["Config"]["Labels"]["lnsp.run"] == f"crun-{TAG}"
     host = attrs["HostConfig"]
     assert host["Init"] is True and "SYS_PTRACE" in host["CapAdd"]
     assert host["ShmSize"] >= 2**30 and attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
@@ -113,7 +119,8 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
     assert stopped["state"] == "stopped" and stopped["container_exit_code"] == 0
     assert (run / "checkpoints" / "last.pt").stat().st_uid == os.getuid()
 
-    r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", cwd=tmp_path)
+    r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", "--image", image,
+             cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     wait_until(lambda: status(run, tmp_path)["state"] == "finished", 180,
                what="the resumed container run to finish")
@@ -125,20 +132,20 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
 
 def test_a_killed_container_is_reported_failed_with_its_exit_code(image, small_data, tmp_path,
                                                                    cleanup):
-    run = tmp_path / "killed"
-    cleanup("lnsp-killed")
+    run = tmp_path / f"killed-{TAG}"
+    cleanup(f"lnsp-killed-{TAG}")
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
-             "--epochs", "200", cwd=tmp_path)
+             "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     wait_until(lambda: read_json(run / "heartbeat.json"), 120, what="a heartbeat")
-    docker_cli("kill", "lnsp-killed")
+    docker_cli("kill", f"lnsp-killed-{TAG}")
     row = wait_until(lambda: (lambda s: s if s["state"] == "failed" else None)(
         status(run, tmp_path)), 30, what="status failed")
     assert row["container_state"] == "exited" and row["container_exit_code"] == 137
 
 
 def test_compare_prints_native_and_container_columns(image, tmp_path):
-    r = lnsp("compare", "--threads", "safe", cwd=tmp_path, timeout=300)
+    r = lnsp("compare", "--threads", "safe", "--image", image, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     head, *rows = r.stdout.splitlines()
     assert "native" in head and "container" in head

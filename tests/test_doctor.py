@@ -17,6 +17,9 @@ def test_doctor_json_names_pools_tools_and_hazards():
     assert set(facts["tools"]) == {"caffeinate", "tmux", "docker", "py-spy"}
     assert facts["docker_engine"]
     assert any("OpenMP runtimes loaded" in h for h in facts["hazards"])
+    # threadpoolctl sets KMP_DUPLICATE_LIB_OK in its own process: not the user's setting.
+    assert facts["thread_env"]["KMP_DUPLICATE_LIB_OK"] is None
+    assert not any("KMP_DUPLICATE_LIB_OK" in h for h in facts["hazards"])
 
 
 def test_doctor_names_block_buffered_output():
@@ -26,3 +29,11 @@ def test_doctor_names_block_buffered_output():
                        text=True, env=e, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "block-buffered" in r.stdout and "PYTHONUNBUFFERED unset" in r.stdout
+
+
+def test_doctor_names_kmp_duplicate_lib_ok():
+    r = lnsp("doctor", "--json", extra_env={"KMP_DUPLICATE_LIB_OK": "TRUE"})
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["thread_env"]["KMP_DUPLICATE_LIB_OK"] == "TRUE"
+    assert any(h.startswith("KMP_DUPLICATE_LIB_OK=TRUE hides") for h in facts["hazards"])

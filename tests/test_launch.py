@@ -115,7 +115,7 @@ def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap)
     # And from the command line, once the clock has really passed the budget.
     row = wait_until(lambda: (lambda r: r if r["state"] == "stalled" else None)(
         state(run, tmp_path)), 30, what="status stalled")
-    assert row["step"] == 4 and row["heartbeat_age_s"] > 1.5, row
+    assert row["step"] == 4 and row["heartbeat_age_s"] >= 1.5, row  # rounded to 0.1 s
     release(gate)
     proc.wait(60)
     final = state(run, tmp_path)

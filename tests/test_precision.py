@@ -15,13 +15,15 @@ def test_auto_follows_the_cpu_and_explicit_choices_win():
 
 def test_a_bf16_tower_gives_float32_queries_close_to_the_fp32_tower():
     torch.manual_seed(0)
-    fp32 = QueryTower(64, 48)
-    bf16 = QueryTower(64, 48, bf16=True)
+    fp32 = QueryTower(64, 48).eval()  # no dropout: the same function twice
+    torch.nn.init.normal_(fp32.proj.weight, std=0.2)  # a GRU correction that counts
+    bf16 = QueryTower(64, 48, bf16=True).eval()
     bf16.load_state_dict(fp32.state_dict())
     x = torch.randn(8, 5, 64)
     a, b = fp32(x), bf16(x)
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    assert not torch.equal(a, b)  # the bf16 path did run
     b.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.parameters())
 

@@ -51,12 +51,12 @@ def test_three_sigusr1_dumps_while_blocked_in_native_code_and_the_run_finishes(
     assert (run / "training.log").read_text().count("[DUMP] signal") == 3
 
 
-@pytest.mark.parametrize("fault, frame, where", [
-    ("blocked_read", "blocked_read", "blocked in native code"),
-    ("deadlock", "deadlock", "blocked in native code"),
-    ("never_returns", "never_returns", "running Python without progress")])
+@pytest.mark.parametrize("fault, frame, where, kind", [
+    ("blocked_read", "blocked_read", "blocked in native code", "blocked-io"),
+    ("deadlock", "deadlock", "blocked in native code", "deadlock"),
+    ("never_returns", "never_returns", "running Python without progress", "unknown")])
 def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fault, frame,
-                                                       where):
+                                                       where, kind):
     proc, run, _, _ = blocked_run(small_data, tmp_path, *STALL, fault=fault)
     code, out = finish(proc, timeout=60)
     assert code == 3, out
@@ -65,9 +65,10 @@ def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fau
     assert frame in dumps(run)[0].read_text()
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 4
-    assert ended["cause"] == f"no progress in phase 'optimizer'; main thread is {where}" \
-        + (" (a syscall, a lock, a C extension)" if "native" in where
-           else " (a loop or a retry)"), ended
+    assert f"main thread is {where}" in log, log
+    # The cause is the diagnosis (a sleep loop matches no known hang: `unknown`).
+    assert ended["cause"].startswith(f"{kind}: ") and ended["phase"] == "optimizer", ended
+    assert frame in ended["cause"] or kind == "blocked-io", ended["cause"]
 
 
 def test_watchdog_in_dump_mode_keeps_waiting(small_data, tmp_path, reap):

@@ -25,7 +25,10 @@ def test_model_beats_copy_last_by_2x(learn_data, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["hit@10"] >= 2 * last["baseline_hit@10"], last
-    assert last["hit@10"] >= 0.5 and last["mrr"] > last["baseline_mrr"], last
+    assert last["hit@10"] >= 0.35 and last["mrr"] > last["baseline_mrr"], last
+    # An honest demo: noisy chains stay hard, so the model is far from solving it.
+    assert last["hit@1"] <= 0.85 and last["baseline_hit@10"] >= 0.03, last
+    assert last["hit@10"] > last["blend_hit@10"] and 0 <= last["blend_decay"] <= 1, last
 
 
 def test_run_directory_is_complete(small_data, tmp_path):
@@ -46,7 +49,8 @@ def test_run_directory_is_complete(small_data, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[0]) >= {"epoch", "step", "loss", "hit@1", "hit@5", "hit@10", "mrr",
                                "baseline_hit@1", "baseline_hit@5", "baseline_hit@10",
-                               "baseline_mrr"}
+                               "baseline_mrr", "blend_hit@1", "blend_hit@5", "blend_hit@10",
+                               "blend_mrr", "blend_decay"}
     log = (run / "training.log").read_text()
     assert re.search(r"^\[\d\d:\d\d:\d\d\] Epoch 2/2 \| Step \d+ \| Loss \d+\.\d+ \| "
                      r"\d+\.\d+ it/s$", log, re.M), log
