@@ -466,17 +466,43 @@ def _part_main(argv: list[str] | None = None) -> None:
     print(part(a.part, a.batch, a.threads, a.seconds, a.index, a.path))
 
 
-def main(seconds: float, seed: bool, out: str, echo=print) -> dict:
-    """Run everything, print the table, write bench.json and bench.png."""
+def main(seconds: float, seed: bool, out: str, echo=print, tb_dir: str | None = None) -> dict:
+    """Run everything, print the table, write bench.json and bench.png (and the table
+    as TensorBoard scalars and text under `tb_dir` when TensorBoard is installed)."""
+    from lnsp.progress import Progress
     from lnsp.rundir import write_json
 
-    result = run(seconds, seed, echo=echo)
+    stages = 8 + (1 + len(SEED_INDEXES) if seed else 0)  # the "bench: ..." lines of run()
+    with Progress(stages, "bench", unit="part", interval=0) as bar:
+        result = run(seconds, seed, echo=lambda m: (bar.write(m, echo),
+                                                    bar.stage(m.removeprefix("bench: "))))
     lines, result["ratios"] = summary(result)
     write_json(out, result)
     drawn = chart(result, Path(out).with_suffix(".png"))
     echo("\n".join(lines))
     echo(f"wrote {out}" + (f" and {drawn}" if drawn else ""))
+    if tb_dir:
+        _tensorboard(result, lines, tb_dir, echo)
     return result
+
+
+def _tensorboard(result: dict, lines: list[str], tb_dir: str, echo) -> None:
+    """The bench as one TensorBoard run: its ratios beside their targets, each policy's
+    throughput, and the printed table as text."""
+    from lnsp import tensorboard
+
+    writer = tensorboard.open_writer(tb_dir)
+    if isinstance(writer, tensorboard.NullWriter):
+        return
+    writer.scalars({f"ratio/{k}": v for k, v in result["ratios"].items()}, 0)
+    writer.scalars({f"target/{k}": float(TARGETS[k]) for k in result["ratios"]}, 0)
+    for p in result["policies"]:
+        name = f"b{p['batch']}_{p['threads']}"
+        writer.scalars({f"samples_per_s/{name}_{kind}": p[f"{kind}_samples_per_s"]
+                        for kind in ("bare", "hardened")}, 0)
+    writer.text("bench", "```\n" + "\n".join(lines) + "\n```")
+    writer.close()
+    echo(f"wrote TensorBoard events to {tb_dir}")
 
 
 if __name__ == "__main__":

@@ -230,11 +230,20 @@ def launch(backend, nproc, session, replace, image, cpus, memory, **values):
 @click.argument("runs", nargs=-1)
 @click.option("--root", default="runs", show_default=True, help="where runs live")
 @click.option("--json", "as_json", is_flag=True)
-def status(runs, root, as_json):
+@click.option("--watch", "live", is_flag=True, help="redraw every --interval seconds; Ctrl-C leaves")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="seconds between redraws with --watch")
+def status(runs, root, as_json, live, interval):
     """State of every run (or the ones named): running, stalled, finished, stopped, failed.
 
-    Example: lnsp status --json
+    Example: lnsp status --json; lnsp status --watch --interval 1
     """
+    if live and as_json:
+        raise Fail("--watch and --json do not mix: --json is for scripts, --watch for people")
+    if live:
+        from lnsp.watch import watch
+
+        sys.exit(watch(runs, root, interval))
     from lnsp.status import show
 
     click.echo(show(runs, root, as_json))
@@ -332,6 +341,22 @@ def image_build(base_image, tag):
     from lnsp.image import build
 
     build(base_image, tag, echo=click.echo)
+
+
+@image.command("ensure")
+@click.option("--tag", default="lnsp:latest", show_default=True)
+@click.option("--rebuild", is_flag=True, help="build even when the image is up to date")
+@user_errors
+def image_ensure(tag, rebuild):
+    """Build the image when it is missing or older than this checkout: online when pip
+    in a container can reach the package index, else from the offline base image and
+    the wheelhouse, both made on the spot.
+
+    Example: lnsp image ensure
+    """
+    from lnsp.image import ensure
+
+    ensure(tag, echo=click.echo, rebuild=rebuild)
 
 
 @main.command()
@@ -443,7 +468,9 @@ def plot(run):
 @click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
               help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
 @click.option("--out", default="bench.json", show_default=True)
-def bench(seconds, seed_scale, out):
+@click.option("--tb-dir", default=None,
+              help="TensorBoard folder for the table [default: runs/bench/<timestamp>]")
+def bench(seconds, seed_scale, out, tb_dir):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -451,4 +478,7 @@ def bench(seconds, seed_scale, out):
     """
     from lnsp import bench as b
 
-    b.main(seconds, seed_scale, out, echo=click.echo)
+    import time
+
+    b.main(seconds, seed_scale, out, echo=click.echo,
+           tb_dir=tb_dir or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")

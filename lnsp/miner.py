@@ -62,9 +62,11 @@ class ExactIndex:
         return scores.numpy(), ids.numpy()
 
 
-def _add(index, bank: np.ndarray) -> None:
+def _add(index, bank: np.ndarray, bar=None) -> None:
     for start in range(0, bank.shape[0], ADD_CHUNK):
         index.add(np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32))
+        if bar:
+            bar.update(min(ADD_CHUNK, bank.shape[0] - start), "add")
 
 
 def auto_nlist(n: int) -> int:
@@ -113,9 +115,12 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
                                       else "")) + ")")
     if kind == "exact":
         return ExactIndex(bank)
+    from lnsp.progress import Progress
+
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-        _add(index, bank)
+        with Progress(n, "index", unit="rows") as bar:
+            _add(index, bank, bar)
         return index
     auto = kind != requested
     index = _ivf(bank, kind, nlist or auto_nlist(n), data_dir, log, seed)
@@ -150,9 +155,13 @@ def _ivf(bank: np.ndarray, kind: str, nlist: int, data_dir: Path | None, log, se
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     # ~100 points per list trains k-means well enough and bounds the extra memory.
     sample = np.random.default_rng(seed).choice(n, size=min(n, nlist * 100), replace=False)
-    index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
-    _reserve_lists(index, bank)
-    _add(index, bank)
+    from lnsp.progress import Progress
+
+    with Progress(2 * n, "index", unit="rows") as bar:  # assign (to reserve), then add
+        bar.set(0, "train")
+        index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
+        _reserve_lists(index, bank, bar)
+        _add(index, bank, bar)
     if cached is not None:
         try:
             tmp = cached.with_suffix(".tmp")
@@ -215,7 +224,7 @@ def calibration(index) -> dict | None:
     return _CALIBRATIONS.get(id(index))
 
 
-def _reserve_lists(index, bank: np.ndarray) -> None:
+def _reserve_lists(index, bank: np.ndarray, bar=None) -> None:
     """Give each inverted list its final capacity before adding: lists that grow by
     doubling hold up to twice the index in memory at the end of a build."""
     counts = np.zeros(index.nlist, dtype=np.int64)
@@ -223,6 +232,8 @@ def _reserve_lists(index, bank: np.ndarray) -> None:
         rows = np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32)
         _, assign = index.quantizer.search(rows, 1)
         counts += np.bincount(assign.ravel(), minlength=index.nlist)
+        if bar:
+            bar.update(len(rows), "assign")
     lists = faiss.downcast_InvertedLists(index.invlists)
     for list_no, count in enumerate(counts):
         lists.resize(list_no, int(count))  # a vector shrunk to 0 keeps its capacity

@@ -285,6 +285,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         # End of an epoch (or of the step budget): every rank evaluates its slice of
         # the held-out windows; rank 0 records the figures and writes the checkpoints.
         watchdog.progress("evaluate")
+        rec.beat(state, "evaluate")  # outside observers see the phase, not a silent step
         metrics = held_out(job, val, dist, watchdog.progress)
         epoch = state.end_interval(steps_per_epoch)
         watchdog.progress("checkpoint")

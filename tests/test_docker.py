@@ -1,5 +1,7 @@
 """The container path against the real engine: image, a run to the end, dumps, stop,
-resume, status, compare. The `docker` CLI is used here as a second, real client.
+resume, status, compare. The `docker` CLI is used here as a second, real client. The
+image comes from `lnsp image ensure`, the call `make train-docker` makes (under a tag of
+this session's own).
 
 Without an engine these tests skip with the reason; with LNSP_REQUIRE_DOCKER=1 (CI)
 they fail instead."""
@@ -13,42 +15,17 @@ import time
 
 import pytest
 
-from conftest import FAST_TRAIN, lnsp, read_json, wait_until
+from conftest import FAST_TRAIN, TEST_IMAGE, _engine_problem, lnsp, read_json, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
 # The engine may be shared: this session's image and containers carry names of their own.
 TAG = f"t{os.getpid()}"
-IMAGE = f"lnsp:test-{TAG}"
-
-
-def _engine_problem() -> str | None:
-    try:
-        import docker
-
-        docker.from_env(timeout=5).ping()
-        return None
-    except Exception as e:
-        return f"no Docker engine reachable ({type(e).__name__})"
+IMAGE = TEST_IMAGE  # lnsp:test-<TAG>, built by conftest's lnsp_image through `lnsp image ensure`
 
 
 @pytest.fixture(scope="module")
-def image():
-    problem = _engine_problem()
-    if problem:
-        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
-        pytest.skip(problem)
-    base = os.environ.get("LNSP_BASE_IMAGE")
-    if not base and subprocess.run(["docker", "image", "inspect", "lnsp-base:bookworm"],
-                                   capture_output=True).returncode == 0:
-        base = "lnsp-base:bookworm"  # the offline base (make docker-base) when present
-    r = lnsp("image", "build", "--tag", IMAGE, *(["--base-image", base] if base else []),
-             timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
-    assert f"built {IMAGE}" in r.stdout
-    yield IMAGE
-    # --no-prune: the untagged parent layers stay, the cache of the next build
-    subprocess.run(["docker", "rmi", "--no-prune", IMAGE], capture_output=True)
+def image(lnsp_image):
+    return lnsp_image
 
 
 def docker_cli(*args) -> str:
@@ -188,3 +165,9 @@ def test_a_container_the_engine_does_not_know_is_gone(tmp_path):
     _docker_run(tmp_path / "run", "0" * 64)  # no such container
     row = status(tmp_path / "run", tmp_path)
     assert row["state"] == "failed" and row["container"] is None, row
+
+
+def test_ensure_keeps_an_image_built_from_this_checkout(image):
+    r = lnsp("image", "ensure", "--tag", image, timeout=60)
+    assert r.returncode == 0 and f"image {image} is up to date" in r.stdout, r.stdout + r.stderr
+    assert "building" not in r.stdout
