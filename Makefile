@@ -126,7 +126,7 @@ compare: $(STAMP) ## the probe natively and in the container, side by side (imag
 realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
 	scripts/realtext.sh
 
-bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
+bench: $(STAMP) ## throughput ratios, vs a plain user loop, thread policies, FLOP fraction, auto miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
 plot: $(STAMP) ## redraw a run's plots.png (RUN=)

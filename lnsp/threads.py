@@ -54,10 +54,13 @@ def parse_policy(value: str | None, ranks: int | None = None) -> tuple[str, int]
 def policy_env(value: str | None, ranks: int | None = None) -> dict[str, str]:
     """The environment a process of this policy needs before its first heavy import.
 
-    BLAS pools stay at one thread in both policies: lnsp's matrix work runs in torch's
-    and faiss's OpenMP pools, and a BLAS pool sized to every core beside them only
-    oversubscribes. Idle OpenMP threads sleep (PASSIVE) instead of spinning, so
-    torch's and faiss's pools can take the cores in turn.
+    OMP_NUM_THREADS sizes torch's and faiss's OpenMP pools (lnsp's matrix work runs
+    there; faiss's bundled OpenBLAS is an OpenMP build that runs on faiss's pool and is
+    raised to the same count in enforce()). The pthreads BLAS pools (numpy's) stay at
+    one thread: no training phase uses them, and their threads would spin beside the
+    OpenMP ones. Idle OpenMP threads sleep (PASSIVE) instead of spinning: torch's and
+    faiss's pools take the cores in turn, and on a shared machine a spinning thread
+    burns the time slice its partner needs (measured: README "Performance").
     """
     _, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
@@ -147,9 +150,16 @@ def enforce() -> int:
 
     n = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     blas = max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
-    # BLAS first: faiss's OpenBLAS is an OpenMP build, and limiting it resets faiss's
-    # OpenMP pool, so the OpenMP counts must be set after it.
-    threadpoolctl.threadpool_limits(limits=blas, user_api="blas")
+    # A count lnsp chose for the BLAS pools applies to the pthreads ones (numpy's);
+    # faiss's OpenBLAS runs on faiss's OpenMP pool and gets the OpenMP count: it is
+    # the same threads, so no pool is added (a user's own OPENBLAS_NUM_THREADS wins).
+    ours = "OPENBLAS_NUM_THREADS" in os.environ.get(DEFAULTS_MARK, "").split(",")
+    for lib in threadpoolctl.ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas":
+            openmp_blas = getattr(lib, "threading_layer", None) == "openmp"
+            lib.set_num_threads(n if ours and openmp_blas else blas)
+    # BLAS first: limiting an OpenMP-built OpenBLAS resets its runtime's pool, so the
+    # OpenMP counts must be set after it.
     threadpoolctl.threadpool_limits(limits=n, user_api="openmp")
     torch.set_num_threads(n)
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lnsp import checkpoint, data, distributed, evaluate, miner
+from lnsp import checkpoint, data, distributed, evaluate, miner, precision
 from lnsp.config import TrainConfig
 from lnsp.errors import LnspError, RunDirError, TrainingError
 from lnsp.loss import info_nce
@@ -61,10 +61,13 @@ def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int =
         watchdog.progress("index")
     t = time.perf_counter()
     index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root, log,
-                        config.seed, prebuilt=ds.index)
+                        config.seed, prebuilt=ds.index, k=config.k + 1)
     log(f"Index {type(index).__name__}: {index.ntotal} vectors of dimension {index.d} "
         f"in {time.perf_counter() - t:.1f}s")
-    model = QueryTower(ds.dim, config.hidden).to(device)
+    bf16 = precision.tower_bf16(config.precision, device)
+    model = QueryTower(ds.dim, config.hidden, bf16=bf16).to(device)
+    log(f"Query tower: GRU {ds.dim} -> {config.hidden}, matrix products in "
+        f"{'bf16 (autocast)' if bf16 else 'fp32'} (precision {config.precision})")
     if world > 1:  # gradients are all-reduced inside backward
         model = torch.nn.parallel.DistributedDataParallel(
             model, **distributed.ddp_arguments(str(device)))
