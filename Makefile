@@ -13,20 +13,23 @@ DATA   ?= data/demo
 RUN    ?= runs/$(shell date +%Y%m%d-%H%M%S)
 EPOCHS ?=
 NPROC  ?= 2
+NODES  ?= 2
+NPROC_PER_NODE ?= 1
 ARGS   ?=
 OFFLINE_BASE ?= lnsp-base:bookworm
+PORT   ?= 6006
 TRAIN_FLAGS = --data $(DATA) --run-dir $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 TARGET = $(if $(PID),$(PID),$(RUN))
 
 help: ## show this help
 	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-17s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text,tensorboard]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies
@@ -59,14 +62,25 @@ train-nohup: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## de
 train-tmux: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a tmux session (SESSION=)
 	$(LNSP) launch tmux $(TRAIN_FLAGS) $(if $(SESSION),--session $(SESSION))
 
-train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (IMAGE=)
+train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (image built when missing; IMAGE=)
+	$(if $(IMAGE),,$(LNSP) image ensure)
 	$(LNSP) launch docker $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
 
 train-ddp: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## data-parallel run under torchrun (NPROC=2)
 	$(LNSP) launch ddp --nproc $(NPROC) $(TRAIN_FLAGS)
 
-status: $(STAMP) ## state of every run under runs/ (or RUN=)
-	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN))
+train-ddp-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## torchrun nodes as containers on a network of the run's own (NODES=2; image built when missing)
+	$(LNSP) image ensure $(if $(IMAGE),--tag $(IMAGE))
+	$(LNSP) launch ddp-docker --nodes $(NODES) --nproc-per-node $(NPROC_PER_NODE) $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
+
+status: $(STAMP) ## state of every run under runs/ (or RUN=; ARGS=--watch for a live view)
+	$(LNSP) status $(if $(filter command line environment,$(origin RUN)),$(RUN)) $(ARGS)
+
+watch: $(STAMP) ## live view of every run, redrawn every 2 s (Ctrl-C leaves)
+	$(LNSP) status --watch $(if $(filter command line environment,$(origin RUN)),$(RUN)) $(ARGS)
+
+tensorboard: $(STAMP) ## serve runs/ in TensorBoard (PORT=6006)
+	$(BIN)/tensorboard --logdir runs --port $(PORT) --bind_all
 
 dump: $(STAMP) ## all-thread stack dump of a live run (PID= or RUN=); it keeps running
 	@test -n "$(PID)$(filter command line environment,$(origin RUN))" || { echo "make dump PID=... or RUN=..."; exit 2; }
@@ -90,6 +104,9 @@ doctor: $(STAMP) ## threads, BLAS/OpenMP runtimes, tools, known hazards
 docker-build: $(STAMP) ## build the image lnsp:latest through docker-py (BASE_IMAGE=)
 	$(LNSP) image build $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
 
+image: $(STAMP) ## build lnsp:latest when missing or out of date (online, else offline)
+	$(LNSP) image ensure
+
 docker-base: ## offline Python 3.11 base image from Debian packages (debootstrap; root)
 	scripts/make-base-image.sh $(OFFLINE_BASE)
 
@@ -99,13 +116,17 @@ wheelhouse: $(STAMP) ## download the image's wheels into .cache/wheelhouse
 docker-offline: docker-base wheelhouse ## build the image with no registry: base + wheelhouse
 	$(LNSP) image build --base-image $(OFFLINE_BASE)
 
-compare: $(STAMP) ## the probe natively and in the container, side by side
+gpu-check: $(STAMP) ## what needs NVIDIA GPUs: probe, 1-GPU run, 2-GPU DDP on NCCL (PASS/FAIL)
+	scripts/gpu-check.sh
+
+compare: $(STAMP) ## the probe natively and in the container, side by side (image built when missing)
+	$(LNSP) image ensure
 	$(LNSP) compare $(ARGS)
 
 realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
 	scripts/realtext.sh
 
-bench: $(STAMP) ## throughput ratios, thread policies, FLOP fraction, miner at scale (bench.json)
+bench: $(STAMP) ## throughput ratios, vs a plain user loop, thread policies, FLOP fraction, auto miner at scale (bench.json)
 	$(LNSP) bench $(ARGS)
 
 plot: $(STAMP) ## redraw a run's plots.png (RUN=)
@@ -124,5 +145,6 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status dump diagnose stop \
+.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status \
+	watch tensorboard image dump diagnose stop \
 	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

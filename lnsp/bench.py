@@ -2,9 +2,11 @@
 times on shared machines are noise. Each thread policy runs in its own process (the
 policy is fixed before the heavy imports); bare and hardened loops alternate there.
 
-Measures: hardened / bare throughput, each policy against `safe`, the fraction of
-measured GEMM FLOP/s that training reaches, the probe's wall time, the miner and
-memory at the seed's scale (771,115 x 768), and the decider's latency.
+Measures, at the seed's model size (GRU 768 -> 768): hardened / bare throughput, each
+policy against `safe`, lnsp's default against a plain loop written the way a user
+would (lnsp/plainloop.py), the fraction of measured GEMM FLOP/s that training reaches,
+the probe's wall time, the miner (auto's choice and recall) and memory at the seed's
+scale (771,115 x 768), and the decider's latency.
 """
 
 from __future__ import annotations
@@ -21,38 +23,27 @@ import numpy as np
 
 from lnsp.threads import user_environment
 
-WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100}
+WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100, "hidden": 768}
 SEED_BANK = 771_115
-SEED_INDEXES = ("flat", "ivf", "ivf-sq8")
-TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.7,
-           "probe_wall_s": 5.0, "ivf_p95_ms": 2.5, "rss_over_baseline_gb": 1.0,
-           "decider_p99_ms": 1.0}
+SEED_INDEXES = ("auto", "ivf", "ivf-sq8")  # the default; IVF and 8-bit codes at nprobe 8
+TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.5,
+           "vs_plain_b64": 1.0, "vs_plain_b8": 1.0, "probe_wall_s": 5.0, "ivf_p95_ms": 2.5,
+           "rss_over_baseline_gb": 1.0, "decider_p99_ms": 1.0, "seed_train_samples_per_s": 300,
+           "seed_mined_recall": 0.9}
 
 
 # ---------------------------------------------------------------- one policy, one process
-def _job(batch: int, threads: str, index: str = "flat"):
+def _job(batch: int, threads: str, index: str = "auto"):
     from lnsp import synth, train
     from lnsp.config import TrainConfig
 
     ds = synth.dataset(WORKLOAD["bank"], WORKLOAD["dim"])
     config = TrainConfig(batch_size=batch, k=WORKLOAD["k"], ctx_len=WORKLOAD["ctx_len"],
-                         threads=threads, run_dir="-", index=index)
+                         hidden=WORKLOAD["hidden"], threads=threads, run_dir="-", index=index)
     return train.setup(config, ds, lambda m: None)
 
 
-def _gemm_flops(n: int = 1024, repeats: int = 20) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
-
-
-def worker(batch: int, threads: str, seconds: float, index: str = "flat") -> dict:
+def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dict:
     """Bare and hardened steps, alternating in blocks, in this process."""
     from lnsp import threads as policy, train
     from lnsp.dumps import Dumper
@@ -105,43 +96,49 @@ def worker(batch: int, threads: str, seconds: float, index: str = "flat") -> dic
         watchdog.stop()
         watchdog.join(5)
     rate = {k: batch * block / float(np.median(v)) for k, v in blocks.items()}
-    gemm = _gemm_flops()
+    from lnsp.versus import gemm_flops
+
+    # Against the peak GEMM of the precision the GRU runs in (bf16 under autocast).
+    dtype = "bfloat16" if getattr(job.module, "bf16", False) else "float32"
+    gemm = float(np.median([gemm_flops(dtype=dtype) for _ in range(5)]))
     cfg = job.config
     model_flops = 3 * flops_per_sample(WORKLOAD["dim"], cfg.hidden, cfg.ctx_len)
     return {"batch": batch, "threads": threads, "index": index, "omp_threads": n_threads,
             "bare_samples_per_s": rate["bare"], "hardened_samples_per_s": rate["hardened"],
             "hardened_ratio": rate["hardened"] / rate["bare"], "gemm_flops": gemm,
-            "flop_fraction": model_flops * rate["bare"] / gemm,
+            "flop_fraction": model_flops * rate["bare"] / gemm, "gemm_dtype": dtype,
             "model_flops_per_sample": model_flops}
 
 
 # ---------------------------------------------------------------- the seed's scale
 def seed_write(path: str, n: int = SEED_BANK, dim: int = 768) -> dict:
-    """The seed-scale bank: random unit rows, written in chunks into a .npy file."""
-    rng = np.random.default_rng(0)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    for s in range(0, n, 65536):  # never a second copy in memory
-        rows = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
-        out[s:s + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    out.flush()
-    return {"bank_rows": n, "dim": dim}
+    """The seed-scale bank, written in chunks into a .npy file: rows around topics, as
+    sentence embeddings of many documents are (synth.write_topic_bank; isotropic random
+    rows have no neighbourhoods for any approximate index to find)."""
+    from lnsp import synth
+
+    return synth.write_topic_bank(path, n, dim, topics=max(1, n // 400))
 
 
 def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
-    """In a process of its own: memory-map the bank, build one index, time batches of
-    8 queries, train a few steps, and compare peak RSS with runtime + bank + index."""
+    """In a process of its own: memory-map the bank, build one index (auto: as `lnsp
+    train` would, calibrated), time batches of 8 queries, train a few steps, measure the
+    recall of the mined top-K for the trained model's queries against exact search, and
+    compare peak RSS with runtime + bank + index."""
     import psutil
 
     from lnsp import miner, threads as policy
 
     policy.enforce()
-    queries = queries or (200 if kind.startswith("ivf") else 40)  # exact: ~0.5 s a batch
+    queries = queries or 200
     runtime = psutil.Process().memory_info().rss  # interpreter, torch, faiss
     bank = np.load(path, mmap_mode="r")
     rng = np.random.default_rng(1)
     q = np.ascontiguousarray(bank[np.sort(rng.choice(len(bank), 8 * queries, replace=False))])
+    said = []
     t = time.perf_counter()
-    index = miner.build(bank, kind, nlist=1024, nprobe=8, log=lambda m: None)
+    fixed = {} if kind == "auto" else {"nlist": 1024, "nprobe": 8}
+    index = miner.build(bank, kind, log=said.append, **fixed)
     build_s = time.perf_counter() - t
     lat = []
     for i in range(queries):
@@ -149,15 +146,42 @@ def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
         miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
         lat.append((time.perf_counter() - t) * 1e3)
     index_bytes = _index_bytes(index)
-    rate = _train_rate(bank, index, kind)
+    rate, job = _train_rate(bank, index, kind)
+    recall = _mined_recall(job, bank)
     # Peak resident memory of the process; the memory map's touched pages count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     baseline = runtime + bank.nbytes + index_bytes
-    return {"index": kind, "build_s": build_s, "p50_ms": float(np.percentile(lat, 50)),
+    ivf = miner_ivf(index)
+    return {"index": kind, "built": type(index).__name__, "build_s": build_s,
+            "nprobe": ivf.nprobe if ivf is not None else None,
+            "nlist": ivf.nlist if ivf is not None else None,
+            "calibration": miner.calibration(index), "log": said,
+            "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "train_samples_per_s": rate,
+            "mined_recall": recall,
             "bank_gb": bank.nbytes / 2**30, "index_gb": index_bytes / 2**30,
             "runtime_gb": runtime / 2**30, "peak_rss_gb": peak / 2**30,
             "over_baseline_gb": (peak - baseline) / 2**30}
+
+
+def _mined_recall(job, bank, batches: int = 8) -> float:
+    """Recall@K of the miner's candidates for the trained model's queries (training
+    windows), against exact search over the whole bank."""
+    import torch
+
+    from lnsp import data, miner, train
+
+    exact = miner.ExactIndex(bank)
+    k = job.config.k + 1
+    found = []
+    for starts in train.epoch_batches(job, 1)[:batches]:
+        context_ids, _ = data.window_ids(job.ds, starts, job.config.ctx_len)
+        with torch.no_grad():
+            query = job.model(train.vectors(job.ds, context_ids, job.device)).float().numpy()
+        _, got = miner.search(job.index, query, k)
+        _, want = exact.search(query, k)
+        found += [len(np.intersect1d(a, b)) / k for a, b in zip(got, want)]
+    return float(np.mean(found))
 
 
 def _index_bytes(index) -> int:
@@ -175,23 +199,33 @@ def _index_bytes(index) -> int:
     return entries * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4  # codes, ids, centroids
 
 
-def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30) -> float:
-    """Training samples/s at this scale: random chains over the bank, this miner."""
+def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30):
+    """Training samples/s at this scale (random chains over the bank, this miner, the
+    default configuration but for the batch), and the job."""
     from lnsp import data, train
     from lnsp.config import TrainConfig
 
     n = bank.shape[0]
     ids = np.random.default_rng(1).permutation(n)[:24 * 2000]
     ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24), index=index)
-    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind,
-                                  run_dir="-"), ds, lambda m: None)
+    ivf = miner_ivf(index)
+    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind, run_dir="-",
+                                  nprobe=ivf.nprobe if ivf is not None else 0), ds,
+                      lambda m: None)
     batches = train.epoch_batches(job, 0)
     for i in range(3):
         train.optimizer_step(job, train.train_step(job, batches[i]))
     t = time.perf_counter()
     for i in range(steps):
         train.optimizer_step(job, train.train_step(job, batches[3 + i]))
-    return batch * steps / (time.perf_counter() - t)
+    return batch * steps / (time.perf_counter() - t), job
+
+
+def miner_ivf(index):
+    """The IVF part of a faiss index, None for flat and exact ones."""
+    import faiss
+
+    return faiss.try_extract_index_ivf(index) if isinstance(index, faiss.Index) else None
 
 
 def ddp_scaling(steps: int = 60, batch: int = 64) -> dict:
@@ -286,9 +320,17 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
     out["decider"] = decider_latency()
     echo("bench: torch.distributed, 1 process against 2 ranks ...")
     out["ddp"] = ddp_scaling()
-    echo("bench: batch 64, threads fast, index exact (torch) ...")
-    out["exact"] = _child(["worker", "--batch", "64", "--seconds", str(seconds), "--index",
-                           "exact"], "fast", 600)
+    echo("bench: batch 64, threads fast, index flat (faiss) ...")
+    out["flat"] = _child(["worker", "--batch", "64", "--seconds", str(seconds), "--index",
+                          "flat"], "fast", 600)
+    from lnsp import versus
+
+    out["versus"] = []
+    for batch in (64, 8):
+        echo(f"bench: lnsp's default against a plain user loop, batch {batch} ...")
+        out["versus"].append(versus.compare(batch, WORKLOAD["hidden"], WORKLOAD["ctx_len"],
+                                            WORKLOAD["k"], WORKLOAD["bank"], WORKLOAD["dim"],
+                                            blocks=max(7, int(seconds * 2))))
     if seed:
         with tempfile.TemporaryDirectory(prefix="lnsp-bench-bank-") as folder:
             bank = Path(folder) / "bank.npy"
@@ -304,9 +346,11 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
 def summary(b: dict) -> tuple[list[str], dict]:
     """The table, and the ratios checked against their targets."""
     by = {(p["batch"], p["threads"]): p for p in b["policies"]}
+    vs = {v["batch"]: v for v in b["versus"]}
     ratios = {
-        "hardened_ratio": min(p["hardened_ratio"] for p in b["policies"]
-                              if p["threads"] == "fast"),
+        "hardened_ratio": by[(64, "fast")]["hardened_ratio"],
+        "vs_plain_b64": vs[64]["ratio"],
+        "vs_plain_b8": vs[8]["ratio"],
         "fast_vs_safe_b64": by[(64, "fast")]["bare_samples_per_s"]
         / by[(64, "safe")]["bare_samples_per_s"],
         "flop_fraction_b64": by[(64, "fast")]["flop_fraction"],
@@ -315,9 +359,11 @@ def summary(b: dict) -> tuple[list[str], dict]:
     }
     if "seed_scale" in b:
         ratios["ivf_p95_ms"] = min(b["seed_scale"][k]["p95_ms"] for k in SEED_INDEXES
-                                   if k.startswith("ivf"))
+                                   if b["seed_scale"][k]["nprobe"])
         ratios["rss_over_baseline_gb"] = max(b["seed_scale"][k]["over_baseline_gb"]
                                              for k in SEED_INDEXES)
+        ratios["seed_train_samples_per_s"] = b["seed_scale"]["auto"]["train_samples_per_s"]
+        ratios["seed_mined_recall"] = b["seed_scale"]["auto"]["mined_recall"]
     lines = [f"{'batch':>5} {'threads':<7} {'bare s/s':>9} {'hardened':>9} {'ratio':>6} "
              f"{'vs safe':>7} {'FLOP frac':>9}"]
     for p in b["policies"]:
@@ -332,16 +378,28 @@ def summary(b: dict) -> tuple[list[str], dict]:
     d = b["ddp"]
     lines.append(f"torchrun, batch 64: 1 process {d['one_rank_samples_per_s']:.1f} samples/s, "
                  f"2 ranks {d['two_ranks_samples_per_s']:.1f} ({d['scaling']:.2f}x)")
-    e = b["exact"]
-    lines.append(f"   64 fast, exact (torch GEMM) miner: {e['bare_samples_per_s']:.1f} samples/s "
+    e = b["flat"]
+    lines.append(f"   64 fast, flat (faiss) miner: {e['bare_samples_per_s']:.1f} samples/s "
                  f"({e['bare_samples_per_s'] / by[(64, 'fast')]['bare_samples_per_s']:.2f}x "
-                 f"flat), FLOP fraction {e['flop_fraction']:.3f}")
+                 f"auto), FLOP fraction {e['flop_fraction']:.3f}")
+    for v in b["versus"]:
+        lines.append(f"{v['batch']:>5} plain user loop {v['plain_samples_per_s']:8.1f} samples/s, "
+                     f"lnsp default ({v['lnsp_index']}) {v['lnsp_samples_per_s']:8.1f}: "
+                     f"{v['ratio']:.2f}x; FLOP fraction {v['flop_fraction']:.3f} (plain "
+                     f"{v['plain_flop_fraction']:.3f}); load {v['load_median']:.1f}")
     if "seed_scale" in b:
         s = b["seed_scale"]
-        lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']} (batches of 8 queries, K 100):")
+        lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']}, {s['topics']} topics "
+                     "(batches of 8 queries, K 100):")
         for kind in SEED_INDEXES:
             k = s[kind]
-            lines.append(f"  {kind:<7} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
+            choice = (f"{k['built']} nprobe {k['nprobe']}/{k['nlist']}" if k["nprobe"]
+                      else k["built"])
+            cal = k.get("calibration") or {}
+            lines.append(f"  {kind:<7} {choice}"
+                         + (f", calibrated recall@{cal['k']} {cal['recall']:.3f}" if cal else "")
+                         + f", mined recall (model queries) {k['mined_recall']:.3f}")
+            lines.append(f"  {'':<7} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
                          f"p95 {k['p95_ms']:8.2f} ms  train {k['train_samples_per_s']:6.1f} "
                          f"samples/s  peak RSS {k['peak_rss_gb']:.2f} GB = runtime "
                          f"{k['runtime_gb']:.2f} + bank {k['bank_gb']:.2f} + index "
@@ -382,7 +440,7 @@ def chart(b: dict, path: Path) -> Path | None:
 
 
 def part(name: str, batch: int = 8, threads: str = "fast", seconds: float = 8.0,
-         index: str = "flat", path: str | None = None) -> str:
+         index: str = "auto", path: str | None = None) -> str:
     """One measurement, as the JSON line its orchestrator reads."""
     parts = {"worker": lambda: worker(batch, threads, seconds, index),
              "seed-write": lambda: seed_write(path),
@@ -402,23 +460,49 @@ def _part_main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", default="fast")
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--index", default="flat")
+    p.add_argument("--index", default="auto")
     p.add_argument("--path", default=None)
     a = p.parse_args(argv)
     print(part(a.part, a.batch, a.threads, a.seconds, a.index, a.path))
 
 
-def main(seconds: float, seed: bool, out: str, echo=print) -> dict:
-    """Run everything, print the table, write bench.json and bench.png."""
+def main(seconds: float, seed: bool, out: str, echo=print, tb_dir: str | None = None) -> dict:
+    """Run everything, print the table, write bench.json and bench.png (and the table
+    as TensorBoard scalars and text under `tb_dir` when TensorBoard is installed)."""
+    from lnsp.progress import Progress
     from lnsp.rundir import write_json
 
-    result = run(seconds, seed, echo=echo)
+    stages = 8 + (1 + len(SEED_INDEXES) if seed else 0)  # the "bench: ..." lines of run()
+    with Progress(stages, "bench", unit="part", interval=0) as bar:
+        result = run(seconds, seed, echo=lambda m: (bar.write(m, echo),
+                                                    bar.stage(m.removeprefix("bench: "))))
     lines, result["ratios"] = summary(result)
     write_json(out, result)
     drawn = chart(result, Path(out).with_suffix(".png"))
     echo("\n".join(lines))
     echo(f"wrote {out}" + (f" and {drawn}" if drawn else ""))
+    if tb_dir:
+        _tensorboard(result, lines, tb_dir, echo)
     return result
+
+
+def _tensorboard(result: dict, lines: list[str], tb_dir: str, echo) -> None:
+    """The bench as one TensorBoard run: its ratios beside their targets, each policy's
+    throughput, and the printed table as text."""
+    from lnsp import tensorboard
+
+    writer = tensorboard.open_writer(tb_dir)
+    if isinstance(writer, tensorboard.NullWriter):
+        return
+    writer.scalars({f"ratio/{k}": v for k, v in result["ratios"].items()}, 0)
+    writer.scalars({f"target/{k}": float(TARGETS[k]) for k in result["ratios"]}, 0)
+    for p in result["policies"]:
+        name = f"b{p['batch']}_{p['threads']}"
+        writer.scalars({f"samples_per_s/{name}_{kind}": p[f"{kind}_samples_per_s"]
+                        for kind in ("bare", "hardened")}, 0)
+    writer.text("bench", "```\n" + "\n".join(lines) + "\n```")
+    writer.close()
+    echo(f"wrote TensorBoard events to {tb_dir}")
 
 
 if __name__ == "__main__":

@@ -115,9 +115,22 @@ def measure(c: np.ndarray, correct: np.ndarray, tau_snap: float, tau_novel: floa
                                 if (~snap & ~novel).any() else None)}
 
 
+SAME = 1 - 1e-6  # cosine above which two bank rows are one vector (a repeated sentence)
+
+
+def same(bank, a, b) -> np.ndarray:
+    """Whether bank rows a and b are the same vector: the id itself, or a repeat of it
+    (text corpora repeat sentences, and which copy the index returns first is arbitrary)."""
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    x = np.asarray(bank[a], dtype=np.float64)
+    y = np.asarray(bank[b], dtype=np.float64)
+    return (a == b) | (np.einsum("ij,ij->i", x, y) >= SAME)
+
+
 def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512):
     """Per window: cosine c of the query to its nearest bank vector other than the
-    context ids (as evaluation excludes them) and whether that vector is the true next."""
+    context ids (as evaluation excludes them) and whether that vector is the true next
+    (or a repeat of it)."""
     import torch
 
     from lnsp import miner
@@ -138,7 +151,7 @@ def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512
             best = ids[rows, first]
             neighbour = np.asarray(ds.bank[best], dtype=np.float64)
             cs.append(np.einsum("ij,ij->i", neighbour, query.astype(np.float64)))
-            right.append(best == target)
+            right.append(same(ds.bank, best, target))
     return np.concatenate(cs), np.concatenate(right)
 
 
@@ -159,8 +172,8 @@ def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
     lanes = thresholds(c, correct, table)
     hit1 = float(correct.mean())
     return {"windows": int(len(c)), "hit@1": hit1, "warning": uninformative(lanes, hit1),
-            "c_mean": float(c.mean()), "c_quantiles": [float(q) for q in
-                                                       np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
+            "c_mean": float(c.mean()),
+            "c_quantiles": [float(q) for q in np.quantile(c, [0.05, 0.25, 0.5, 0.75, 0.95])],
             "lanes": lanes, "buckets": table,
             "policy": {k: {kk: list(vv) if isinstance(vv, tuple) else vv
                            for kk, vv in v.items()} for k, v in POLICY.items()}}

@@ -7,6 +7,7 @@ them, so `lnsp --help` and `lnsp status` answer quickly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import lnsp  # noqa: F401  (sets the thread variables before any heavy import)
@@ -164,7 +165,16 @@ def train(**values):
     """
     from lnsp.train import run
 
-    sys.exit(run(config_from(values)))
+    code = run(config_from(values))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank ends at once, its records written: the interpreter's teardown (torch,
+        # gloo) can take many seconds on a busy host, and meanwhile torchrun on another
+        # node, its peer's agent gone, SIGTERMs it (the handlers are reset by then) and
+        # reports the finished job failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command(hidden=True)
@@ -190,8 +200,10 @@ def supervise(**values):
 @click.option("--data", "data_dir", default=None, help="a data directory (default: built in memory)")
 @click.option("--threads", default=None, help="thread policy (safe, fast or N)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
+@click.option("--device", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "mps", "auto"]), help="device of the towers")
 @user_errors
-def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
+def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
     """One training step with per-phase timings and a PROBE RESULT block.
 
     Example: lnsp probe --batch 4 --k 100 --timeout 60
@@ -199,30 +211,35 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json):
     from lnsp.probe import probe as run_probe
 
     sys.exit(run_probe(batch=batch, k=k, dim=dim, ctx_len=ctx_len, timeout=timeout,
-                       data_dir=data_dir, threads=threads, as_json=as_json))
+                       data_dir=data_dir, threads=threads, as_json=as_json, device=device))
 
 
 @main.command()
-@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp"]))
-@click.option("--nproc", default=None, type=int, help="ddp: ranks on this machine (default 2)")
+@click.argument("backend", type=click.Choice(["nohup", "tmux", "docker", "ddp", "ddp-docker"]))
+@click.option("--nproc", "--nproc-per-node", "nproc", default=None, type=int,
+              help="ddp: ranks on this machine (default 2); ddp-docker: per node (default 1)")
+@click.option("--nodes", default=None, type=int,
+              help="ddp-docker: nodes, one container each (default 2)")
 @click.option("--session", default=None, help="tmux session name (default: the run's name)")
 @click.option("--replace", is_flag=True, help="tmux: replace a session of that name")
 @click.option("--image", default=None, help="docker: image (default lnsp:latest)")
-@click.option("--cpus", default=None, type=float, help="docker: CPU limit")
+@click.option("--cpus", default=None, type=float, help="docker: CPU limit (per container)")
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
 @user_errors
-def launch(backend, nproc, session, replace, image, cpus, memory, **values):
+def launch(backend, nproc, nodes, session, replace, image, cpus, memory, **values):
     """Start a detached run and print its run directory.
 
     Example: lnsp launch tmux --epochs 2 --max-restarts 2
+             lnsp launch ddp-docker --nodes 2 --epochs 2
     """
     from lnsp.launch import start
 
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
-               "memory": memory, "nproc": nproc}
-    info = start(backend, config, {k: v for k, v in options.items() if v not in (None, False)})
+               "memory": memory, "nproc": nproc, "nodes": nodes}
+    info = start(backend, config, {k: v for k, v in options.items()
+                                   if v is not None and v is not False})
     click.echo(info)
 
 
@@ -230,11 +247,20 @@ def launch(backend, nproc, session, replace, image, cpus, memory, **values):
 @click.argument("runs", nargs=-1)
 @click.option("--root", default="runs", show_default=True, help="where runs live")
 @click.option("--json", "as_json", is_flag=True)
-def status(runs, root, as_json):
+@click.option("--watch", "live", is_flag=True, help="redraw every --interval seconds; Ctrl-C leaves")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="seconds between redraws with --watch")
+def status(runs, root, as_json, live, interval):
     """State of every run (or the ones named): running, stalled, finished, stopped, failed.
 
-    Example: lnsp status --json
+    Example: lnsp status --json; lnsp status --watch --interval 1
     """
+    if live and as_json:
+        raise Fail("--watch and --json do not mix: --json is for scripts, --watch for people")
+    if live:
+        from lnsp.watch import watch
+
+        sys.exit(watch(runs, root, interval))
     from lnsp.status import show
 
     click.echo(show(runs, root, as_json))
@@ -332,6 +358,22 @@ def image_build(base_image, tag):
     from lnsp.image import build
 
     build(base_image, tag, echo=click.echo)
+
+
+@image.command("ensure")
+@click.option("--tag", default="lnsp:latest", show_default=True)
+@click.option("--rebuild", is_flag=True, help="build even when the image is up to date")
+@user_errors
+def image_ensure(tag, rebuild):
+    """Build the image when it is missing or older than this checkout: online when pip
+    in a container can reach the package index, else from the offline base image and
+    the wheelhouse, both made on the spot.
+
+    Example: lnsp image ensure
+    """
+    from lnsp.image import ensure
+
+    ensure(tag, echo=click.echo, rebuild=rebuild)
 
 
 @main.command()
@@ -443,7 +485,9 @@ def plot(run):
 @click.option("--seed-scale/--no-seed-scale", default=True, show_default=True,
               help="also measure the 771,115 x 768 bank (a few minutes, ~7 GB RAM)")
 @click.option("--out", default="bench.json", show_default=True)
-def bench(seconds, seed_scale, out):
+@click.option("--tb-dir", default=None,
+              help="TensorBoard folder for the table [default: runs/bench/<timestamp>]")
+def bench(seconds, seed_scale, out, tb_dir):
     """Throughput ratios, thread policies, FLOP fraction, probe time, miner and memory
     at scale; prints a table, writes bench.json and bench.png.
 
@@ -451,4 +495,7 @@ def bench(seconds, seed_scale, out):
     """
     from lnsp import bench as b
 
-    b.main(seconds, seed_scale, out, echo=click.echo)
+    import time
+
+    b.main(seconds, seed_scale, out, echo=click.echo,
+           tb_dir=tb_dir or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")

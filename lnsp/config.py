@@ -47,10 +47,14 @@ class TrainConfig:
                                    "next vector")
     ctx_len: int = _f(10, "context vectors per window")
     hidden: int = _f(128, "GRU hidden size of the query tower")
-    index: str = _f("flat", "miner: flat (FAISS exact inner product), ivf, ivf-sq8 (8-bit codes) "
-                    "or exact (torch GEMM)", ("flat", "ivf", "ivf-sq8", "exact"))
-    nlist: int = _f(256, "IVF lists (index ivf)")
-    nprobe: int = _f(8, "IVF lists searched per query (index ivf)")
+    index: str = _f("auto", "miner: auto (exact while the bank is small, IVF with calibrated "
+                    "nprobe beyond), exact (torch GEMM), flat (FAISS exact inner product), "
+                    "ivf or ivf-sq8 (8-bit codes)", ("auto", "exact", "flat", "ivf", "ivf-sq8"))
+    nlist: int = _f(0, "IVF lists (0: about the square root of the bank rows)")
+    nprobe: int = _f(0, "IVF lists searched per query (0: the fewest reaching recall@K 0.95 "
+                     "against exact search, measured at build)")
+    precision: str = _f("auto", "GRU matrix products: auto (bf16 where the CPU computes it "
+                        "natively), fp32 or bf16", ("auto", "fp32", "bf16"))
     threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")
     device: str = _f("cpu", "device of the towers: cpu, cuda, mps or auto", ("cpu", "cuda", "mps", "auto"))
     seed: int = _f(0, "seed of data order, initialisation and split")
@@ -73,13 +77,14 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise one ConfigError naming every invalid field."""
         problems = []
-        positive = ("epochs", "batch_size", "accum_steps", "k", "ctx_len", "hidden", "nlist",
-                    "nprobe", "log_every", "lr", "temperature", "stall_timeout", "startup_timeout",
+        positive = ("epochs", "batch_size", "accum_steps", "k", "ctx_len", "hidden",
+                    "log_every", "lr", "temperature", "stall_timeout", "startup_timeout",
                     "pg_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("workers", "max_steps", "slow_window", "checkpoint_every", "max_restarts", "eval_windows",
+        for name in ("nlist", "nprobe", "workers", "max_steps", "slow_window", "checkpoint_every",
+                     "max_restarts", "eval_windows",
                      "weight_decay",
                      "cosine_weight", "mem_margin_mb"):
             if getattr(self, name) < 0:

@@ -20,7 +20,76 @@ from lnsp.errors import CollectiveError
 from lnsp.rundir import ExitCode, Heartbeat, RunDir
 
 __all__ = ["CollectiveError", "Dist", "init", "classify", "laggards", "stalled_pid",
-           "post_mortem", "shutdown"]
+           "post_mortem", "shutdown", "nccl_environment", "backend_for", "device_for",
+           "sync_device", "ddp_arguments", "stragglers"]
+
+# The NCCL flight recorder: the last collectives of each rank, written on a timeout
+# into the run's dumps/ (one file per rank, the rank appended to the name).
+TRACE_ENTRIES = 2000
+STRAGGLER_FACTOR = 5.0  # a rank this many times slower than the others' median
+STRAGGLER_CHECKS = 3  # ... at this many checks in a row (a busy host gives 5x for a moment)
+
+
+def nccl_environment(dumps: Path) -> dict[str, str]:
+    """What the launchers set for every rank: NCCL errors end the rank instead of
+    hanging it, and the flight recorder's traces land among the run's dumps."""
+    # torch 2.13 reads the recorder's TORCH_FR_* names; TORCH_NCCL_TRACE_BUFFER_SIZE
+    # and TORCH_NCCL_DEBUG_INFO_TEMP_FILE are their deprecated aliases (a warning per rank).
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "TORCH_FR_BUFFER_SIZE": str(TRACE_ENTRIES),
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(dumps) / "nccl-trace-rank")}
+
+
+def backend_for(device: str) -> str:
+    """NCCL for ranks on CUDA devices, gloo for CPU ranks."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def device_for(requested: str, local_rank: int, cuda_devices: int) -> str:
+    """A rank's device: the GPU of its LOCAL_RANK on its node when the run trains on
+    CUDA (one rank per GPU), else the device asked for."""
+    wants_cuda = requested == "cuda" or (requested == "auto" and cuda_devices > 0)
+    if not wants_cuda:
+        return "cpu" if requested == "auto" else requested
+    if local_rank >= cuda_devices:
+        from lnsp.errors import ConfigError
+
+        raise ConfigError(f"local rank {local_rank} has no GPU: this node has {cuda_devices}; "
+                          f"start at most {cuda_devices} ranks per node (--nproc)")
+    return f"cuda:{local_rank}"
+
+
+def sync_device(backend: str, device: str) -> str:
+    """Where the small synchronisation tensors live: NCCL reduces GPU memory only."""
+    return device if backend == "nccl" else "cpu"
+
+
+def ddp_arguments(device: str) -> dict:
+    """DistributedDataParallel's placement: one GPU per process, or none on CPU."""
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return {"device_ids": [index], "output_device": index}
+    return {}
+
+
+def stragglers(beats: dict[int, dict], factor: float = STRAGGLER_FACTOR) -> dict[int, str]:
+    """Ranks whose own work per step (`work_ms` in their heartbeats: load, forward,
+    mining, loss; not the collectives, where every rank waits for the slowest) is
+    `factor` times the median of the others'. In a synchronous job every rank's wall
+    step time is the same, so only the work time tells the slow node from the rest."""
+    times = {r: b["work_ms"] for r, b in beats.items() if b.get("work_ms")}
+    found = {}
+    for rank, ms in sorted(times.items()):
+        others = sorted(v for r, v in times.items() if r != rank)
+        if not others:
+            continue
+        median = others[len(others) // 2]
+        if ms > factor * median:
+            host = beats[rank].get("host", "?")
+            found[rank] = (f"rank {rank} on {host} is a straggler: {ms:.1f} ms of its own work "
+                           f"per step, {ms / median:.1f}x the others' {median:.1f} ms")
+    return found
 
 
 def laggards(beats: dict[int, Heartbeat], me: int, now: float) -> str:
@@ -42,15 +111,26 @@ def stalled_pid(beats: dict[int, Heartbeat], me: int, host: str) -> int | None:
     return others[0][1] if others and others[0][2] == host else None
 
 
-def classify(error: Exception, rank: int, who: str = "") -> CollectiveError:
+def classify(error: Exception, rank: int, who: str = "",
+             lost: dict[int, str] | None = None) -> CollectiveError:
     """Turn a backend error into one clear line naming what happened: a timeout is a
-    stall (code 3), anything else a rank that left (code 1)."""
+    stall (code 3); a rank that is gone (`lost`: named by the survivors) ends the
+    survivors with 3 too, the job cannot go on without it; anything else, code 1."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+    if timed_out(error):
         return CollectiveError(f"rank {rank}: a collective timed out: {who or text}",
                                ExitCode.STALLED)
+    if lost:
+        failure = CollectiveError(f"rank {rank}: another rank left the job: lost "
+                                  f"{', '.join(lost.values())} ({text})", ExitCode.STALLED)
+        failure.lost = tuple(lost)
+        return failure
     return CollectiveError(f"rank {rank}: another rank left the job ({text})"
                            + (f"; {who}" if who else ""), ExitCode.INTERNAL)
+
+
+def timed_out(error: Exception) -> bool:
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
 
 
 @dataclass
@@ -58,6 +138,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     root: Path | None = None  # the run directory, for the ranks' heartbeats
+    device: str = "cpu"  # where the synchronisation tensors live (the GPU under NCCL)
 
     @property
     def main(self) -> bool:
@@ -82,7 +163,7 @@ class Dist:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
@@ -92,7 +173,7 @@ class Dist:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t[0])
 
@@ -123,6 +204,47 @@ class Dist:
         pid = stalled_pid(self.beats(), self.rank, socket.gethostname())
         return [pid] if pid else []
 
+    def work_times(self) -> dict[int, dict]:
+        """Each rank's own work per step and host, from the heartbeats."""
+        return {r: {"work_ms": b.extra.get("work_ms"), "host": b.host}
+                for r, b in self.beats().items()}
+
+    def lost(self, wait: float = 3.0) -> dict[int, str]:
+        """The ranks that left the job, in words: each survivor writes
+        `alive-after-error-rankN.json` into the shared run directory, then waits a
+        moment for the others'; a rank without one is gone (its process or its node).
+        The run directory is shared by every node, so no collective is needed."""
+        if not self.active or self.root is None:
+            return {}
+        from lnsp.rundir import read_json, write_json
+
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        write_json(self.root / f"alive-after-error-rank{self.rank}.json",
+                   {"rank": self.rank, "attempt": attempt, "time": time.time()}, durable=False)
+        start = time.time()
+
+        def survivors():
+            seen = set()
+            for p in self.root.glob("alive-after-error-rank*.json"):
+                m = read_json(p) or {}
+                if m.get("time", 0) >= start - 60 and m.get("attempt") == attempt:
+                    seen.add(int(m["rank"]))
+            return seen
+
+        while len(survivors()) < self.world and time.time() - start < wait:
+            time.sleep(0.1)
+        beats, gone = self.beats(), {}
+        # before its first heartbeat a rank is known from run.json (rank 0 wrote it)
+        known = {r["rank"]: r for r in (read_json(self.root / "run.json") or {}).get("ranks", [])}
+        for rank in sorted(set(range(self.world)) - survivors()):
+            b = beats.get(rank)
+            host, pid = (b.host, b.pid) if b else (known.get(rank, {}).get("host", "?"),
+                                                  known.get(rank, {}).get("pid", "?"))
+            seen = (f", step {b.step}, last heartbeat {time.time() - b.time:.1f}s ago"
+                    if b else "")
+            gone[rank] = f"rank {rank} (node {host}, pid {pid}{seen})"
+        return gone
+
 
 def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
     """After a failed collective: name what happened, dump this rank, take py-spy stacks
@@ -130,10 +252,11 @@ def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
     torchrun can restart the job. Returns the error to raise."""
     from lnsp.dumps import native_stacks
 
-    failure = classify(error, d.rank, d.laggards())
+    lost = {} if timed_out(error) else d.lost()
+    failure = classify(error, d.rank, d.laggards(), lost)
     log(f"[DISTRIBUTED] {failure}")
     dumper.dump("collective")
-    for pid in d.stalled_pids():
+    for pid in [] if lost else d.stalled_pids():  # a lost rank is gone: nothing to kill
         stacks = native_stacks(pid, timeout=10)
         if stacks:
             dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
@@ -143,7 +266,7 @@ def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
     return failure
 
 
-def init(pg_timeout: float, root: Path) -> Dist:
+def init(pg_timeout: float, root: Path, requested: str = "cpu") -> Dist:
     """Join the process group when torchrun started this process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -151,7 +274,12 @@ def init(pg_timeout: float, root: Path) -> Dist:
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device_for(requested, local_rank,
+                        torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)  # before any CUDA work: NCCL binds to it
+    backend = backend_for(device)
     rank, timeout = int(os.environ["RANK"]), timedelta(seconds=pg_timeout)
     # The group's keys live under a prefix of their own per torchrun attempt: after a
     # restart the store still holds the last attempt's addresses, and the new ranks
@@ -159,10 +287,13 @@ def init(pg_timeout: float, root: Path) -> Dist:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent_store, timeout=timeout)
+    # Without the agent's store (multi-node jobs) each attempt has a fresh store, and
+    # a node that came back counts its attempts from 0 again: no prefix then.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"lnsp/attempt-{attempt}", store),
+    prefix = f"lnsp/attempt-{attempt}" if agent_store else "lnsp"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
                             rank=rank, world_size=world, timeout=timeout)
-    return Dist(dist.get_rank(), dist.get_world_size(), root)
+    return Dist(dist.get_rank(), dist.get_world_size(), root, sync_device(backend, device))
 
 
 def shutdown() -> None:

@@ -48,4 +48,7 @@ class TrainingError(LnspError, RuntimeError):
 
 
 class CollectiveError(TrainingError):
-    """A collective failed: a rank stalled (timeout, code 3) or left the job (code 1)."""
+    """A collective failed: a rank stalled (timeout, code 3), was lost (its process or
+    node gone, named by the survivors: code 3) or left the job otherwise (code 1)."""
+
+    lost: tuple[int, ...] = ()  # the ranks that are gone

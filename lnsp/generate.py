@@ -192,18 +192,21 @@ def generate(checkpoint_path: str, data_dir: str, steps: int, lane_name: str = "
         if sink:
             sink.close()
     return summarise(records, profile, calibration, [s[0] for s in starts], teacher_forced,
-                     any(s[2] for s in starts))
+                     any(s[2] for s in starts), ds.bank)
 
 
 def summarise(records: list[dict], profile: Lane, calibration: dict | None, chains: list,
-              teacher_forced: bool, held_out: bool) -> dict:
+              teacher_forced: bool, held_out: bool, bank) -> dict:
     """Decision counts, and on held-out chains SNAP precision beside what the
-    calibration promised for this lane."""
+    calibration promised for this lane (a SNAP to a repeat of the true next sentence
+    counts as right, as calibration counts it)."""
+    from lnsp.calibrate import same
+
     counts = Counter(r["decision"] for r in records)
     cs = [r["c"] for r in records if r["c"] is not None]
     snaps = [r for r in records if r["decision"] == "SNAP" and r["truth_id"] is not None]
-    precision = (sum(r["neighbor_id"] == r["truth_id"] for r in snaps) / len(snaps)
-                 if snaps else None)
+    precision = (float(same(bank, [r["neighbor_id"] for r in snaps],
+                            [r["truth_id"] for r in snaps]).mean()) if snaps else None)
     summary = {"steps": len(records), "lane": profile.name,
                "tau_snap": profile.tau_snap, "tau_novel": profile.tau_novel, "k": profile.k,
                "calibrated": profile.calibrated,
@@ -255,5 +258,8 @@ def _show_step(echo, record: dict) -> None:
         text = "~ " + text  # the nearest sentence to a vector that is none of them
     echo(f"  {label:<15}{text}")
     if record["truth_id"] is not None:
-        mark = "=" if record["neighbor_id"] == record["truth_id"] else "≠"
+        said = record.get("text")
+        same = record["neighbor_id"] == record["truth_id"] or (
+            said is not None and said == record.get("truth_text"))  # a repeated sentence
+        mark = "=" if same else "≠"
         echo(f"  {'  truth ' + mark:<15}{_clip(record.get('truth_text'))}")

@@ -439,8 +439,9 @@ def fork_after_openmp(f: Facts):
     parent_omp = [r for r in parent.get("runtimes", []) if r["api"] == "openmp"]
     if not parent_omp or f.progressing():
         return None
-    if parent.get("exe") != f.ctx.get("exe"):
-        return None  # exec'd a new program: not a forked copy of the parent
+    if parent.get("exe") != f.ctx.get("exe") or parent.get("cmdline") != f.ctx.get("cmdline"):
+        return None  # exec'd a program (or the same interpreter on another script): not a
+        # forked copy of the parent, whose OpenMP state it did not inherit
     for t in f.python_threads() or list(f.threads.values()):
         omp = openmp_frames(t)
         if t["motion"] in ("stuck", "spinning") and (omp or (
@@ -558,3 +559,11 @@ def judge(f: Facts) -> dict:
     evidence = evidence + hazards(f)
     return {"kind": kind, "summary": summary[0].upper() + summary[1:], "evidence": evidence,
             "fix": fix}
+
+
+def _describe(fd: dict) -> str:
+    """A file descriptor in words: its target, its kind, and a socket's peer."""
+    what = f"{fd.get('target')} ({fd.get('type', 'file')}, fd {fd.get('fd')})"
+    if fd.get("remote"):
+        what += f", peer {fd['remote']}"
+    return what

@@ -1,7 +1,9 @@
-"""The hard-negative miner: a FAISS index over the bank, searched synchronously in
-the training process. Exact inner product by default, IVF for large banks, a
-prebuilt index.faiss checked against the bank, or `exact`: the same exact search as
-a torch GEMM + top-k (faiss's bundled BLAS measured 3.5x slower here)."""
+"""The hard-negative miner: an index over the bank, searched synchronously in the
+training process. `auto` (the default): exact inner product while the bank is small
+enough for it to win, IVF beyond, with nprobe calibrated at build time to a measured
+recall. Or a fixed choice: `exact` (a torch GEMM + top-k; faiss's bundled OpenBLAS
+measured 3.5x slower here), `flat` (faiss IndexFlatIP), `ivf`, `ivf-sq8` (8-bit
+codes), or a prebuilt index.faiss checked against the bank."""
 
 from __future__ import annotations
 
@@ -12,6 +14,15 @@ import numpy as np
 
 ADD_CHUNK = 65536
 EXACT_CHUNK = 262144  # bank rows per GEMM in ExactIndex: bounds the score matrix
+# `auto` searches exactly up to this many bank rows: below it the torch GEMM over the
+# whole bank is faster than an IVF index calibrated to RECALL_TARGET (measured
+# crossover, README "Performance"), and needs no build.
+AUTO_EXACT_MAX = 50_000
+RECALL_TARGET = 0.95  # recall@K against exact search that auto's nprobe must reach
+CALIBRATION_QUERIES = 256
+# A flat IVF index holds a second float32 copy of the bank: above this share of the
+# available memory auto stores 8-bit codes instead (a quarter of the bytes).
+IVF_MEMORY_SHARE = 0.5
 
 
 class ExactIndex:
@@ -51,32 +62,89 @@ class ExactIndex:
         return scores.numpy(), ids.numpy()
 
 
-def _add(index, bank: np.ndarray) -> None:
+def _add(index, bank: np.ndarray, bar=None) -> None:
     for start in range(0, bank.shape[0], ADD_CHUNK):
         index.add(np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32))
+        if bar:
+            bar.update(min(ADD_CHUNK, bank.shape[0] - start), "add")
 
 
-def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 8,
-          data_dir: Path | None = None, log=print, seed: int = 0, prebuilt=None):
+def auto_nlist(n: int) -> int:
+    """IVF lists for n rows: a power of two near sqrt(n) (faiss's rule of thumb), so
+    that the lists scanned and the centroids compared cost about the same."""
+    return int(2 ** round(np.log2(max(1.0, np.sqrt(n)))))
+
+
+def auto_kind(bank: np.ndarray, exact_max: int | None = None) -> str:
+    """What `auto` builds for this bank: exact, ivf or ivf-sq8."""
+    n, d = bank.shape
+    if n <= (AUTO_EXACT_MAX if exact_max is None else exact_max):
+        return "exact"
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        available = float("inf")
+    return "ivf-sq8" if n * d * 4 > IVF_MEMORY_SHARE * available else "ivf"
+
+
+def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
+          data_dir: Path | None = None, log=print, seed: int = 0, prebuilt=None,
+          k: int = 100, exact_max: int | None = None):
     """An index over `bank`: the data's checked index.faiss when given, else a cached
-    IVF index, else one built now (IVF is then saved beside the data for the next run)."""
+    IVF index, else one built now (IVF is then saved beside the data for the next run).
+    nlist 0: about sqrt(rows); nprobe 0: the fewest lists reaching RECALL_TARGET
+    recall@k against exact search on a sample (measured and logged here). `auto` keeps
+    exact search when the calibrated IVF index turns out the slower, unless
+    `exact_max` (the size threshold) is given, which then decides alone."""
     n, d = bank.shape
     if prebuilt is not None:
-        _set_nprobe(prebuilt, nprobe)
+        if nprobe:
+            _set_nprobe(prebuilt, nprobe)
+        elif isinstance(prebuilt, faiss.Index) and faiss.try_extract_index_ivf(prebuilt):
+            calibrate(prebuilt, bank, k, log=log, seed=seed)
         return prebuilt
+    requested = kind
+    if kind == "auto":
+        kind = auto_kind(bank, exact_max)
+        limit = AUTO_EXACT_MAX if exact_max is None else exact_max
+        log(f"Index auto: {kind} for {n:,} rows ("
+            + (f"<= {limit:,}: exact search is the faster" if kind == "exact" else
+               f"> {limit:,}: IVF" + (", 8-bit codes to fit the memory" if kind == "ivf-sq8"
+                                      else "")) + ")")
     if kind == "exact":
         return ExactIndex(bank)
+    from lnsp.progress import Progress
+
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-        _add(index, bank)
+        with Progress(n, "index", unit="rows") as bar:
+            _add(index, bank, bar)
         return index
+    auto = kind != requested
+    index = _ivf(bank, kind, nlist or auto_nlist(n), data_dir, log, seed)
+    if nprobe:
+        _set_nprobe(index, nprobe)
+        return index
+    cal = calibrate(index, bank, k, log=log, seed=seed)
+    if auto and exact_max is None and cal["ms_per_query"] >= cal["exact_ms_per_query"]:
+        # No neighbourhood structure to exploit (isotropic rows, say): the lists that
+        # reach the recall cost more than reading the whole bank.
+        log(f"Index auto: exact after all: IVF at recall {cal['recall']:.3f} takes "
+            f"{cal['ms_per_query']:.3f} ms a query, exact search {cal['exact_ms_per_query']:.3f}")
+        return ExactIndex(bank)
+    return index
+
+
+def _ivf(bank: np.ndarray, kind: str, nlist: int, data_dir: Path | None, log, seed: int):
+    n, d = bank.shape
     nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants ~39 training points per list
     name = f"index.{kind.replace('-', '')}{nlist}.faiss"  # index.ivf1024.faiss, ...
     cached = data_dir / name if data_dir is not None else None
     if cached is not None and cached.exists():
         index = faiss.read_index(str(cached))
         if index.ntotal == n and index.d == d:
-            _set_nprobe(index, nprobe)
             log(f"Loaded cached IVF index {cached}")
             return index
     quantizer = faiss.IndexFlatIP(d)
@@ -87,10 +155,13 @@ def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     # ~100 points per list trains k-means well enough and bounds the extra memory.
     sample = np.random.default_rng(seed).choice(n, size=min(n, nlist * 100), replace=False)
-    index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
-    _reserve_lists(index, bank)
-    _add(index, bank)
-    _set_nprobe(index, nprobe)
+    from lnsp.progress import Progress
+
+    with Progress(2 * n, "index", unit="rows") as bar:  # assign (to reserve), then add
+        bar.set(0, "train")
+        index.train(np.ascontiguousarray(bank[np.sort(sample)], dtype=np.float32))
+        _reserve_lists(index, bank, bar)
+        _add(index, bank, bar)
     if cached is not None:
         try:
             tmp = cached.with_suffix(".tmp")
@@ -102,7 +173,58 @@ def build(bank: np.ndarray, kind: str = "flat", nlist: int = 256, nprobe: int = 
     return index
 
 
-def _reserve_lists(index, bank: np.ndarray) -> None:
+def calibrate(index, bank: np.ndarray, k: int = 100, target: float = RECALL_TARGET,
+              queries: int = CALIBRATION_QUERIES, log=print, seed: int = 0) -> dict:
+    """Set the IVF index's nprobe to the fewest lists (a power of two) whose recall@k
+    against exact search reaches `target` on a sample of queries, and return what was
+    measured. The queries are bank rows moved by noise (cosine ~0.9 to the row): near
+    the data, as a trained query tower's outputs are, without being rows themselves."""
+    import time
+
+    ivf = faiss.try_extract_index_ivf(index)
+    n, d = bank.shape
+    rng = np.random.default_rng(seed + 1)
+    rows = np.asarray(bank[np.sort(rng.choice(n, size=min(n, queries), replace=False))],
+                      dtype=np.float32)
+    noise = rng.standard_normal(rows.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    q = rows + 0.5 * noise
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    k = min(k, n)
+    t = time.perf_counter()
+    _, truth = ExactIndex(bank).search(q, k)
+    exact_ms = (time.perf_counter() - t) * 1e3 / len(q)
+    tried = {}
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        t = time.perf_counter()
+        _, found = index.search(q, k)
+        ms = (time.perf_counter() - t) * 1e3 / len(q)
+        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)]))
+        tried[nprobe] = recall
+        if recall >= target or nprobe >= ivf.nlist:
+            break
+        nprobe = min(2 * nprobe, ivf.nlist)
+    result = {"nlist": int(ivf.nlist), "nprobe": nprobe, "recall": recall, "k": k,
+              "target": target, "queries": len(q), "ms_per_query": ms, "exact_ms_per_query": exact_ms,
+              "tried": tried}
+    log(f"IVF calibrated: nprobe {nprobe} of {ivf.nlist} lists, recall@{k} {recall:.3f} "
+        f"against exact on {len(q)} sample queries (target {target})"
+        + ("" if recall >= target else ": target not reached even scanning every list"))
+    _CALIBRATIONS[id(index)] = result
+    return result
+
+
+_CALIBRATIONS: dict[int, dict] = {}  # faiss objects take no new attributes
+
+
+def calibration(index) -> dict | None:
+    """What calibrate() measured for this index (nprobe, recall, ...), if it ran."""
+    return _CALIBRATIONS.get(id(index))
+
+
+def _reserve_lists(index, bank: np.ndarray, bar=None) -> None:
     """Give each inverted list its final capacity before adding: lists that grow by
     doubling hold up to twice the index in memory at the end of a build."""
     counts = np.zeros(index.nlist, dtype=np.int64)
@@ -110,6 +232,8 @@ def _reserve_lists(index, bank: np.ndarray) -> None:
         rows = np.ascontiguousarray(bank[start:start + ADD_CHUNK], dtype=np.float32)
         _, assign = index.quantizer.search(rows, 1)
         counts += np.bincount(assign.ravel(), minlength=index.nlist)
+        if bar:
+            bar.update(len(rows), "assign")
     lists = faiss.downcast_InvertedLists(index.invlists)
     for list_no, count in enumerate(counts):
         lists.resize(list_no, int(count))  # a vector shrunk to 0 keeps its capacity

@@ -24,7 +24,8 @@ DROPOUT = 0.3
 
 
 class QueryTower(nn.Module):
-    def __init__(self, dim: int, hidden: int, decay: float = DECAY, dropout: float = DROPOUT):
+    def __init__(self, dim: int, hidden: int, decay: float = DECAY, dropout: float = DROPOUT,
+                 bf16: bool = False):
         super().__init__()
         # logits[a] weighs the vector a steps before the end: a log-linear decay.
         age = torch.arange(MAX_CTX, dtype=torch.float32)
@@ -34,6 +35,7 @@ class QueryTower(nn.Module):
         self.proj = nn.Linear(hidden, dim)
         nn.init.zeros_(self.proj.weight)  # the correction starts at zero: the blend alone
         nn.init.zeros_(self.proj.bias)
+        self.bf16 = bf16  # the GRU's matrix products in bfloat16 (lnsp.precision)
 
     def blend(self, context: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D): the context weighted by softmax over the last T logits."""
@@ -43,8 +45,30 @@ class QueryTower(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """(B, T, D) context vectors -> (B, D) unit queries."""
-        _, last = self.gru(context)  # the final hidden state
-        return F.normalize(self.blend(context) + self.proj(self.drop(last[-1])), dim=-1)
+        if self.bf16:
+            with torch.autocast(context.device.type, dtype=torch.bfloat16):
+                last = _gru_last(self.gru, context)
+        else:
+            last = self.gru(context)[1][-1]  # the final hidden state
+        return F.normalize(self.blend(context) + self.proj(self.drop(last.float())), dim=-1)
+
+
+def _gru_last(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
+    """nn.GRU's last hidden state, step by step with its own parameters: autocast
+    reaches these matrix products (bf16), not those inside torch's fused CPU GRU. The
+    input projection of the whole window is one product, as in torch's; the hidden
+    state stays float32."""
+    gi = F.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)  # (B, T, 3H)
+    h = x.new_zeros(x.shape[0], gru.hidden_size, dtype=torch.float32)
+    for t in range(x.shape[1]):
+        gh = F.linear(h, gru.weight_hh_l0, gru.bias_hh_l0)
+        i_r, i_z, i_n = gi[:, t].chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h = n + z * (h - n)
+    return h
 
 
 def flops_per_sample(dim: int, hidden: int, ctx_len: int) -> float:

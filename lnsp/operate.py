@@ -37,9 +37,11 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
 def check_dumpable(run: dict) -> None:
     """Refuse unless the target is a live lnsp trainer with its SIGUSR1 handler:
     SIGUSR1's default action would kill it."""
-    if run.get("backend") == "docker":
-        if not backend("docker").alive(run):
-            raise LaunchError(f"container {run.get('container_id', '?')[:12]} is not running")
+    if run.get("backend") in ("docker", "ddp-docker"):
+        if not backend(run["backend"]).alive(run):
+            raise LaunchError(f"the run's container(s) "
+                              f"{run.get('container_id', ','.join(run.get('containers', [])))[:40]}"
+                              " not running")
         return
     pid = run.get("pid")
     if not procs.alive(pid):
@@ -67,7 +69,7 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
                           "(the process may be frozen: try --native)", ExitCode.STALLED)
     newest = fresh()[-1]
     text = f"{newest}\n{newest.read_text()}"
-    if native and run.get("backend") != "docker":
+    if native and run.get("backend") not in ("docker", "ddp-docker"):
         from lnsp.dumps import native_stacks
 
         text += "\nNative stacks (py-spy dump --native, from outside):\n" + (

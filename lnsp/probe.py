@@ -15,7 +15,7 @@ PHASES = ("load", "forward", "retrieve", "loss", "backward")
 
 def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
           timeout: float = 60.0, data_dir: str | None = None, threads: str | None = None,
-          as_json: bool = False) -> int:
+          as_json: bool = False, device: str = "cpu") -> int:
     started = time.perf_counter()
     from lnsp.dumps import Dumper
     from lnsp.rundir import RunLog
@@ -37,7 +37,7 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
     import_s = time.perf_counter() - t
     n_threads = thread_policy.enforce()
     config = TrainConfig(batch_size=batch, k=k, ctx_len=ctx_len, threads=threads or "fast",
-                         data=data_dir or "", run_dir="-")
+                         data=data_dir or "", run_dir="-", device=device)
     config.validate()
     t = time.perf_counter()
     if data_dir:

@@ -10,9 +10,12 @@ import socket
 import sys
 import time
 
-from lnsp import checkpoint
+from lnsp import checkpoint, progress, tensorboard
 from lnsp.rundir import ExitCode, RunDir, StepRecord
 from lnsp.watchdog import Heartbeat
+
+# The goodput record's figures charted in TensorBoard (not its pid, step or time).
+GOODPUT_FIGURES = ("goodput", "wall_s", "shares", "seconds")
 
 
 class Recorder:
@@ -29,6 +32,12 @@ class Recorder:
         self.goodput_prior: dict = {}  # goodput.json of the earlier attempts
         self.steps_trained = 0  # optimizer steps this attempt ran (redone ones too)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+        self.rate = progress.Rate()  # steps over the last 30 s: the ETA's speed
+        self.eta_s: float | None = None
+        self.tb = None  # TensorBoard writer (rank 0), opened at the first record
+        self.bar = None  # progress bar on a terminal (rank 0)
+        self.work_ms = 0.0  # this rank's own work per step (moving average): stragglers
+        self._streak: dict[int, int] = {}
 
     def say(self, message: str) -> None:
         """The routine (steps, evaluations): logged by rank 0 alone."""
@@ -58,10 +67,20 @@ class Recorder:
 
     # ------------------------------------------------------------ every step
     def beat(self, state, phase: str) -> None:
-        extra = self.watchdog.vitals() if self.watchdog else None
+        # work_ms: this rank's own work per step, which tells a straggler (distributed)
+        extra = {**(self.watchdog.vitals() if self.watchdog else {}),
+                 "work_ms": round(self.work_ms, 2)}
         for heartbeat in self.beats:
             heartbeat.beat(state.epoch + 1, state.step, phase, self.loss, self.samples_per_s,
-                           extra)
+                           {**(extra or {}), "total_steps": self.total, "eta_s": self.eta_s})
+
+    def _writer(self, step: int):
+        """TensorBoard's writer, opened once: a resumed run drops the events from `step`
+        on that its earlier life wrote after the checkpoint it resumed from."""
+        if self.tb is None:
+            self.tb = tensorboard.open_writer(self.rd.tb, self.config.to_json(),
+                                              purge_step=step if self.config.resume else None)
+        return self.tb
 
     def step_done(self, state, loss: float, phases: dict) -> None:
         """After every optimizer step: the heartbeat (an outside observer's proof of
@@ -69,30 +88,59 @@ class Recorder:
         self.step, self.loss = state.step, loss
         self.steps_trained += 1
         self._window_steps += 1
+        # Not backward: with ranks it holds the gradient all-reduce, a wait.
+        own = 1000 * sum(phases.get(k, 0.0) for k in ("load", "forward", "retrieve", "loss"))
+        self.work_ms = own if not self.work_ms else 0.8 * self.work_ms + 0.2 * own
         for name, seconds in phases.items():
             self._phases[name] = self._phases.get(name, 0.0) + seconds
         rate = self._window_steps / max(time.perf_counter() - self._window_t, 1e-9)
         self.samples_per_s = rate * self.config.batch_size * self.config.accum_steps
+        self.rate.add(state.step, time.monotonic())
+        eta = self.rate.eta(self.total - state.step)
+        self.eta_s = None if eta is None else round(eta, 1)
         self.beat(state, "train")
+        if self.main:  # a bar only where a person watches a terminal; logs keep their lines
+            if self.bar is None:
+                self.bar = progress.Progress(self.total, "train", unit="step", lines=False,
+                                             initial=state.step - 1)
+            self.bar.update(1, f"epoch {state.epoch + 1}/{self.config.epochs} loss {loss:.4f}")
         if state.step % self.config.log_every and state.step != self.total:
             return
         self.say(f"Epoch {state.epoch + 1}/{self.config.epochs} | Step {state.step} | "
                  f"Loss {loss:.4f} | {rate:.2f} it/s")
         if self.main:
             rss = self.beats[-1].rss_mb() if self.beats else 0.0
-            self.rd.append_step(StepRecord(
+            record = StepRecord(
                 step=state.step, epoch=state.epoch + 1, loss=loss,
                 samples_per_s=self.samples_per_s,
                 phases={k: v / self._window_steps for k, v in self._phases.items()},
-                rss_mb=round(rss, 1), time=time.time()))
-            self.write_goodput()
+                rss_mb=round(rss, 1), time=time.time())
+            self.rd.append_step(record)
+            self._writer(state.step).step(record)
+            goodput = self.write_goodput()
+            if goodput:
+                self._writer(state.step).summary(
+                    "goodput", {k: goodput[k] for k in GOODPUT_FIGURES if k in goodput},
+                    state.step)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
+
+    def stragglers(self, slow: dict[int, str]) -> None:
+        """Rank 0, per log interval: a rank found slow at STRAGGLER_CHECKS checks in a
+        row is logged once per streak (a busy host makes one check noisy)."""
+        from lnsp.distributed import STRAGGLER_CHECKS
+
+        for rank in range(self.world):
+            self._streak[rank] = self._streak.get(rank, 0) + 1 if rank in slow else 0
+            if self._streak[rank] == STRAGGLER_CHECKS:
+                self.log(f"[STRAGGLER] {slow[rank]}")
 
     # ------------------------------------------------------------ epochs
     def evaluated(self, epoch: int, metrics: dict) -> None:
         if not self.main:
             return
-        self.rd.append_metrics({"epoch": epoch, "step": self.step, "loss": self.loss, **metrics})
+        record = {"epoch": epoch, "step": self.step, "loss": self.loss, **metrics}
+        self.rd.append_metrics(record)
+        self._writer(self.step).metrics(record)
         self.log(f"Eval epoch {epoch}: Hit@1 {metrics['hit@1']:.3f} "
                  f"Hit@5 {metrics['hit@5']:.3f} Hit@10 {metrics['hit@10']:.3f} "
                  f"MRR {metrics['mrr']:.3f} | copy-last Hit@10 "
@@ -131,20 +179,25 @@ class Recorder:
             g.move("training", "redone", redo * prior["seconds"].get("training", 0.0) / trained)
             self.log(f"[GOODPUT] {redo} steps since the last checkpoint are redone")
 
-    def write_goodput(self) -> None:
-        """goodput.json: cumulative over the attempts (never parsed from the log)."""
+    def write_goodput(self) -> dict | None:
+        """goodput.json: cumulative over the attempts (never parsed from the log); the
+        record written, or None (no watchdog, or not rank 0)."""
         if not self.main or self.watchdog is None:
-            return
+            return None
         self.watchdog.account()
         g = self.watchdog.goodput
         attempt_wall = sum(g.seconds.values()) - sum(
             (self.goodput_prior.get("seconds") or {}).values())
-        self.rd.write_goodput({
+        record = {
             **g.summary(), "pid": os.getpid(), "step": self.step,
             "steps_trained": int(self.goodput_prior.get("steps_trained", 0))
             + self.steps_trained,
             "attempts": int(self.goodput_prior.get("attempts", 0)) + 1,
-            "attempt_wall_s": round(attempt_wall, 3), "time": time.time()})
+            "attempt_wall_s": round(attempt_wall, 3), "time": time.time(),
+            # when the first attempt's process started: the span the shares cover
+            "since": self.goodput_prior.get("since") or _process_started()}
+        self.rd.write_goodput(record)
+        return record
 
     def log_goodput(self) -> None:
         if not self.main or self.watchdog is None:
@@ -162,6 +215,7 @@ class Recorder:
     def finished(self) -> int:
         if self.main:
             self.rd.write_exit("finished", ExitCode.DONE, self.step)
+        self.close()
         self.say(f"Finished: {self.step} steps; run directory {self.rd.root}")
         self.log_goodput()
         self.plot()
@@ -170,6 +224,7 @@ class Recorder:
     def stopped(self, signal_name: str | None) -> int:
         if self.main:
             self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=signal_name or "peer")
+        self.close()
         self.say(f"Stopped on {signal_name or 'a peer rank'} at step {self.step}; checkpoint "
                  f"{self.rd.last_checkpoint()} (continue with --resume)")
         self.log_goodput()
@@ -193,13 +248,27 @@ class Recorder:
 
     def failed(self, error: BaseException) -> None:
         code = int(getattr(error, "exit_code", ExitCode.INTERNAL))
-        if self.main:
-            self.rd.write_exit("stalled" if code == ExitCode.STALLED else "failed", code,
+        lost = getattr(error, "lost", ())
+        # rank 0 records the end; when rank 0 is the one lost, the first survivor does
+        writer = self.main or (0 in lost and self.rank == min(set(range(self.world)) - set(lost)))
+        if writer:
+            # a lost node is a failure (code 3: the job can be restarted), not a stall
+            state = "stalled" if code == ExitCode.STALLED and not lost else "failed"
+            self.rd.write_exit(state, code,
                                self.step, cause=f"{type(error).__name__}: {error}",
                                error=f"{type(error).__name__}: {error}")
+        self.close()
         self.log(f"FAILED: {type(error).__name__}: {error}")
         if self.watchdog is not None and self.main and self.rd.root.exists():
             self.write_goodput()
+
+    def close(self) -> None:
+        """End the bar and flush the event files (every way out but a stall's os._exit,
+        before which the writer's own flush every few seconds has run)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
     def plot(self) -> None:
         """plots.png when matplotlib is installed (an optional extra); never fails a run."""
@@ -213,3 +282,12 @@ class Recorder:
             pass
         except Exception as e:
             self.log(f"plot not drawn: {e}")
+
+
+def _process_started() -> float:
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return time.time()

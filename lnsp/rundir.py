@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from lnsp import progress
+
 
 class ExitCode(IntEnum):
     """The process exit codes of DESIGN.md."""
@@ -211,6 +213,7 @@ class RunDir:
     dumps = property(lambda self: self.root / "dumps")
     exit = property(lambda self: self.root / "exit.json")
     plots = property(lambda self: self.root / "plots.png")
+    tb = property(lambda self: self.root / "tb")  # TensorBoard event files
     calibration = property(lambda self: self.root / "calibration.json")  # decider thresholds
     goodput = property(lambda self: self.root / "goodput.json")
     last_checkpoint_record = property(lambda self: self.checkpoints / "last.json")
@@ -327,7 +330,7 @@ class RunLog:
                 self.file.write(line + "\n")
                 self.file.flush()
             if self.echo:
-                print(line, flush=True)
+                progress.echo(line)  # above a progress bar, if one is on the terminal
 
     def raw(self, text: str) -> None:
         """Untimestamped text (a stack dump) into the log only."""

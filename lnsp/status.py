@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lnsp.errors import LaunchError
+from lnsp.progress import format_eta
 from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
 
 
@@ -58,7 +59,9 @@ def state(rd: RunDir, now: float | None = None) -> dict:
            "epoch": beat and beat.epoch, "step": ended.step if ended else beat and beat.step,
            "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
-           "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0)}
+           "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0),
+           "phase": beat and beat.phase, "total_steps": beat and beat.extra.get("total_steps"),
+           "eta_s": eta(label, beat, age)}
     cause = _cause(rd, ended, beat) if label in ("stalled", "failed", "restarting") \
         else ended and ended.cause
     if cause:
@@ -79,6 +82,16 @@ def state(rd: RunDir, now: float | None = None) -> dict:
                                  "step": b and b.step, "phase": b and b.phase,
                                  "heartbeat_age_s": round(now - b.time, 1) if b else None})
     return row
+
+
+def eta(label: str, beat: Heartbeat | None, age: float | None) -> float | None:
+    """Seconds left: the heartbeat's estimate less the time since it was written (only
+    while the run is running; a finished run has none left)."""
+    if label == "finished":
+        return 0.0
+    if label != "running" or beat is None or beat.extra.get("eta_s") is None or age is None:
+        return None
+    return round(max(0.0, beat.extra["eta_s"] - age), 1)
 
 
 def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str | None:
@@ -108,14 +121,15 @@ def show(runs: tuple[str, ...], root: str = "runs", as_json: bool = False) -> st
     if not rows:
         return f"no runs under {root}/"
     head = f"{'RUN':<28} {'BACKEND':<10} {'STATE':<10} {'PID':>7} {'EPOCH':>5} {'STEP':>7} " \
-           f"{'LOSS':>8} {'SAMPLES/S':>9} {'HEARTBEAT':>9}"
+           f"{'LOSS':>8} {'SAMPLES/S':>9} {'HEARTBEAT':>9} {'ETA':>8}"
     lines = [head]
     for r in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"{r['run'][-28:]:<28} {r['backend']:<10} {r['state']:<10} "
                      f"{fmt(r['pid'], 'd'):>7} {fmt(r['epoch'], 'd'):>5} {fmt(r['step'], 'd'):>7} "
                      f"{fmt(r['loss'], '.4f'):>8} {fmt(r['samples_per_s'], '.1f'):>9} "
-                     f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9}")
+                     f"{fmt(r['heartbeat_age_s'], '.1f') + 's' if r['heartbeat_age_s'] is not None else '-':>9} "
+                     f"{format_eta(r['eta_s']):>8}")
         if r.get("cause"):
             lines.append(f"  cause: {r['cause']}")
         if r.get("budgets_s"):

@@ -53,6 +53,31 @@ def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
     return bank, ids, offsets
 
 
+def write_topic_bank(path: str | Path, rows: int, dim: int = 768, topics: int = 2048,
+                     latent: int = 64, spread: float = 0.6, embed_noise: float = 0.15,
+                     seed: int = 0, chunk: int = 65536) -> dict:
+    """A large bank shaped like sentence embeddings of many documents: rows gathered
+    around `topics` centres in a `latent`-dimensional subspace (cosine ~0.7 to their
+    centre), plus a little isotropic noise in all `dim` dimensions. Written in chunks
+    into a .npy memory map, never a second copy in memory. Isotropic random rows would
+    be the worst case for any approximate index: no row has a neighbourhood."""
+    rng = np.random.default_rng(seed)
+    embed, _ = np.linalg.qr(rng.standard_normal((dim, latent)))
+    embed = embed.astype(np.float32)
+    centres = rng.standard_normal((topics, latent)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=(rows, dim))
+    for s in range(0, rows, chunk):
+        n = min(chunk, rows - s)
+        z = centres[rng.integers(0, topics, n)]
+        z = z + spread / np.sqrt(latent) * rng.standard_normal((n, latent), dtype=np.float32)
+        x = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ embed.T
+        x += embed_noise / np.sqrt(dim) * rng.standard_normal(x.shape, dtype=np.float32)
+        out[s:s + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.flush()
+    return {"bank_rows": rows, "dim": dim, "topics": topics, "latent": latent}
+
+
 def dataset(rows: int = 10_000, dim: int = 768, length: int = 24, seed: int = 0):
     """The demo data in memory, about `rows` bank rows (the probe's and the bench's)."""
     from lnsp.data import Dataset

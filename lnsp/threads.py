@@ -54,10 +54,13 @@ def parse_policy(value: str | None, ranks: int | None = None) -> tuple[str, int]
 def policy_env(value: str | None, ranks: int | None = None) -> dict[str, str]:
     """The environment a process of this policy needs before its first heavy import.
 
-    BLAS pools stay at one thread in both policies: lnsp's matrix work runs in torch's
-    and faiss's OpenMP pools, and a BLAS pool sized to every core beside them only
-    oversubscribes. Idle OpenMP threads sleep (PASSIVE) instead of spinning, so
-    torch's and faiss's pools can take the cores in turn.
+    OMP_NUM_THREADS sizes torch's and faiss's OpenMP pools (lnsp's matrix work runs
+    there; faiss's bundled OpenBLAS is an OpenMP build that runs on faiss's pool and is
+    raised to the same count in enforce()). The pthreads BLAS pools (numpy's) stay at
+    one thread: no training phase uses them, and their threads would spin beside the
+    OpenMP ones. Idle OpenMP threads sleep (PASSIVE) instead of spinning: torch's and
+    faiss's pools take the cores in turn, and on a shared machine a spinning thread
+    burns the time slice its partner needs (measured: README "Performance").
     """
     _, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
@@ -119,11 +122,21 @@ def set_env_defaults(argv: list[str] | None = None) -> None:
     os.environ[DEFAULTS_MARK] = ",".join(set_here)
 
 
+# threadpoolctl sets KMP_DUPLICATE_LIB_OK=True in the process that imports it
+# (os.environ.setdefault): a child must not inherit that as if the user had hidden a
+# duplicate OpenMP runtime. What the user's own environment held is kept here, read
+# when lnsp is first imported, before threadpoolctl can be.
+USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
+
+
 def user_environment(environ=None) -> dict[str, str]:
-    """The environment less the thread variables that lnsp set itself: what the user
-    set wins; what lnsp chose for this process is not passed on as if it were theirs."""
+    """The environment less the thread variables that lnsp (or threadpoolctl) set
+    itself: what the user set wins; what was chosen for this process is not passed on
+    as if it were theirs."""
     environ = os.environ if environ is None else environ
     ours = set(environ.get(DEFAULTS_MARK, "").split(","))
+    if USER_KMP_DUPLICATE_LIB_OK is None:
+        ours.add("KMP_DUPLICATE_LIB_OK")
     return {k: v for k, v in environ.items() if k not in ours and k != DEFAULTS_MARK}
 
 
@@ -137,9 +150,16 @@ def enforce() -> int:
 
     n = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     blas = max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "1")))
-    # BLAS first: faiss's OpenBLAS is an OpenMP build, and limiting it resets faiss's
-    # OpenMP pool, so the OpenMP counts must be set after it.
-    threadpoolctl.threadpool_limits(limits=blas, user_api="blas")
+    # A count lnsp chose for the BLAS pools applies to the pthreads ones (numpy's);
+    # faiss's OpenBLAS runs on faiss's OpenMP pool and gets the OpenMP count: it is
+    # the same threads, so no pool is added (a user's own OPENBLAS_NUM_THREADS wins).
+    ours = "OPENBLAS_NUM_THREADS" in os.environ.get(DEFAULTS_MARK, "").split(",")
+    for lib in threadpoolctl.ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas":
+            openmp_blas = getattr(lib, "threading_layer", None) == "openmp"
+            lib.set_num_threads(n if ours and openmp_blas else blas)
+    # BLAS first: limiting an OpenMP-built OpenBLAS resets its runtime's pool, so the
+    # OpenMP counts must be set after it.
     threadpoolctl.threadpool_limits(limits=n, user_api="openmp")
     torch.set_num_threads(n)
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lnsp import checkpoint, data, evaluate, miner
+from lnsp import checkpoint, data, distributed, evaluate, miner, precision
 from lnsp.config import TrainConfig
 from lnsp.errors import LnspError, RunDirError, TrainingError
 from lnsp.loss import info_nce
@@ -49,18 +49,28 @@ class Job:
 def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int = 0,
           world: int = 1) -> Job:
     """Index, model and optimizer for a loaded data set (for one rank of `world`)."""
+    from lnsp import distributed
+
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    if world > 1:  # one GPU per rank: the one of its LOCAL_RANK on its node
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = torch.device(distributed.device_for(
+            config.device, int(os.environ.get("LOCAL_RANK", "0")), cuda))
     if watchdog:
         watchdog.progress("index")
     t = time.perf_counter()
     index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root, log,
-                        config.seed, prebuilt=ds.index)
+                        config.seed, prebuilt=ds.index, k=config.k + 1)
     log(f"Index {type(index).__name__}: {index.ntotal} vectors of dimension {index.d} "
         f"in {time.perf_counter() - t:.1f}s")
-    model = QueryTower(ds.dim, config.hidden).to(device)
+    bf16 = precision.tower_bf16(config.precision, device)
+    model = QueryTower(ds.dim, config.hidden, bf16=bf16).to(device)
+    log(f"Query tower: GRU {ds.dim} -> {config.hidden}, matrix products in "
+        f"{'bf16 (autocast)' if bf16 else 'fp32'} (precision {config.precision})")
     if world > 1:  # gradients are all-reduced inside backward
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, **distributed.ddp_arguments(str(device)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     train_starts, val_starts = data.windows(ds, config.ctx_len, config.val_fraction, config.seed,
@@ -276,12 +286,15 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
             state.advance()
             watchdog.step_done()
             rec.step_done(state, loss, phases)
+            if dist.active and dist.main and state.step % cfg.log_every == 0:
+                rec.stragglers(distributed.stragglers(dist.work_times()))
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 watchdog.phase = "checkpoint"
                 rec.checkpoint(rd.last_checkpoint(), job, state)
         # End of an epoch (or of the step budget): every rank evaluates its slice of
         # the held-out windows; rank 0 records the figures and writes the checkpoints.
         watchdog.progress("evaluate")
+        rec.beat(state, "evaluate")  # outside observers see the phase, not a silent step
         metrics = held_out(job, val, dist, watchdog.progress)
         epoch = state.end_interval(steps_per_epoch)
         watchdog.progress("checkpoint")
@@ -305,6 +318,10 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
 def _check_run_dir(config: TrainConfig, rd: RunDir) -> TrainConfig:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         config = config.replace(resume=True)  # torchrun restarted the job: continue it
+    elif os.environ.get("LNSP_AUTO_RESUME") == "1" and rd.config.exists():
+        # A node of a multi-node job that came back (its container restarted): its
+        # torchrun counts from 0 again, but the job it rejoins continues the run.
+        config = config.replace(resume=True)
     if rd.config.exists() and not config.resume:
         raise RunDirError(f"{rd.root}: run directory already holds a run; "
                           "pass --resume to continue it or choose another --run-dir")
@@ -330,7 +347,7 @@ def _restart_refused(rd: RunDir, rank: int) -> int | None:
 def run(config: TrainConfig) -> int:
     """Train in the foreground (one rank of a torchrun job when started by torchrun);
     returns the process exit code (0 finished or stopped)."""
-    from lnsp import distributed, threads
+    from lnsp import threads
     from lnsp.dumps import Dumper
     from lnsp.hangbundle import Explanation
     from lnsp.watchdog import GracefulStop, Watchdog
@@ -364,7 +381,7 @@ def run(config: TrainConfig) -> int:
     resolve_device(config.device)
     # Every rank has checked the run directory before any rank writes to it.
     watchdog.progress("rendezvous")
-    dist = distributed.init(config.pg_timeout, rd.root)
+    dist = distributed.init(config.pg_timeout, rd.root, config.device)
     rd.root.mkdir(parents=True, exist_ok=True)
     log.file = open(rd.log, "a", buffering=1)
     dumper.enable_crash_dumps(log.file)

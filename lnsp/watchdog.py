@@ -131,9 +131,12 @@ class Watchdog(threading.Thread):
                 tick()
             now = time.monotonic()
             self._check_slow(now)
-            last, phase, budget = self.last, self._phase, self.budget()
-            idle = now - last
-            if idle <= budget:
+            last, phase = self.last, self._phase
+            # The one staleness check, with this phase's learned budget as the stall one.
+            s = staleness(last, self.started_steps, self.budgets.budget(phase),
+                          self.startup_timeout, now)
+            idle, budget = s.idle, s.budget
+            if not s.stale:
                 fired_at = None
                 continue
             if fired_at == last:

@@ -9,7 +9,8 @@ PIP=${PIP:-.venv/bin/pip}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$DIR"
 # The dependency list lives in pyproject.toml alone; versions in constraints.txt.
-mapfile -t DEPS < <("$PY" scripts/dependencies.py pyproject.toml)
+# The extras the image installs too (docker/Dockerfile): tensorboard.
+mapfile -t DEPS < <("$PY" scripts/dependencies.py pyproject.toml tensorboard)
 "$PIP" download --quiet --dest "$DIR" --only-binary=:all: \
     --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

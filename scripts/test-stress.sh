@@ -6,7 +6,7 @@
 set -uo pipefail
 COUNT=${1:-10}
 PY=${PY:-.venv/bin/python}
-TESTS=(tests/test_runtime.py tests/test_launch.py tests/test_distributed.py tests/test_docker.py)
+TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_distributed.py tests/test_docker.py)
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/lnsp-stress-XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 bad=0

@@ -106,3 +106,41 @@ def reap():
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return None
+    except Exception as e:
+        return f"no Docker engine reachable ({type(e).__name__})"
+
+
+# The engine may be shared: this session's image carries a tag of its own.
+TEST_IMAGE = f"lnsp:test-t{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def lnsp_image():
+    """An image built from this checkout exactly as `make train-docker` gets lnsp:latest
+    (`lnsp image ensure`: online, or offline with the base image and the wheelhouse made
+    on the spot), under this session's own tag, once for the whole suite. Without an
+    engine: skip, or fail under LNSP_REQUIRE_DOCKER=1."""
+    problem = _engine_problem()
+    if problem:
+        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
+            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
+        pytest.skip(problem)
+    from lnsp.image import SOURCE_LABEL, source_hash
+
+    r = lnsp("image", "ensure", "--tag", TEST_IMAGE, timeout=850)  # within the 900 s
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import docker
+
+    labels = docker.from_env(timeout=30).images.get(TEST_IMAGE).labels or {}
+    assert labels.get(SOURCE_LABEL) == source_hash(), (labels, r.stdout[-2000:])
+    yield TEST_IMAGE
+    # --no-prune: the untagged parent layers stay, the cache of the next build
+    subprocess.run(["docker", "rmi", "--no-prune", TEST_IMAGE], capture_output=True)

@@ -30,3 +30,14 @@ def test_a_worker_measures_and_cleans_up(tmp_path):
     assert 0 < result["hardened_ratio"] < 2, result
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith("lnsp-")]
     assert left == [], left
+
+
+def test_lnsp_against_a_plain_loop_that_loads_no_lnsp_code():
+    """Both loops run warm, in turns; the plain one sees none of lnsp's variables."""
+    from lnsp import versus
+
+    r = versus.compare(4, hidden=16, ctx=3, k=5, bank_rows=300, dim=32, blocks=2, block_s=0.05)
+    assert r["plain_ready"] == {"ready": True, "lnsp_loaded": False, "omp_wait_policy": None}
+    assert r["lnsp_index"] == "ExactIndex"  # auto, on a small bank
+    assert r["plain_samples_per_s"] > 0 and r["lnsp_samples_per_s"] > 0
+    assert r["ratio"] == r["lnsp_samples_per_s"] / r["plain_samples_per_s"]

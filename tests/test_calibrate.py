@@ -4,7 +4,7 @@ thresholds follow precision within their share bounds."""
 import numpy as np
 import pytest
 
-from lnsp.calibrate import POLICY, buckets, isotonic, measure, thresholds, uninformative
+from lnsp.calibrate import POLICY, buckets, isotonic, measure, same, thresholds, uninformative
 
 
 def test_isotonic_pools_adjacent_violators():
@@ -63,3 +63,15 @@ def test_confidence_without_information_is_named():
     assert "no information" in uninformative(lanes, noise.mean())
     perfect = {"neutral": {"snap_precision": 1.0}}
     assert uninformative(perfect, 0.98) is None  # 1.0 is the ceiling
+
+
+def test_a_repeated_sentence_is_the_same_vector():
+    """Text corpora repeat sentences: a neighbour that is a copy of the true next
+    vector under another id is right; a near one is not."""
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((4, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank[2] = bank[0]
+    bank[3] = bank[0] + 0.01 * bank[1]
+    bank[3] /= np.linalg.norm(bank[3])
+    assert same(bank, [0, 2, 0, 1], [0, 0, 3, 0]).tolist() == [True, True, False, False]

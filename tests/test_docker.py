@@ -1,5 +1,7 @@
 """The container path against the real engine: image, a run to the end, dumps, stop,
-resume, status, compare. The `docker` CLI is used here as a second, real client.
+resume, status, compare. The `docker` CLI is used here as a second, real client. The
+image comes from `lnsp image ensure`, the call `make train-docker` makes (under a tag of
+this session's own).
 
 Without an engine these tests skip with the reason; with LNSP_REQUIRE_DOCKER=1 (CI)
 they fail instead."""
@@ -13,37 +15,17 @@ import time
 
 import pytest
 
-from conftest import FAST_TRAIN, lnsp, read_json, wait_until
+from conftest import FAST_TRAIN, TEST_IMAGE, _engine_problem, lnsp, read_json, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
-IMAGE = "lnsp:latest"
-
-
-def _engine_problem() -> str | None:
-    try:
-        import docker
-
-        docker.from_env(timeout=5).ping()
-        return None
-    except Exception as e:
-        return f"no Docker engine reachable ({type(e).__name__})"
+# The engine may be shared: this session's image and containers carry names of their own.
+TAG = f"t{os.getpid()}"
+IMAGE = TEST_IMAGE  # lnsp:test-<TAG>, built by conftest's lnsp_image through `lnsp image ensure`
 
 
 @pytest.fixture(scope="module")
-def image():
-    problem = _engine_problem()
-    if problem:
-        if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
-            pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
-        pytest.skip(problem)
-    base = os.environ.get("LNSP_BASE_IMAGE")
-    if not base and subprocess.run(["docker", "image", "inspect", "lnsp-base:bookworm"],
-                                   capture_output=True).returncode == 0:
-        base = "lnsp-base:bookworm"  # the offline base (make docker-base) when present
-    r = lnsp("image", "build", *(["--base-image", base] if base else []), timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
-    assert f"built {IMAGE}" in r.stdout
-    return IMAGE
+def image(lnsp_image):
+    return lnsp_image
 
 
 def docker_cli(*args) -> str:
@@ -84,14 +66,15 @@ def test_image_bakes_the_thread_environment(image):
 
 
 def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, cleanup):
-    run = tmp_path / "crun"
-    cleanup("lnsp-crun")
+    run = tmp_path / f"crun-{TAG}"
+    cleanup(f"lnsp-crun-{TAG}")
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
-             "--epochs", "200", cwd=tmp_path)
+             "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     info = read_json(run / "run.json")
     attrs = json.loads(docker_cli("inspect", info["container_id"]))[0]
-    assert attrs["Name"] == "/lnsp-crun" and attrs["Config"]["Labels"]["lnsp.run"] == "crun"
+    assert attrs["Name"] == f"/lnsp-crun-{TAG}"
+    assert attrs["Config"]["Labels"]["lnsp.run"] == f"crun-{TAG}"
     host = attrs["HostConfig"]
     assert host["Init"] is True and "SYS_PTRACE" in host["CapAdd"]
     assert host["ShmSize"] >= 2**30 and attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
@@ -113,7 +96,8 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
     assert stopped["state"] == "stopped" and stopped["container_exit_code"] == 0
     assert (run / "checkpoints" / "last.pt").stat().st_uid == os.getuid()
 
-    r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", cwd=tmp_path)
+    r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", "--image", image,
+             cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     wait_until(lambda: status(run, tmp_path)["state"] == "finished", 180,
                what="the resumed container run to finish")
@@ -125,20 +109,20 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
 
 def test_a_killed_container_is_reported_failed_with_its_exit_code(image, small_data, tmp_path,
                                                                    cleanup):
-    run = tmp_path / "killed"
-    cleanup("lnsp-killed")
+    run = tmp_path / f"killed-{TAG}"
+    cleanup(f"lnsp-killed-{TAG}")
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
-             "--epochs", "200", cwd=tmp_path)
+             "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     wait_until(lambda: read_json(run / "heartbeat.json"), 120, what="a heartbeat")
-    docker_cli("kill", "lnsp-killed")
+    docker_cli("kill", f"lnsp-killed-{TAG}")
     row = wait_until(lambda: (lambda s: s if s["state"] == "failed" else None)(
         status(run, tmp_path)), 30, what="status failed")
     assert row["container_state"] == "exited" and row["container_exit_code"] == 137
 
 
 def test_compare_prints_native_and_container_columns(image, tmp_path):
-    r = lnsp("compare", "--threads", "safe", cwd=tmp_path, timeout=300)
+    r = lnsp("compare", "--threads", "safe", "--image", image, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     head, *rows = r.stdout.splitlines()
     assert "native" in head and "container" in head
@@ -181,3 +165,9 @@ def test_a_container_the_engine_does_not_know_is_gone(tmp_path):
     _docker_run(tmp_path / "run", "0" * 64)  # no such container
     row = status(tmp_path / "run", tmp_path)
     assert row["state"] == "failed" and row["container"] is None, row
+
+
+def test_ensure_keeps_an_image_built_from_this_checkout(image):
+    r = lnsp("image", "ensure", "--tag", image, timeout=60)
+    assert r.returncode == 0 and f"image {image} is up to date" in r.stdout, r.stdout + r.stderr
+    assert "building" not in r.stdout

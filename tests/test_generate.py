@@ -21,16 +21,14 @@ TOLERANCE = 0.1
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The default model (hidden, lr, k, temperature, batch all defaults) on demo data
-    made smaller in its dimension and chain count, for one epoch: the held-out figures
-    after it are those of the three-epoch run on the full demo data."""
+    """The default model (hidden, lr, k, temperature, batch all defaults) on the demo
+    data at its default generation settings (its noise and angle), made smaller in
+    dimension and chain count, for one epoch: its held-out Hit@1 (~0.58) is that of
+    the six-epoch run on the full demo data."""
     from lnsp import synth
 
     root = tmp_path_factory.mktemp("gen")
-    # The quiet variant of the demo (small steps, little noise): generation needs a model
-    # whose next vectors land near bank rows often enough for all three paths to occur.
-    data = synth.write(root / "data", chains=300, length=24, dim=256, angle=1.047,
-                       step_noise=0.6)
+    data = synth.write(root / "data", chains=300, length=24, dim=256)
     r = lnsp("train", "--data", data, "--run-dir", root / "run", "--epochs", "1", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Calibrated best.pt" in r.stdout, r.stdout
@@ -71,8 +69,11 @@ def test_training_stores_a_calibration(trained):
     assert (lanes["conservative"]["snap_share"] <= lanes["neutral"]["snap_share"]
             <= lanes["creative"]["snap_share"])
     assert lanes["conservative"]["snap_precision"] >= 0.8
-    # Confidence carries information: SNAP beats the model's Hit@1 (1.0 is the ceiling).
-    assert lanes["conservative"]["snap_precision"] >= min(stored["hit@1"] + 0.1, 1.0), stored
+    # The demo is not solved, and confidence carries information: every lane's SNAP is
+    # well above the model's Hit@1 (the share of held-out windows whose nearest is right).
+    assert stored["hit@1"] <= 0.8, stored
+    for lane in lanes.values():
+        assert lane["snap_precision"] >= stored["hit@1"] + 0.15, stored
 
 
 def test_calibrate_on_demand_prints_each_lane(trained, tmp_path):
@@ -90,7 +91,8 @@ def test_calibrate_on_demand_prints_each_lane(trained, tmp_path):
 @pytest.mark.parametrize("lane", ["conservative", "neutral", "creative"])
 def test_teacher_forced_generation_keeps_calibrations_promise(trained, tmp_path, lane):
     """Along held-out chains with the true context (the windows calibration measured,
-    a seeded half of them), each lane's SNAP precision is within 0.1 of the promise."""
+    a seeded half of them), each lane sees all three paths and its SNAP precision is
+    within 0.1 of the promise."""
     summary, steps, _ = generate(trained, tmp_path, 0, "--chains", "15", "--teacher-forced",
                                  "--lane", lane)
     assert summary["calibrated"] and summary["mode"] == "teacher_forced"
@@ -99,6 +101,8 @@ def test_teacher_forced_generation_keeps_calibrations_promise(trained, tmp_path,
     assert abs(summary["snap_true_next"] - summary["calibration"]["snap_precision"]) \
         <= TOLERANCE, summary
     assert summary["within_tolerance"]
+    if lane == "conservative":
+        assert summary["snap_true_next"] >= 0.8, summary
     assert all(s["truth_id"] is not None for s in steps)
 
 

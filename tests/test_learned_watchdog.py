@@ -37,7 +37,8 @@ def test_a_mid_run_block_at_default_settings_is_caught_within_15_s(small_data, t
     assert "budgets learned" in log, log
     stall = [line for line in log.splitlines() if "[WATCHDOG] no progress" in line][0]
     assert "phase 'optimizer', learned" in stall and "blocked in native code" in stall, stall
-    assert "blocked in native code" in read_json(run / "exit.json")["cause"]
+    assert read_json(run / "exit.json")["cause"].startswith("blocked-io"), \
+        read_json(run / "exit.json")  # the diagnosis of the stall
 
 
 def test_python_that_makes_no_progress_is_told_from_native_code(small_data, tmp_path):
@@ -150,8 +151,10 @@ def test_goodput_shares_add_up_to_the_wall_time_across_a_restart(small_data, tmp
     assert ended["state"] == "finished"
     assert abs(sum(g["shares"].values()) - 1.0) < 0.01, g
     assert abs(sum(g["seconds"].values()) - g["wall_s"]) < 0.05, g
-    wall = ended["time"] - started
-    assert 0.7 * wall <= g["wall_s"] <= wall + 0.5, (g, wall)
+    # From the first trainer's start to the end, less the supervisor's reaction between
+    # the two attempts (a poll of half a second and a process start).
+    wall = ended["time"] - g["since"]
+    assert started < g["since"] and wall - 3.0 <= g["wall_s"] <= wall + 0.5, (g, wall)
     assert g["attempts"] == 2
     assert g["seconds"]["stalled"] >= 2.0, g  # the block, past its budget
     assert g["seconds"]["redone"] > 0, g  # steps 6 and 7 ran twice

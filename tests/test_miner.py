@@ -38,3 +38,45 @@ def test_ivf_finds_most_exact_neighbours(bank):
     _, exact_ids = miner.ExactIndex(bank).search(bank[:50], 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf_ids, exact_ids)])
     assert recall > 0.8 and (ivf_ids[:, 0] == np.arange(50)).all()
+
+
+def test_auto_searches_exactly_while_the_bank_is_small(bank):
+    said = []
+    index = miner.build(bank, "auto", exact_max=len(bank), log=said.append)
+    assert isinstance(index, miner.ExactIndex)
+    assert "exact" in said[0] and "1,000 rows" in said[0]
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """Rows around 40 centres, as embeddings of text on a few topics are."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 32))
+    x = centres[rng.integers(0, 40, 2000)] + rng.standard_normal((2000, 32))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_auto_builds_ivf_with_calibrated_nprobe_beyond_the_threshold(clustered):
+    """nprobe is the fewest lists (a power of two) whose measured recall@K reaches the
+    target: the one below it falls short."""
+    bank, said = clustered, []
+    index = miner.build(bank, "auto", k=20, exact_max=100, log=said.append)
+    ivf = faiss.try_extract_index_ivf(index)
+    cal = miner.calibration(index)
+    assert ivf is not None and ivf.nlist == miner.auto_nlist(2000) == 32
+    assert ivf.nprobe == cal["nprobe"] < 32 and cal["recall"] >= miner.RECALL_TARGET
+    assert cal["nprobe"] > 1 and cal["tried"][cal["nprobe"] // 2] < miner.RECALL_TARGET
+    assert any(f"nprobe {ivf.nprobe} of 32" in m and "recall@20" in m for m in said), said
+    # The logged recall is what the index really gives on fresh queries.
+    queries = bank[500:600] + 0.5 * np.random.default_rng(5).standard_normal((100, 32)) / 32 ** .5
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    _, got = index.search(queries, 20)
+    _, want = miner.ExactIndex(bank).search(queries, 20)
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, want)])
+    assert recall >= miner.RECALL_TARGET - 0.05
+
+
+def test_auto_stores_8_bit_codes_when_a_second_copy_would_not_fit(bank, monkeypatch):
+    monkeypatch.setattr(miner, "IVF_MEMORY_SHARE", 1e-9)
+    assert miner.auto_kind(bank, exact_max=10) == "ivf-sq8"
+    assert miner.auto_kind(bank, exact_max=10_000) == "exact"

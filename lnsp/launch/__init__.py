@@ -1,4 +1,5 @@
-"""Launchers: one interface with one backend per module (nohup, tmux, docker).
+"""Launchers: one interface with one backend per module (nohup, tmux, docker, ddp,
+ddp-docker).
 
 Each backend module has `start(config, options) -> dict` (what goes into run.json),
 `alive(run) -> bool` and `send(run, signum)`. The run's state lives in its run
@@ -16,11 +17,13 @@ from lnsp.rundir import RunDir
 __all__ = ["LaunchError", "backend", "start"]
 
 
+MODULES = {"docker": "docker", "ddp": "ddp", "ddp-docker": "ddp_docker"}
+
+
 def backend(name: str):
     """The module that operates a backend's runs (nohup, tmux and foreground runs are
     plain processes on this machine)."""
-    module = {"docker": "docker", "ddp": "ddp"}.get(name, "native")
-    return importlib.import_module(f"lnsp.launch.{module}")
+    return importlib.import_module(f"lnsp.launch.{MODULES.get(name, 'native')}")
 
 
 def start(name: str, config, options: dict) -> str:
@@ -32,7 +35,7 @@ def start(name: str, config, options: dict) -> str:
     if rd.exists() and not config.resume:
         raise RunDirError(f"{rd.root}: run directory already holds a run; "
                           "pass --resume to continue it or choose another --run-dir")
-    module = importlib.import_module(f"lnsp.launch.{name}")
+    module = importlib.import_module(f"lnsp.launch.{MODULES.get(name, name)}")
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)

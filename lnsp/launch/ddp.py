@@ -13,17 +13,29 @@ from lnsp.rundir import RunDir
 
 
 def torchrun_argv(config, nproc: int, nnodes: int = 1, node_rank: int = 0,
-                  master: str | None = None) -> list[str]:
-    """`python -m torch.distributed.run ... -m lnsp train ...` for one node."""
+                  master: str | None = None, rendezvous: str | None = None,
+                  python: str = sys.executable) -> list[str]:
+    """`python -m torch.distributed.run ... -m lnsp train ...` for one node: standalone,
+    a static rendezvous at `master` (host:port), or a c10d rendezvous at `rendezvous`
+    (host:port) named after the run, where a node that comes back can rejoin."""
     if nnodes == 1:
         where = ["--standalone"]
+    elif rendezvous:
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={run_id(config.run_dir)}"]
     else:
         host, _, port = (master or "127.0.0.1:29500").partition(":")
         where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={host}",
                  f"--master-port={port or 29500}"]
-    return [sys.executable, "-m", "torch.distributed.run", *where,
+    return [python, "-m", "torch.distributed.run", *where,
             f"--nproc-per-node={nproc}", f"--max-restarts={config.max_restarts}",
             "--monitor-interval=1", "-m", "lnsp", "train", *config.to_argv()]
+
+
+def run_id(run_dir: str) -> str:
+    from pathlib import Path
+
+    return "".join(c if c.isalnum() or c in "_-" else "-" for c in Path(run_dir).name)
 
 
 def plan(config, options: dict) -> dict:
@@ -31,7 +43,12 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    detach(torchrun_argv(config, info["nproc"]), environment(config, "ddp", info["nproc"]),
+    from lnsp.distributed import nccl_environment
+
+    dumps = RunDir(config.run_dir).dumps
+    dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout
+    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps)}
+    detach(torchrun_argv(config, info["nproc"]), env,
            RunDir(config.run_dir).console)
 
 

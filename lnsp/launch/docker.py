@@ -53,8 +53,8 @@ def plan(config, options: dict) -> dict:
     try:
         c.images.get(image)
     except Exception:
-        raise LaunchError(f"image {image} not found; build it with `make docker-build` "
-                          "(or `make docker-offline` with no registry)") from None
+        raise LaunchError(f"image {image} not found; build it with `lnsp image ensure` "
+                          "(`make image`; `make train-docker` does it for you)") from None
     name = container_name(config.run_dir)
     old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
     if old is not None and old.status == "running":

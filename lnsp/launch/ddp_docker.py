@@ -1,0 +1,221 @@
+"""ddp-docker backend: a multi-node torchrun job rehearsed on one machine, one
+container of the lnsp image per node on a Docker network of the run's own.
+
+Each container is one torchrun node (`--nnodes N`, c10d rendezvous at the first
+container's name on that network, never loopback); the data is mounted read-only
+and the run directory read-write at their own absolute paths in every container,
+so the run directory is shared by the nodes as NFS would share it between hosts.
+The network is `internal` (no route out of it): the nodes talk to each other only.
+A small process on this machine (the reaper) saves each node's console output into
+the run directory and removes the network when every node has ended; the ended
+containers stay until the run is resumed or relaunched, for their exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from lnsp import procs
+from lnsp.launch import LaunchError
+from lnsp.launch.command import detach, environment
+from lnsp.launch.ddp import run_id, torchrun_argv
+from lnsp.launch.docker import IMAGE, LABEL, client
+from lnsp.rundir import RunDir, update_json
+
+RDZV_PORT = 29400
+PYTHON = "/opt/lnsp/bin/python"  # the image's virtual environment
+RUNNING = ("created", "running", "restarting")
+
+
+def names(run_dir: str, nodes: int) -> tuple[str, list[str]]:
+    """The run's network and its node containers (also their host names)."""
+    base = f"lnsp-{run_id(run_dir)}"
+    return f"{base}-net", [f"{base}-node{i}" for i in range(nodes)]
+
+
+def plan(config, options: dict) -> dict:
+    nodes = int(options.get("nodes", 2))
+    per_node = int(options.get("nproc", 1))
+    if nodes < 1 or per_node < 1:
+        raise LaunchError(f"--nodes {nodes} --nproc-per-node {per_node}: both must be >= 1")
+    c = client()
+    image = options.get("image") or IMAGE
+    try:
+        c.images.get(image)
+    except Exception:
+        raise LaunchError(f"image {image} not found; build it with `make docker-build` "
+                          "(or `make docker-offline` with no registry)") from None
+    network, containers = names(config.run_dir, nodes)
+    for name in containers:  # an ended job of this run (stopped, lost): make room
+        old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
+        if old is not None and old.status == "running":
+            raise LaunchError(f"container {name} is already running")
+        if old is not None:
+            old.remove(force=True)
+    for old in c.networks.list(names=[network]):
+        old.remove()
+    return {"nodes": nodes, "nproc_per_node": per_node, "image": image, "network": network,
+            "containers": containers, "rendezvous": f"{containers[0]}:{RDZV_PORT}",
+            "cpus": options.get("cpus"), "memory": options.get("memory"),
+            "max_restarts": config.max_restarts}
+
+
+def node_environment(config, info: dict) -> dict[str, str]:
+    from lnsp.distributed import nccl_environment
+    from lnsp.threads import user_environment
+
+    run = str(RunDir(config.run_dir).root.resolve())
+    env = {**environment(config, "ddp-docker", info["nproc_per_node"]), "HOME": "/tmp",
+           **nccl_environment(Path(run) / "dumps"),
+           # A store per rendezvous round, not the agent's: a node that comes back
+           # starts counting its attempts at 0, so attempts cannot name the keys.
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "LNSP_AUTO_RESUME": "1"}
+    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
+                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
+    return env
+
+
+def start(config, info: dict) -> None:
+    rd = RunDir(config.run_dir)
+    data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
+    inside = config.replace(data=data, run_dir=run)
+    rd.dumps.mkdir(parents=True, exist_ok=True)  # the NCCL traces' folder must exist
+    c = client()
+    label = {LABEL: Path(run).name, "lnsp.run_dir": run}
+    network = c.networks.create(info["network"], driver="bridge", internal=True, labels=label)
+    kwargs = {}
+    if info.get("cpus"):
+        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
+    if info.get("memory"):
+        kwargs["mem_limit"] = info["memory"]
+    env, ids = node_environment(config, info), []
+    try:
+        for i, name in enumerate(info["containers"]):
+            argv = torchrun_argv(inside, info["nproc_per_node"], info["nodes"], i,
+                                 rendezvous=info["rendezvous"], python=PYTHON)
+            container = c.containers.create(
+                info["image"], entrypoint=argv[:1], command=argv[1:], name=name,
+                hostname=name, labels={**label, "lnsp.node": str(i)}, network=network.name,
+                init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
+                volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
+                working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
+                **kwargs)
+            ids.append(container.id)
+        update_json(rd.run, container_ids=ids)
+        for cid in ids:
+            c.containers.get(cid).start()
+    except Exception as e:
+        for cid in ids:
+            try:
+                c.containers.get(cid).remove(force=True)
+            except Exception:
+                pass
+        network.remove()
+        raise LaunchError(f"could not start the nodes: {type(e).__name__}: {e}", 1) from None
+    # The reaper outlives this command, as the job does.
+    detach([sys.executable, "-m", "lnsp.launch.ddp_docker", run], {}, rd.root / "reaper.log")
+
+
+def notes(config, info: dict) -> list[str]:
+    return [f"  nodes: {', '.join(info['containers'])} (image {info['image']}, "
+            f"{info['nproc_per_node']} rank(s) each) on network {info['network']}; "
+            f"rendezvous {info['rendezvous']}"]
+
+
+def _containers(run: dict) -> list:
+    c = client()
+    found = []
+    for name in run.get("containers", []):
+        try:
+            found.append(c.containers.get(name))
+        except Exception:
+            found.append(None)
+    return found
+
+
+def alive(run: dict) -> bool:
+    return any(x is not None and x.status in RUNNING for x in _containers(run))
+
+
+trainer_alive = alive
+
+
+def send(run: dict, signum: int) -> None:
+    """SIGKILL ends the containers; other signals go to every rank (a dump from each,
+    or a stop all ranks agree on) through the engine, never to torchrun itself, whose
+    default action for SIGUSR1 would end the node."""
+    import signal as signals
+
+    live = [x for x in _containers(run) if x is not None and x.status == "running"]
+    if not live:
+        raise LaunchError(f"no node of {run.get('network', 'the job')} is running")
+    if signum == signals.SIGKILL:
+        for x in live:
+            x.kill()
+        return
+    pids: dict[str, list[int]] = {}
+    for r in run.get("ranks", []):
+        pids.setdefault(r["host"], []).append(r["pid"])
+    for x in live:
+        mine = pids.get(x.name, [])
+        if mine:
+            code = "import os,sys; [os.kill(int(p), int(sys.argv[1])) for p in sys.argv[2:]]"
+            x.exec_run([PYTHON, "-c", code, str(int(signum)), *map(str, mine)],
+                       user=f"{os.getuid()}:{os.getgid()}")
+
+
+def wait_gone(run: dict, timeout: float) -> bool:
+    return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
+
+
+def extra_status(run: dict) -> dict:
+    nodes = []
+    for name, x in zip(run.get("containers", []), _containers(run)):
+        state = (x.attrs.get("State", {}) if x is not None else {})
+        nodes.append({"container": name, "state": state.get("Status"),
+                      "exit_code": None if state.get("Running") or x is None
+                      else state.get("ExitCode")})
+    return {"network": run.get("network"), "nodes": nodes}
+
+
+def reap(run_dir: str, poll: float = 1.0) -> None:
+    """Wait until no node runs, then keep each node's console output and remove the
+    network. A node restarted while others wait (--max-restarts) counts as running."""
+    rd = RunDir(run_dir)
+    from lnsp.rundir import read_json
+
+    run = read_json(rd.run) or {}
+    while True:
+        try:
+            if not alive(read_json(rd.run) or run):
+                break
+        except LaunchError:
+            pass  # the engine is briefly unreachable: ask again
+        time.sleep(poll)
+    import docker.errors
+
+    c = client()
+    for x in _containers(run):
+        try:  # a node removed meanwhile (relaunched, or cleaned up) has no output left
+            (rd.root / f"console-{x.name.rsplit('-', 1)[-1]}.log").write_bytes(
+                x.logs(stdout=True, stderr=True))
+        except (AttributeError, docker.errors.NotFound):
+            pass
+    for network in c.networks.list(names=[run["network"]]):
+        try:
+            network.reload()
+            for x in network.containers:
+                network.disconnect(x, force=True)
+            network.remove()
+        except docker.errors.NotFound:
+            pass
+    print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run['network']} removed",
+          flush=True)
+
+
+if __name__ == "__main__":
+    reap(sys.argv[1])

@@ -1,0 +1,39 @@
+"""The query tower's precision: bf16 autocast where the CPU computes bf16 natively,
+float32 out either way, and close to the float32 tower."""
+
+import torch
+
+from lnsp import precision
+from lnsp.model import QueryTower
+
+
+def test_auto_follows_the_cpu_and_explicit_choices_win():
+    assert precision.tower_bf16("auto", "cpu") == precision.native_bf16()
+    assert precision.tower_bf16("fp32", "cpu") is False
+    assert precision.tower_bf16("bf16", "cpu") is True
+
+
+def test_a_bf16_tower_gives_float32_queries_close_to_the_fp32_tower():
+    torch.manual_seed(0)
+    fp32 = QueryTower(64, 48).eval()  # no dropout: the same function twice
+    torch.nn.init.normal_(fp32.proj.weight, std=0.2)  # a GRU correction that counts
+    bf16 = QueryTower(64, 48, bf16=True).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.randn(8, 5, 64)
+    a, b = fp32(x), bf16(x)
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    assert not torch.equal(a, b)  # the bf16 path did run
+    b.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.parameters())
+
+
+def test_the_step_by_step_gru_is_torchs_gru():
+    """The bf16 path runs nn.GRU's own parameters through an explicit recurrence; in
+    float32 it must give nn.GRU's answer (and so share its checkpoints)."""
+    from lnsp.model import _gru_last
+
+    torch.manual_seed(1)
+    tower = QueryTower(64, 48)
+    x = torch.randn(6, 9, 64)
+    assert torch.allclose(_gru_last(tower.gru, x), tower.gru(x)[1][-1], atol=1e-5)
