@@ -196,13 +196,22 @@ def test_two_ranks_learn_as_well_as_one_and_share_the_evaluation(tmp_path):
     assert sorted(final[0] + final[1]) == sorted(val.tolist())
 
     saved = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
-    model = QueryTower(ds.dim, config.hidden)
+    # The tower and the miner as the trainer built them (bf16 matrix products where
+    # this CPU has them; the auto miner).
+    from lnsp import precision
+
+    model = QueryTower(ds.dim, config.hidden,
+                       bf16=precision.tower_bf16(config.precision, torch.device("cpu")))
     model.load_state_dict(saved["model"])
-    index = miner.build(ds.bank, "flat", config.nlist, config.nprobe, ds.root, lambda m: None,
-                        config.seed)
+    index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root,
+                        lambda m: None, config.seed, k=config.k + 1)
     alone = evaluate.evaluate(model, ds, index, val, config.ctx_len, torch.device("cpu"))
+    # The ranks evaluate in other batch shapes than one process does, and a matrix
+    # product's last bits depend on the shape: a near tie may order differently. So
+    # the figures agree to one window of the held-out set, not to the last bit; a
+    # window counted twice or lost would move them by far more.
     for key, value in alone.items():
-        assert np.isclose(b[key], value, rtol=0, atol=1e-9), (key, b[key], value)
+        assert np.isclose(b[key], value, rtol=0, atol=1.0 / len(val)), (key, b[key], value)
 
 
 def test_torchrun_does_not_rerun_an_ending_a_restart_would_repeat(small_data, tmp_path):
