@@ -37,7 +37,9 @@ def same(bank, a, b) -> np.ndarray:
 
 def copies(bank, ids: np.ndarray, context: np.ndarray, target: np.ndarray):
     """For search results ids (B, N): whether each is the target or a repeat of it, and
-    whether it is a context id or a repeat of one. -1 (no result) is neither."""
+    whether it is a context id or a repeat of one that is not also a repeat of the target
+    (a next sentence that repeats one in its context stays findable, as its id always
+    was). -1 (no result) is neither."""
     valid = ids != -1
     rows = np.where(valid, ids, 0)
     found = np.asarray(bank[rows.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
@@ -45,7 +47,7 @@ def copies(bank, ids: np.ndarray, context: np.ndarray, target: np.ndarray):
     ctx = np.asarray(bank[context.reshape(-1)], dtype=np.float32).reshape(*context.shape, -1)
     is_target = (ids == target[:, None]) | (np.einsum("bnd,bd->bn", found, truth) >= SAME)
     in_context = ((ids[:, :, None] == context[:, None, :]).any(-1)
-                  | (np.einsum("bnd,btd->bnt", found, ctx) >= SAME).any(-1))
+                  | ((np.einsum("bnd,btd->bnt", found, ctx) >= SAME).any(-1) & ~is_target))
     return is_target & valid, in_context & valid
 
 

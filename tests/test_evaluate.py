@@ -50,3 +50,13 @@ def test_the_baselines_get_the_same_credit_in_evaluate(tmp_path):
                             torch.device("cpu"), decay=0.0)
     assert out["baseline_hit@1"] == 1.0 and out["blend_hit@1"] == 1.0, out
     assert out["baseline_mrr"] == 1.0, out
+
+
+def test_a_next_sentence_that_repeats_its_context_stays_findable():
+    """Boilerplate repeats inside a document: when the target repeats a context vector,
+    the context id is still excluded but the target (and its other repeats) is not."""
+    bank = bank_with_repeats()
+    bank[0] = unit(bank[2] + 1e-3 * bank[5])  # context row 0 repeats the target 2
+    index = miner.build(bank, "exact", log=lambda m: None)
+    context, target = np.array([[0, 1]]), np.array([2])
+    assert evaluate.ranks(index, bank[[2]], context, target, bank).tolist() == [1]
