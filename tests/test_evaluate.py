@@ -60,3 +60,25 @@ def test_a_next_sentence_that_repeats_its_context_stays_findable():
     index = miner.build(bank, "exact", log=lambda m: None)
     context, target = np.array([[0, 1]]), np.array([2])
     assert evaluate.ranks(index, bank[[2]], context, target, bank).tolist() == [1]
+
+
+def test_training_masks_repeats_of_the_positive_out_of_the_negatives():
+    """The same rule in training: a mined or in-batch vector that repeats the true next
+    one is not a negative (it would fight the positive), nor one repeating the context."""
+    from lnsp.loss import info_nce
+    from lnsp.train import repeats
+
+    bank = torch.from_numpy(bank_with_repeats())
+    positive, context = bank[[2, 30]], bank[torch.tensor([[0, 1], [0, 1]])]  # 30 repeats 2
+    mined = bank[torch.tensor([[30, 31, 5], [2, 7, 8]])]
+    assert repeats(mined, positive, context).tolist() == [[True, True, False],
+                                                          [True, False, False]]
+    torch.manual_seed(0)
+    query = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    ok = torch.ones(2, 3, dtype=torch.bool) & ~repeats(mined, positive, context)
+    ids = torch.tensor([2, 30])
+    masked = info_nce(query, positive, mined, ok, ids, 0.1, torch.tensor([[0, 1], [0, 1]]),
+                      context=context)
+    # Exactly the loss where the two positives are one bank row (masked by id).
+    by_id = info_nce(query, positive, mined, ok, torch.tensor([2, 2]), 0.1)
+    assert torch.allclose(masked, by_id)
