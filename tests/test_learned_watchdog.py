@@ -72,11 +72,16 @@ def test_a_long_evaluation_is_work_not_a_stall(small_data, tmp_path):
     assert time.monotonic() - started > 4.0
 
 
-def test_a_throttled_run_is_shown_slow(small_data, tmp_path, reap):
+def test_a_throttled_run_is_shown_slow(tmp_path, reap):
+    from lnsp import synth
+
+    # Epochs of ~1,600 steps: a 2 s window fits between two evaluations however fast
+    # the steps are (an evaluation pauses the detector).
+    data = synth.write(tmp_path / "data", chains=400, length=16, dim=64)
     run = tmp_path / "run"
-    proc = spawn("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+    proc = spawn("train", "--data", data, "--run-dir", run, *FAST_TRAIN,
                  "--epochs", "200", "--slow-window", "2", "--checkpoint-every", "0",
-                 "--batch-size", "4", "--eval-windows", "20")  # long epochs: windows fit
+                 "--batch-size", "2", "--eval-windows", "20")
     reap(proc.pid)
     # The detector has the run's best rate once a whole window was seen.
     wait_until(lambda: ((read_json(run / "heartbeat.json") or {}).get("best_steps_per_s")),

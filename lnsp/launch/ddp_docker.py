@@ -22,7 +22,7 @@ from lnsp import procs
 from lnsp.launch import LaunchError
 from lnsp.launch.command import detach, environment
 from lnsp.launch.ddp import run_id, torchrun_argv
-from lnsp.launch.docker import IMAGE, LABEL, client
+from lnsp.launch.docker import LABEL, client, require_image
 from lnsp.rundir import RunDir, update_json
 
 RDZV_PORT = 29400
@@ -42,12 +42,7 @@ def plan(config, options: dict) -> dict:
     if nodes < 1 or per_node < 1:
         raise LaunchError(f"--nodes {nodes} --nproc-per-node {per_node}: both must be >= 1")
     c = client()
-    image = options.get("image") or IMAGE
-    try:
-        c.images.get(image)
-    except Exception:
-        raise LaunchError(f"image {image} not found; build it with `make docker-build` "
-                          "(or `make docker-offline` with no registry)") from None
+    image = require_image(c, options)
     network, containers = names(config.run_dir, nodes)
     for name in containers:  # an ended job of this run (stopped, lost): make room
         old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)

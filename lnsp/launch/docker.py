@@ -47,14 +47,21 @@ def container_name(run_dir: str) -> str:
     return f"lnsp-{name}"
 
 
-def plan(config, options: dict) -> dict:
-    c = client()
+def require_image(c, options: dict) -> str:
+    """The image the run asks for, which must be in the engine: one line if not."""
     image = options.get("image") or IMAGE
     try:
         c.images.get(image)
     except Exception:
         raise LaunchError(f"image {image} not found; build it with `lnsp image ensure` "
-                          "(`make image`; `make train-docker` does it for you)") from None
+                          "(`make image`; `make train-docker` and `make train-ddp-docker` "
+                          "do it for you)") from None
+    return image
+
+
+def plan(config, options: dict) -> dict:
+    c = client()
+    image = require_image(c, options)
     name = container_name(config.run_dir)
     old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
     if old is not None and old.status == "running":
