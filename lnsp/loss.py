@@ -33,7 +33,8 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, mined: torch.Tensor,
     with torch.no_grad():
         same = same | ((positive @ positive.T) >= SAME)
         if context is not None:
-            same = same | (torch.einsum("btd,cd->btc", context, positive) >= SAME).any(1)
+            b, t, d = context.shape
+            same = same | ((context.reshape(b * t, d) @ positive.T) >= SAME).view(b, t, -1).any(1)
     in_batch = (query @ positive.T).masked_fill(same, float("-inf"))
     logits = torch.cat([pos, hard, in_batch], dim=1) / temperature
     loss = F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))

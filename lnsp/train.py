@@ -89,8 +89,9 @@ def vectors(ds: data.Dataset, ids: np.ndarray, device) -> torch.Tensor:
 def repeats(mined: torch.Tensor, positive: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """(B, K) True where a mined vector (B, K, D) repeats the positive (B, D) or a
     context vector (B, T, D): cosine >= SAME, the rule evaluation ranks by."""
-    hit = torch.einsum("bkd,bd->bk", mined, positive) >= evaluate.SAME
-    return hit | (torch.einsum("bkd,btd->bkt", mined, context) >= evaluate.SAME).any(-1)
+    # One batched product against [positive, context]: (B, K, 1 + T).
+    scores = torch.bmm(mined, torch.cat([positive.unsqueeze(1), context], 1).transpose(1, 2))
+    return (scores >= evaluate.SAME).any(-1)
 
 
 def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | None = None,
