@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lnsp.evaluate import SAME, same  # noqa: F401 (one rule for repeats, shared)
+
 BUCKETS = 20  # equal-count confidence buckets (fewer when there are few windows)
 MAX_WINDOWS = 20_000  # held-out windows measured at most (a fixed, seeded sample)
 
@@ -115,18 +117,6 @@ def measure(c: np.ndarray, correct: np.ndarray, tau_snap: float, tau_novel: floa
                                 if (~snap & ~novel).any() else None)}
 
 
-SAME = 1 - 1e-6  # cosine above which two bank rows are one vector (a repeated sentence)
-
-
-def same(bank, a, b) -> np.ndarray:
-    """Whether bank rows a and b are the same vector: the id itself, or a repeat of it
-    (text corpora repeat sentences, and which copy the index returns first is arbitrary)."""
-    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
-    x = np.asarray(bank[a], dtype=np.float64)
-    y = np.asarray(bank[b], dtype=np.float64)
-    return (a == b) | (np.einsum("ij,ij->i", x, y) >= SAME)
-
-
 def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512):
     """Per window: cosine c of the query to its nearest bank vector other than the
     context ids (as evaluation excludes them) and whether that vector is the true next
@@ -135,6 +125,7 @@ def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512
 
     from lnsp import miner
     from lnsp.data import window_ids
+    from lnsp.evaluate import REPEATS, copies
 
     cs, right = [], []
     model.eval()
@@ -143,8 +134,10 @@ def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512
             context, target = window_ids(ds, starts[i:i + batch], ctx_len)
             vectors = np.asarray(ds.bank[context.reshape(-1)]).reshape(*context.shape, -1)
             query = model(torch.from_numpy(vectors)).float().numpy()
-            scores, ids = miner.search(index, query, 1 + ctx_len)
-            keep = (ids != -1) & ~(ids[:, :, None] == context[:, None, :]).any(-1)
+            scores, ids = miner.search(index, query, 1 + ctx_len + REPEATS)
+            # As evaluation ranks: repeats of the context are excluded with it.
+            _, in_context = copies(ds.bank, ids, context, target)
+            keep = (ids != -1) & ~in_context
             first = keep.argmax(axis=1)
             rows = np.arange(len(ids))
             # The cosine from the vectors themselves (the index may be approximate).

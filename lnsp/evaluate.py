@@ -2,7 +2,12 @@
 the whole bank, for the model and for the two parameter-free baselines: copy-last
 (the last context vector as the query) and the best fixed blend of the context
 (weights decaying by a factor per step toward the past, the factor chosen once on
-training windows). Context ids are excluded from the ranking for all three."""
+training windows). Context ids are excluded from the ranking for all three.
+
+Text corpora repeat sentences (boilerplate), and a repeated sentence is the same vector
+under another bank id: a retrieved row identical to the true next vector counts as
+that vector, and a row identical to a context vector is excluded as the context is,
+for the model and the baselines alike (which copy the index returns first is arbitrary)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,35 @@ from lnsp.data import Dataset, window_ids
 CUTOFF = 100
 DECAYS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # 0.0 is copy-last
 CHOICE_WINDOWS = 2000  # training windows the blend's decay is chosen on
+# Extra results searched so that CUTOFF remain once repeats of the context are excluded
+# too (a window whose context repeats more often than this ranks a little pessimistically).
+REPEATS = 20
+SAME = 1 - 1e-6  # cosine above which two bank rows are one vector (a repeated sentence)
+
+
+def same(bank, a, b) -> np.ndarray:
+    """Whether bank rows a and b are the same vector: the id itself, or a repeat of it
+    (text corpora repeat sentences, and which copy the index returns first is arbitrary)."""
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    x = np.asarray(bank[a], dtype=np.float64)
+    y = np.asarray(bank[b], dtype=np.float64)
+    return (a == b) | (np.einsum("ij,ij->i", x, y) >= SAME)
+
+
+def copies(bank, ids: np.ndarray, context: np.ndarray, target: np.ndarray):
+    """For search results ids (B, N): whether each is the target or a repeat of it, and
+    whether it is a context id or a repeat of one that is not also a repeat of the target
+    (a next sentence that repeats one in its context stays findable, as its id always
+    was). -1 (no result) is neither."""
+    valid = ids != -1
+    rows = np.where(valid, ids, 0)
+    found = np.asarray(bank[rows.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+    truth = np.asarray(bank[target], dtype=np.float32)
+    ctx = np.asarray(bank[context.reshape(-1)], dtype=np.float32).reshape(*context.shape, -1)
+    is_target = (ids == target[:, None]) | (np.einsum("bnd,bd->bn", found, truth) >= SAME)
+    in_context = ((ids[:, :, None] == context[:, None, :]).any(-1)
+                  | ((np.einsum("bnd,btd->bnt", found, ctx) >= SAME).any(-1) & ~is_target))
+    return is_target & valid, in_context & valid
 
 
 def blend(vectors: np.ndarray, decay: float) -> np.ndarray:
@@ -34,18 +68,25 @@ def choose_decay(ds: Dataset, index, train_starts: np.ndarray, ctx_len: int,
     vectors = np.asarray(ds.bank[context.reshape(-1)]).reshape(*context.shape, -1)
     scores = {}
     for decay in DECAYS:
-        s = summarise(ranks(index, blend(vectors, decay), context, target))
+        s = summarise(ranks(index, blend(vectors, decay), context, target, ds.bank))
         scores[decay] = (s["hit@10"], s["mrr"])
     return max(DECAYS, key=lambda d: scores[d])
 
 
-def ranks(index, queries: np.ndarray, context: np.ndarray, target: np.ndarray) -> np.ndarray:
+def ranks(index, queries: np.ndarray, context: np.ndarray, target: np.ndarray,
+          bank=None) -> np.ndarray:
     """1-based rank of each target among the search results minus the context ids;
-    CUTOFF + 1 when it is not in the top CUTOFF."""
-    _, ids = miner.search(index, queries, CUTOFF + context.shape[1])
-    keep = (ids != -1) & ~(ids[:, :, None] == context[:, None, :]).any(-1)
+    CUTOFF + 1 when it is not in the top CUTOFF. Given the bank, a repeat of the target
+    is the target and a repeat of a context vector is excluded (see the module note)."""
+    _, ids = miner.search(index, queries, CUTOFF + context.shape[1] + REPEATS)
+    if bank is None:
+        is_target = ids == target[:, None]
+        in_context = (ids[:, :, None] == context[:, None, :]).any(-1)
+    else:
+        is_target, in_context = copies(bank, ids, context, target)
+    keep = (ids != -1) & ~in_context
     position = np.cumsum(keep, axis=1)
-    hit = (ids == target[:, None]) & keep
+    hit = is_target & keep
     found = hit.any(axis=1)
     rank = position[np.arange(len(ids)), hit.argmax(axis=1)]
     return np.where(found & (rank <= CUTOFF), rank, CUTOFF + 1)
@@ -85,14 +126,14 @@ def evaluate(model, ds: Dataset, index, starts: np.ndarray, ctx_len: int,
         context, target = window_ids(ds, starts[i:i + batch], ctx_len)
         vectors = np.asarray(ds.bank[context.reshape(-1)]).reshape(*context.shape, -1)
         query = model(torch.from_numpy(vectors).to(device)).float().cpu().numpy()
-        model_ranks.append(ranks(index, query, context, target))
-        base_ranks.append(ranks(index, vectors[:, -1], context, target))
+        model_ranks.append(ranks(index, query, context, target, ds.bank))
+        base_ranks.append(ranks(index, vectors[:, -1], context, target, ds.bank))
         truth = np.asarray(ds.bank[target])
         cosines["cos"].append((query * truth).sum(1))
         cosines["baseline_cos"].append((vectors[:, -1] * truth).sum(1))
         if decay is not None:
             mixed = blend(vectors, decay)
-            blend_ranks.append(ranks(index, mixed, context, target))
+            blend_ranks.append(ranks(index, mixed, context, target, ds.bank))
             cosines["blend_cos"].append((mixed * truth).sum(1))
     model.train(was_training)
     out = {**summarise(np.concatenate(model_ranks)),

@@ -200,7 +200,7 @@ def summarise(records: list[dict], profile: Lane, calibration: dict | None, chai
     """Decision counts, and on held-out chains SNAP precision beside what the
     calibration promised for this lane (a SNAP to a repeat of the true next sentence
     counts as right, as calibration counts it)."""
-    from lnsp.calibrate import same
+    from lnsp.evaluate import same
 
     counts = Counter(r["decision"] for r in records)
     cs = [r["c"] for r in records if r["c"] is not None]

@@ -85,6 +85,15 @@ def vectors(ds: data.Dataset, ids: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(rows.reshape(*ids.shape, -1)).to(device)
 
 
+@torch.no_grad()
+def repeats(mined: torch.Tensor, positive: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """(B, K) True where a mined vector (B, K, D) repeats the positive (B, D) or a
+    context vector (B, T, D): cosine >= SAME, the rule evaluation ranks by."""
+    # One batched product against [positive, context]: (B, K, 1 + T).
+    scores = torch.bmm(mined, torch.cat([positive.unsqueeze(1), context], 1).transpose(1, 2))
+    return (scores >= evaluate.SAME).any(-1)
+
+
 def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | None = None,
                watchdog=None) -> float:
     """Forward, mine, loss and backward of one micro-batch; returns its loss. Each
@@ -115,10 +124,15 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
         in_context = (candidates[:, :, None] == context_ids[:, None, :]).any(-1)
         ok = (candidates != next_ids[:, None]) & (candidates != -1) & ~in_context
         mined = vectors(job.ds, np.where(ok, candidates, 0), job.device)
+        # Text repeats sentences: a candidate identical to the true next vector is the
+        # positive under another id (a false negative), one identical to a context vector
+        # is context; evaluation counts them so, and training masks them out likewise.
+        ok = torch.from_numpy(ok).to(job.device) & ~repeats(mined, positive, context)
     with phase("loss"):
-        loss = info_nce(query, positive, mined, torch.from_numpy(ok).to(job.device),
+        loss = info_nce(query, positive, mined, ok,
                         torch.from_numpy(next_ids).to(job.device), cfg.temperature,
-                        torch.from_numpy(context_ids).to(job.device), cfg.cosine_weight)
+                        torch.from_numpy(context_ids).to(job.device), cfg.cosine_weight,
+                        context)
     with phase("backward"):  # with ranks, gradients are all-reduced in here
         (loss * scale).backward()
     return float(loss.detach())
