@@ -12,7 +12,7 @@ import time
 
 from lnsp import checkpoint, progress, tensorboard
 from lnsp.rundir import ExitCode, RunDir, StepRecord
-from lnsp.watchdog import Heartbeat
+from lnsp.watchdog import Heartbeat, process_started
 
 # The goodput record's figures charted in TensorBoard (not its pid, step or time).
 GOODPUT_FIGURES = ("goodput", "wall_s", "shares", "seconds")
@@ -195,7 +195,7 @@ class Recorder:
             "attempts": int(self.goodput_prior.get("attempts", 0)) + 1,
             "attempt_wall_s": round(attempt_wall, 3), "time": time.time(),
             # when the first attempt's process started: the span the shares cover
-            "since": self.goodput_prior.get("since") or _process_started()}
+            "since": self.goodput_prior.get("since") or process_started()}
         self.rd.write_goodput(record)
         return record
 
@@ -282,12 +282,3 @@ class Recorder:
             pass
         except Exception as e:
             self.log(f"plot not drawn: {e}")
-
-
-def _process_started() -> float:
-    import psutil
-
-    try:
-        return psutil.Process().create_time()
-    except psutil.Error:
-        return time.time()

@@ -16,7 +16,7 @@ import sys
 import time
 
 from lnsp import hangbundle
-from lnsp.budgets import RESTARTABLE, classify_ending, crash_loop
+from lnsp.budgets import RESTARTABLE, Goodput, classify_ending, crash_loop
 from lnsp.dumps import native_stacks
 from lnsp.launch.command import caffeinate_argv
 from lnsp.rundir import ExitCode, RunDir, RunLog, atomic_write, run_staleness
@@ -149,13 +149,10 @@ def _charge_frozen_time(rd: RunDir, pid: int) -> None:
     missing = lived - float(record.get("attempt_wall_s", 0.0))
     if missing <= 0:
         return
-    seconds = record.get("seconds", {})
-    seconds["stalled"] = seconds.get("stalled", 0.0) + missing
-    wall = sum(seconds.values())
-    record.update(seconds=seconds, wall_s=round(wall, 3), attempt_wall_s=round(lived, 3),
-                  shares={c: round(s / wall, 4) for c, s in seconds.items()},
-                  goodput=round(seconds.get("training", 0.0) / wall, 4))
-    rd.write_goodput(record)
+    goodput = Goodput()
+    goodput.restore(record.get("seconds"))
+    goodput.add("stalled", missing)
+    rd.write_goodput({**record, **goodput.summary(), "attempt_wall_s": round(lived, 3)})
 
 
 def restart_refused(rd: RunDir) -> tuple[str, int] | None:
