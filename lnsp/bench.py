@@ -76,7 +76,7 @@ def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dic
             watchdog.phase = "optimizer"
             train.optimizer_step(job, loss)
             state.advance()
-            watchdog.first_step_done()
+            watchdog.step_done()
             rec.step_done(state, loss, phases)
 
         for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS

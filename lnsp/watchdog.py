@@ -74,10 +74,6 @@ class Watchdog(threading.Thread):
         """A unit of work finished: reset the clock (and maybe change phase)."""
         self._event(phase or self._phase)
 
-    def first_step_done(self) -> None:
-        """Kept for callers that count steps themselves; see step_done."""
-        self.step_done()
-
     def step_done(self) -> None:
         """An optimizer step finished: steps are guarded by learned budgets from now on."""
         self._event(STEP_END)
@@ -94,13 +90,13 @@ class Watchdog(threading.Thread):
     def _event(self, phase: str, reset: bool = True) -> None:
         now = time.monotonic()
         with self._events:
-            previous = self._phase
-            spent = now - self.clock.since
-            if self.stalled_interval:  # the time of a reported stall is lost time
+            previous, stalled = self._phase, self.stalled_interval
+            if stalled:  # the time of a reported stall is lost time
                 self.clock.phase = "stalled"
                 self.stalled_interval = False
-            self.clock.enter(phase, now)
-            if self.started_steps and previous != "startup":
+            spent = self.clock.enter(phase, now)
+            # A stall is not a duration to learn from: its budget would grow to it.
+            if self.started_steps and previous != "startup" and not stalled:
                 changed = self.budgets.observe(previous, spent)
                 if changed is not None:
                     self._changed[previous] = changed
@@ -224,13 +220,17 @@ PAUSES = ("evaluate", "checkpoint", "barrier", "train", "calibrate")  # not slow
 MAIN_THREAD_PROBE_S = 1.0
 
 
-def _process_start_monotonic() -> float:
-    """This process's start on the monotonic clock: goodput counts from the exec."""
+def process_started() -> float:
+    """When this process started (Unix seconds): goodput counts from the exec."""
     try:
-        age = time.time() - psutil.Process().create_time()
+        return psutil.Process().create_time()
     except psutil.Error:
-        age = 0.0
-    return time.monotonic() - max(0.0, age)
+        return time.time()
+
+
+def _process_start_monotonic() -> float:
+    """This process's start on the monotonic clock."""
+    return time.monotonic() - max(0.0, time.time() - process_started())
 
 
 def slow_context(window: float) -> str:

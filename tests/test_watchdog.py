@@ -50,3 +50,16 @@ def test_the_signal_handler_only_sets_a_flag():
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def test_a_reported_stall_is_charged_as_stalled_and_not_learned_as_a_duration():
+    said = []
+    dog = Watchdog(60, 60, "dump", NoDumps(), said.append)
+    dog.step_done()  # steps have started: phase durations are learned from now on
+    dog.phase = "forward"
+    dog.stalled_interval = True  # what the thread sets when it reports a stall
+    dog.phase = "loss"
+    assert "forward" not in dog.budgets.seen
+    assert dog.goodput.seconds["stalled"] > 0
+    dog.phase = "backward"
+    assert dog.budgets.seen["loss"] == 1
