@@ -30,8 +30,8 @@ def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive:
                           run.get("startup_timeout") or config.get("startup_timeout", 600), now)
         if s.stale:
             return "stalled"
-        fresh = beat is not None and beat.pid == run.get("pid")
-        return "slow" if fresh and beat.extra.get("slow") else "running"
+        # s.stepping: the heartbeat is this trainer's own (not an earlier one's)
+        return "slow" if s.stepping and beat.extra.get("slow") else "running"
     if alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
         return "starting"
     return "failed"  # the process is gone and left no exit.json: killed or crashed
