@@ -46,12 +46,15 @@ data-text: $(STAMP) ## a data directory from your text (SRC=folder or .jsonl, OU
 train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
 	$(LNSP) train $(TRAIN_FLAGS)
 
-test: $(STAMP) ## run the test suite
-	$(BIN)/python -m pytest $(ARGS)
+# Most of the suite's time is waiting (processes starting, real stalls, containers), so two
+# workers; the container tests share one worker (one image), the torchrun tests another.
+WORKERS ?= 2
+test: $(STAMP) ## run the test suite (WORKERS=2 pytest-xdist workers; WORKERS=0 in this process)
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup $(ARGS)
 
 COUNT ?= 10
-test-stress: $(STAMP) ## the runtime, launch, distributed and docker tests COUNT times in a row (COUNT=10)
-	scripts/test-stress.sh $(COUNT)
+test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in a row (COUNT=10, WORKERS=2)
+	WORKERS=$(WORKERS) scripts/test-stress.sh $(COUNT)
 
 probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
 	$(LNSP) probe $(ARGS)

@@ -140,7 +140,7 @@ class Progress:
         return (head + "#" * filled + "-" * (cells - filled) + "|" + tail)[:width - 1]
 
     def _draw(self, now: float) -> None:
-        width = shutil.get_terminal_size((100, 24)).columns
+        width = _columns(self.stream)
         self.stream.write("\r" + self.text(width) + "\x1b[K")
         self.stream.flush()
         self._last_draw, self._drawn = now, True
@@ -187,3 +187,13 @@ def echo(line: str, stream=None) -> None:
     for bar in _active:
         if bar._drawn:
             bar._draw(bar.clock())
+
+
+def _columns(stream) -> int:
+    """The width of the terminal the bar is drawn on (its own stream's, not stdout's);
+    COLUMNS, then 100, where that terminal does not tell."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or shutil.get_terminal_size((100, 24)).columns

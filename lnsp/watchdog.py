@@ -197,11 +197,12 @@ class Watchdog(threading.Thread):
             return
         change = self.slow.check(now)
         if change == "slow":
-            self.slow_since = time.time()
+            since = time.time()
             rate = self.slow.rate(now) or 0.0
             self.log(f"[SLOW] {self.label}{rate:.2f} steps/s over the last "
                      f"{self.slow.window:g}s, below a third of this run's best "
                      f"{self.slow.best:.2f}: {slow_context(self.slow.window)}")
+            self.slow_since = since  # the heartbeat says slow once the log says why
         elif change == "recovered":
             self.slow_since = None
             self.log(f"[SLOW] {self.label}recovered: {self.slow.rate(now) or 0:.2f} steps/s "
@@ -209,7 +210,7 @@ class Watchdog(threading.Thread):
 
     def vitals(self) -> dict:
         """What the heartbeat carries besides the step: learned budgets, slowdown."""
-        out = {"budgets": self.budgets.learned(), "slow": bool(self.slow and self.slow.slow)}
+        out = {"budgets": self.budgets.learned(), "slow": self.slow_since is not None}
         if self.slow and self.slow.best:
             out["best_steps_per_s"] = round(self.slow.best, 3)
         return out

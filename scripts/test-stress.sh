@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Run the tests that signal, stall, kill and launch (runtime, launch, distributed,
-# docker) COUNT times in a row; print the passed/failed/skipped counts of every round
-# and a total. Exit code 1 when any round had a failure.
-# Usage: scripts/test-stress.sh [COUNT]   (default 10; ARGS are passed to pytest)
+# Run the tests that signal, stall, kill and launch (runtime, learned watchdog, launch,
+# distributed, docker, nodes as containers) COUNT times in a row, on WORKERS xdist
+# workers as `make test` runs them; print the passed/failed/skipped counts of every
+# round and a total. Exit code 1 when any round had a failure.
+# Usage: scripts/test-stress.sh [COUNT]   (default 10; WORKERS default 2; ARGS are passed to pytest)
 set -uo pipefail
 COUNT=${1:-10}
 PY=${PY:-.venv/bin/python}
-TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_distributed.py tests/test_docker.py)
+WORKERS=${WORKERS:-2}
+TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_distributed.py
+       tests/test_docker.py tests/test_ddp_docker.py)
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/lnsp-stress-XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 bad=0
 for round in $(seq 1 "$COUNT"); do
     start=$(date +%s)
-    "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/round$round.xml" ${ARGS:-} \
+    "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadgroup --junitxml="$OUT/round$round.xml" ${ARGS:-} \
         "${TESTS[@]}" >"$OUT/round$round.log" 2>&1
     line=$("$PY" - "$OUT/round$round.xml" <<'PYEOF'
 import sys

@@ -15,7 +15,8 @@ from conftest import DRIVER, FAST_TRAIN, env, lnsp, read_json, wait_until
 from lnsp.config import TrainConfig
 from lnsp.launch.ddp import torchrun_argv
 
-pytestmark = pytest.mark.timeout(300)  # torchrun start-ups and a restart
+# torchrun start-ups and a restart; one worker runs them all (rendezvous ports, 2 ranks each)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("torchrun")]
 
 DDP = [a for a in FAST_TRAIN if a not in ("--batch-size", "16")] + ["--batch-size", "32"]
 

@@ -17,7 +17,9 @@ import pytest
 
 from conftest import FAST_TRAIN, TEST_IMAGE, _engine_problem, lnsp, read_json, wait_until
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]  # the first builds the image
+# xdist_group: one worker runs every container test, so the image is built once
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900),  # the first builds the image
+              pytest.mark.xdist_group("docker")]
 # The engine may be shared: this session's image and containers carry names of their own.
 TAG = f"t{os.getpid()}"
 IMAGE = TEST_IMAGE  # lnsp:test-<TAG>, built by conftest's lnsp_image through `lnsp image ensure`

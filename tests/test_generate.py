@@ -14,6 +14,9 @@ from click.testing import CliRunner
 from conftest import lnsp
 from lnsp.cli import main
 
+# One xdist worker (make test) runs this module: the trained model is made once.
+pytestmark = pytest.mark.xdist_group("generate")
+
 FIELDS = {"step", "chain", "decision", "c", "neighbor_id", "alpha", "lane", "latency_ms",
           "truth_id"}
 TOLERANCE = 0.1

@@ -1,13 +1,23 @@
 """The progress helper: a bar on a real terminal (a pseudo-terminal), flushed lines
 without carriage returns elsewhere, rate and ETA from the recent rate."""
 
+import fcntl
 import io
 import os
 import select
+import struct
+import termios
 
 import pytest
 
 from lnsp.progress import Progress, Rate, format_eta
+
+
+def terminal(columns: int = 100) -> tuple[int, int]:
+    """A pseudo-terminal of `columns` columns: (master, slave) descriptors."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return master, slave
 
 
 def read_all(fd) -> str:
@@ -67,7 +77,7 @@ def test_a_short_task_prints_nothing_off_a_terminal_and_lines_false_keeps_it_off
 
 
 def test_bar_on_a_terminal_redraws_in_place_with_rate_and_eta():
-    master, slave = os.openpty()
+    master, slave = terminal()
     stream = os.fdopen(slave, "w")
     clock = Clock()
     try:
@@ -101,7 +111,7 @@ def test_stages_count_as_done_when_the_next_begins_and_at_close():
 
 
 def test_a_task_shorter_than_the_delay_leaves_no_bar_on_a_terminal():
-    master, slave = os.openpty()
+    master, slave = terminal()
     stream = os.fdopen(slave, "w")
     clock = Clock()
     try:
@@ -115,3 +125,22 @@ def test_a_task_shorter_than_the_delay_leaves_no_bar_on_a_terminal():
         stream.close()
         os.close(master)
     assert text.replace("\r\n", "\n") == "a line\n"
+
+
+def test_the_bar_fits_the_terminal_it_is_drawn_on():
+    master, slave = terminal(60)
+    stream = os.fdopen(slave, "w")
+    clock = Clock()
+    try:
+        bar = Progress(40, "train", unit="step", stream=stream, clock=clock)
+        for _ in range(10):
+            clock.now += 1
+            bar.update(1, note="loss 1.2345")
+        stream.flush()
+        text = read_all(master)
+    finally:
+        stream.close()
+        os.close(master)
+    frames = [f.replace("\x1b[K", "") for f in text.split("\r") if f.strip()]
+    assert frames and all(len(f) <= 59 for f in frames), frames
+    assert "|##" in frames[-1], frames  # still a bar, narrower

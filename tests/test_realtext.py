@@ -14,6 +14,9 @@ from conftest import lnsp
 # does not skip.
 import sentence_transformers  # noqa: E402,F401
 
+# One xdist worker (make test) runs this module: the embedded corpus is made once.
+pytestmark = pytest.mark.xdist_group("realtext")
+
 # numpy's and torch's main modules, the first 700 docstrings: about 6,500 sentences in
 # 380 chains, so the default 10% held out is ~250-350 windows. Fewer documents leave
 # ~100-150 held-out windows, and the ratio to copy-last then swings with the split

@@ -18,6 +18,9 @@ from click.testing import CliRunner
 
 from conftest import FAST_TRAIN, env, finish, lnsp, wait_until
 
+# One xdist worker (make test) runs this module: the embedded corpus is made once.
+pytestmark = pytest.mark.xdist_group("text")
+
 try:  # `make setup` installs the text extra: its absence is a failure here, never a skip
     import sentence_transformers  # noqa: F401
     import syntok  # noqa: F401

@@ -63,3 +63,19 @@ def test_a_reported_stall_is_charged_as_stalled_and_not_learned_as_a_duration():
     assert dog.goodput.seconds["stalled"] > 0
     dog.phase = "backward"
     assert dog.budgets.seen["loss"] == 1
+
+
+def test_the_heartbeat_says_slow_only_once_the_log_says_why():
+    """`lnsp status` shows slow from the heartbeat; a reader who then opens the log
+    must find the [SLOW] line there."""
+    seen = []
+    dog = Watchdog(60, 60, "dump", NoDumps(), lambda line: seen.append(
+        (line, dog.vitals()["slow"])), slow_window=1.0)
+    for i in range(101):  # 100 steps/s over the first window: the run's best
+        dog.slow.step(i / 100)
+    dog._check_slow(1.0)
+    assert seen == [] and not dog.vitals()["slow"]
+    dog._check_slow(2.5)  # no step for longer than a window
+    assert [line for line, _ in seen if "[SLOW]" in line], seen
+    assert [slow for _, slow in seen] == [False]  # not yet slow while the line is written
+    assert dog.vitals()["slow"]
