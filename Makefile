@@ -46,8 +46,8 @@ data-text: $(STAMP) ## a data directory from your text (SRC=folder or .jsonl, OU
 train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
 	$(LNSP) train $(TRAIN_FLAGS)
 
-# Most of the suite's time is waiting (processes starting, real stalls, containers), so two
-# workers; the container tests share one worker (one image), the torchrun tests another.
+# Two workers: in one process a core idles while a test waits out a real stall or a
+# container. The container tests share one worker (one image), the torchrun tests another.
 WORKERS ?= 2
 test: $(STAMP) ## run the test suite (WORKERS=2 pytest-xdist workers; WORKERS=0 in this process)
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup $(ARGS)
