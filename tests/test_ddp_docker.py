@@ -220,7 +220,7 @@ def test_a_slow_node_is_reported_as_a_straggler_not_a_hang(image, small_data, tm
     named = f"[STRAGGLER] rank 1 on {victim} is a straggler"
     wait_until(lambda: ended(run) or named in (run / "training.log").read_text(), 240,
                what="the slowed node named a straggler")
-    docker("update", "--cpus", "1", victim)  # its speed back: the job goes on to the end
+    docker("update", "--cpus", "1", victim, check=False)  # its speed back: the job goes on
     done = wait_until(lambda: ended(run), 120, what="the job to finish")
     log = (run / "training.log").read_text()
     print("\n" + "\n".join(x for x in log.splitlines() if "[STRAGGLER]" in x))
