@@ -50,7 +50,7 @@ train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in
 # container. The container tests share one worker (one image), the torchrun tests another.
 WORKERS ?= 2
 test: $(STAMP) ## run the test suite (WORKERS=2 pytest-xdist workers; WORKERS=0 in this process)
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
 COUNT ?= 10
 test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in a row (COUNT=10, WORKERS=2)

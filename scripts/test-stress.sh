@@ -15,7 +15,7 @@ trap 'rm -rf "$OUT"' EXIT
 bad=0
 for round in $(seq 1 "$COUNT"); do
     start=$(date +%s)
-    "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadgroup --junitxml="$OUT/round$round.xml" ${ARGS:-} \
+    "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --junitxml="$OUT/round$round.xml" ${ARGS:-} \
         "${TESTS[@]}" >"$OUT/round$round.log" 2>&1
     line=$("$PY" - "$OUT/round$round.xml" <<'PYEOF'
 import sys
