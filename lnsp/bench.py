@@ -25,6 +25,7 @@ from lnsp.threads import user_environment
 
 WORKLOAD = {"bank": 10_000, "dim": 768, "ctx_len": 10, "k": 100, "hidden": 768}
 SEED_BANK = 771_115
+WARM_STEPS = 8  # seed scale: steps before the timed ones, the mined recall checked at each
 SEED_INDEXES = ("auto", "ivf", "ivf-sq8")  # the default; IVF and 8-bit codes at nprobe 8
 TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.5,
            "vs_plain_b64": 1.0, "vs_plain_b8": 1.0, "probe_wall_s": 5.0, "ivf_p95_ms": 2.5,
@@ -117,7 +118,30 @@ def seed_write(path: str, n: int = SEED_BANK, dim: int = 768) -> dict:
     rows have no neighbourhoods for any approximate index to find)."""
     from lnsp import synth
 
-    return synth.write_topic_bank(path, n, dim, topics=max(1, n // 400))
+    return synth.write_topic_bank(path, n, dim, topics=max(1, n // 400),
+                                  labels=_labels_path(path))
+
+
+def _labels_path(path: str) -> str:
+    return str(Path(path).with_suffix(".topics.npy"))
+
+
+def topic_chains(labels: np.ndarray, length: int = 24, chains: int = 2000,
+                 seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of `chains` chains of `length` rows, each walking the rows of one
+    topic in a random order: a document whose sentences stay near its subject, which a
+    model can learn (and whose queries land near the data, as a trained model's do)."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(labels.max() + 2))
+    ids = []
+    for topic in rng.permutation(len(bounds) - 1):
+        rows = rng.permutation(order[bounds[topic]:bounds[topic + 1]])
+        ids += [rows[i:i + length] for i in range(0, len(rows) - length + 1, length)]
+        if len(ids) >= chains:
+            break
+    ids = np.concatenate(ids[:chains]).astype(np.int64)
+    return ids, np.arange(0, len(ids) + 1, length, dtype=np.int64)
 
 
 def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
@@ -146,19 +170,20 @@ def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
         miner.search(index, q[8 * i:8 * i + 8], WORKLOAD["k"])
         lat.append((time.perf_counter() - t) * 1e3)
     index_bytes = _index_bytes(index)
-    rate, job = _train_rate(bank, index, kind)
+    calibrated = ivf.nprobe if (ivf := miner_ivf(index)) is not None else None
+    rate, job, check = _train_rate(bank, index, kind, np.load(_labels_path(path)),
+                                   log=said.append)
     recall = _mined_recall(job, bank)
     # Peak resident memory of the process; the memory map's touched pages count.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     baseline = runtime + bank.nbytes + index_bytes
-    ivf = miner_ivf(index)
     return {"index": kind, "built": type(index).__name__, "build_s": build_s,
-            "nprobe": ivf.nprobe if ivf is not None else None,
+            "nprobe": ivf.nprobe if ivf is not None else None, "calibrated_nprobe": calibrated,
             "nlist": ivf.nlist if ivf is not None else None,
             "calibration": miner.calibration(index), "log": said,
             "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "train_samples_per_s": rate,
-            "mined_recall": recall,
+            "mined_recall": recall, "recall_check": check,
             "bank_gb": bank.nbytes / 2**30, "index_gb": index_bytes / 2**30,
             "runtime_gb": runtime / 2**30, "peak_rss_gb": peak / 2**30,
             "over_baseline_gb": (peak - baseline) / 2**30}
@@ -199,26 +224,31 @@ def _index_bytes(index) -> int:
     return entries * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4  # codes, ids, centroids
 
 
-def _train_rate(bank, index, kind: str, batch: int = 8, steps: int = 30):
-    """Training samples/s at this scale (random chains over the bank, this miner, the
-    default configuration but for the batch), and the job."""
-    from lnsp import data, train
+def _train_rate(bank, index, kind: str, labels: np.ndarray, batch: int = 8, steps: int = 30,
+                log=print):
+    """Training samples/s at this scale (chains within topics, this miner, the default
+    configuration but for the batch), and the job. The first steps check the mined
+    recall at every search (training checks every --recall-every searches), so that
+    nprobe is where the model's queries need it before the timed steps."""
+    from lnsp import data, miner, train
     from lnsp.config import TrainConfig
 
-    n = bank.shape[0]
-    ids = np.random.default_rng(1).permutation(n)[:24 * 2000]
-    ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24), index=index)
+    ids, offsets = topic_chains(labels)
+    ds = data.Dataset(None, bank, ids, offsets, index=index)
     ivf = miner_ivf(index)
     job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind, run_dir="-",
                                   nprobe=ivf.nprobe if ivf is not None else 0), ds,
                       lambda m: None)
+    # auto moves nprobe as training would; the fixed rows keep theirs (and are measured)
+    check = job.recall = miner.RecallCheck(index, bank, every=1, adjust=kind == "auto", log=log)
     batches = train.epoch_batches(job, 0)
-    for i in range(3):
+    for i in range(WARM_STEPS):
         train.optimizer_step(job, train.train_step(job, batches[i]))
+    job.recall = None
     t = time.perf_counter()
     for i in range(steps):
-        train.optimizer_step(job, train.train_step(job, batches[3 + i]))
-    return batch * steps / (time.perf_counter() - t), job
+        train.optimizer_step(job, train.train_step(job, batches[WARM_STEPS + i]))
+    return batch * steps / (time.perf_counter() - t), job, check.last
 
 
 def miner_ivf(index):
@@ -393,12 +423,16 @@ def summary(b: dict) -> tuple[list[str], dict]:
                      "(batches of 8 queries, K 100):")
         for kind in SEED_INDEXES:
             k = s[kind]
-            choice = (f"{k['built']} nprobe {k['nprobe']}/{k['nlist']}" if k["nprobe"]
-                      else k["built"])
+            moved = k.get("calibrated_nprobe") not in (None, k["nprobe"])
+            choice = (f"{k['built']} nprobe {k['nprobe']}/{k['nlist']}"
+                      + (f" (calibrated {k['calibrated_nprobe']}, moved by the recall check)"
+                         if moved else "") if k["nprobe"] else k["built"])
             cal = k.get("calibration") or {}
+            check = k.get("recall_check") or {}
             lines.append(f"  {kind:<7} {choice}"
                          + (f", calibrated recall@{cal['k']} {cal['recall']:.3f}" if cal else "")
-                         + f", mined recall (model queries) {k['mined_recall']:.3f}")
+                         + f", mined recall (model queries) {k['mined_recall']:.3f}"
+                         + (f"; a recall check {check['ms']:.0f} ms" if check else ""))
             lines.append(f"  {'':<7} build {k['build_s']:6.1f}s  p50 {k['p50_ms']:8.2f} ms  "
                          f"p95 {k['p95_ms']:8.2f} ms  train {k['train_samples_per_s']:6.1f} "
                          f"samples/s  peak RSS {k['peak_rss_gb']:.2f} GB = runtime "
@@ -472,7 +506,8 @@ def main(seconds: float, seed: bool, out: str, echo=print, tb_dir: str | None = 
     from lnsp.progress import Progress
     from lnsp.rundir import write_json
 
-    stages = 8 + (1 + len(SEED_INDEXES) if seed else 0)  # the "bench: ..." lines of run()
+    # the "bench: ..." lines of run(): 4 policies, probe, decider, ddp, flat, 2 versus
+    stages = 10 + (1 + len(SEED_INDEXES) if seed else 0)
     with Progress(stages, "bench", unit="part", interval=0) as bar:
         result = run(seconds, seed, echo=lambda m: (bar.write(m, echo),
                                                     bar.stage(m.removeprefix("bench: "))))

@@ -53,6 +53,10 @@ class TrainConfig:
     nlist: int = _f(0, "IVF lists (0: about the square root of the bank rows)")
     nprobe: int = _f(0, "IVF lists searched per query (0: the fewest reaching recall@K 0.95 "
                      "against exact search, measured at build)")
+    recall_every: int = _f(2000, "IVF miner: at the first training search and every N after, "
+                           "recall@K of the mined list for the model's own queries against "
+                           "exact search; an unfixed nprobe is raised until it reaches 0.9 "
+                           "(0 = never)")
     precision: str = _f("auto", "GRU matrix products: auto (bf16 where the CPU computes it "
                         "natively), fp32 or bf16", ("auto", "fp32", "bf16"))
     threads: str = _f("fast", "thread policy: safe (1 everywhere), fast (all cores, hang-safe) or N")
@@ -83,7 +87,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("nlist", "nprobe", "workers", "max_steps", "slow_window", "checkpoint_every",
+        for name in ("nlist", "nprobe", "recall_every", "workers", "max_steps", "slow_window",
+                     "checkpoint_every",
                      "max_restarts", "eval_windows",
                      "weight_decay",
                      "cosine_weight", "mem_margin_mb"):

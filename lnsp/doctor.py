@@ -42,7 +42,7 @@ def facts(snapshot: bool = False) -> dict:
                      "faiss": faiss.__version__},
         "torch_threads": torch.get_num_threads(), "pools": pools,
         "thread_env": {**{k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
-                                                         "KMP_BLOCKTIME")},
+                                                         "KMP_BLOCKTIME", "GOMP_SPINCOUNT")},
                        "KMP_DUPLICATE_LIB_OK": USER_KMP_DUPLICATE_LIB_OK},
         "start_method": multiprocessing.get_start_method(allow_none=True) or
         multiprocessing.get_context().get_start_method(),

@@ -20,6 +20,10 @@ EXACT_CHUNK = 262144  # bank rows per GEMM in ExactIndex: bounds the score matri
 AUTO_EXACT_MAX = 50_000
 RECALL_TARGET = 0.95  # recall@K against exact search that auto's nprobe must reach
 CALIBRATION_QUERIES = 256
+# In training: the recall@K of the mined list for the model's own queries against exact
+# search, measured every `--recall-every` searches, that an unfixed nprobe is raised to hold.
+MINED_RECALL_TARGET = 0.9
+LOWER_MARGIN = 0.05  # nprobe is halved only when the halved setting keeps target + this
 # A flat IVF index holds a second float32 copy of the bank: above this share of the
 # available memory auto stores 8-bit codes instead (a quarter of the bytes).
 IVF_MEMORY_SHARE = 0.5
@@ -201,7 +205,7 @@ def calibrate(index, bank: np.ndarray, k: int = 100, target: float = RECALL_TARG
         t = time.perf_counter()
         _, found = index.search(q, k)
         ms = (time.perf_counter() - t) * 1e3 / len(q)
-        recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)]))
+        recall = overlap(found, truth)
         tried[nprobe] = recall
         if recall >= target or nprobe >= ivf.nlist:
             break
@@ -222,6 +226,90 @@ _CALIBRATIONS: dict[int, dict] = {}  # faiss objects take no new attributes
 def calibration(index) -> dict | None:
     """What calibrate() measured for this index (nprobe, recall, ...), if it ran."""
     return _CALIBRATIONS.get(id(index))
+
+
+def overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row of `truth` (ids) that `found` holds too: recall@K."""
+    k = truth.shape[1]
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)]))
+
+
+class RecallCheck:
+    """The miner's recall where it matters: for the model's own queries. Calibration at
+    build time uses queries near bank rows; a model's queries can sit far from every row
+    (early in training, say), and there an nprobe calibrated at 0.99 can find a few
+    percent of the true neighbours. At the first training search and every `every`
+    after it, the batch's queries are searched exactly as well (a GEMM over the whole
+    bank) and the overlap is measured. When nprobe was not fixed by the user, it is doubled until the recall
+    reaches `target` on those same queries, and halved again when the halved setting
+    still keeps target + LOWER_MARGIN (the model's queries move as it learns). Each
+    change is logged; `last` is the latest measure (steps.jsonl carries it). IVF only:
+    exact and flat indexes need no check."""
+
+    def __init__(self, index, bank: np.ndarray, every: int, adjust: bool = True,
+                 target: float = MINED_RECALL_TARGET, log=print):
+        self.index, self.every, self.adjust, self.target, self.log = \
+            index, every, adjust, target, log
+        self.ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.Index) else None
+        self.exact = ExactIndex(bank) if self.ivf is not None and every > 0 else None
+        self.searches = 0
+        self.last: dict | None = None
+
+    def observe(self, queries: np.ndarray, found: np.ndarray) -> dict | None:
+        """After a training search of `queries` that returned the ids `found`: the measure
+        when one was due (None otherwise); nprobe moved as described above."""
+        if self.exact is None:
+            return None
+        self.searches += 1
+        if (self.searches - 1) % self.every:  # the first search, then every `every`
+            return None
+        import time
+
+        started = time.perf_counter()
+        k = found.shape[1]
+        _, truth = self.exact.search(queries, k)
+        measured = recall = overlap(found, truth)
+        before = nprobe = int(self.ivf.nprobe)
+        if self.adjust and recall < self.target:
+            while recall < self.target and nprobe < self.ivf.nlist:
+                nprobe = min(2 * nprobe, int(self.ivf.nlist))
+                recall = self._recall_at(nprobe, queries, truth)
+        elif self.adjust and nprobe > 1:
+            lower = self._recall_at(nprobe // 2, queries, truth)
+            if lower >= self.target + LOWER_MARGIN:
+                nprobe, recall = nprobe // 2, lower
+        self.ivf.nprobe = nprobe
+        self.last = {"searches": self.searches, "recall": round(measured, 4),
+                     "nprobe_before": before, "nprobe": nprobe, "recall_now": round(recall, 4),
+                     "target": self.target, "k": k,
+                     "ms": round((time.perf_counter() - started) * 1e3, 1)}
+        if nprobe != before:
+            self.log(f"[MINER] recall@{k} {measured:.3f} for the model's queries at nprobe "
+                     f"{before}: nprobe {nprobe} of {self.ivf.nlist} (recall {recall:.3f}, "
+                     f"target {self.target})")
+        elif recall < self.target:
+            self.log(f"[MINER] recall@{k} {measured:.3f} for the model's queries at nprobe "
+                     f"{before}, below {self.target}"
+                     + (" (nprobe is fixed by --nprobe)" if not self.adjust else
+                        " with every list searched"))
+        return self.last
+
+    def _recall_at(self, nprobe: int, queries: np.ndarray, truth: np.ndarray) -> float:
+        self.ivf.nprobe = nprobe
+        return overlap(self.index.search(queries, truth.shape[1])[1], truth)
+
+    def state(self) -> dict:
+        """For the checkpoint: a resumed run mines with the same nprobe and checks on the
+        same searches as an uninterrupted one."""
+        if self.ivf is None:
+            return {}
+        return {"searches": self.searches, "nprobe": int(self.ivf.nprobe)}
+
+    def restore(self, state: dict | None) -> None:
+        if self.ivf is None or not state:
+            return
+        self.searches = int(state.get("searches", 0))
+        self.ivf.nprobe = int(state.get("nprobe", self.ivf.nprobe))
 
 
 def _reserve_lists(index, bank: np.ndarray, bar=None) -> None:

@@ -30,6 +30,7 @@ class Recorder:
         self.total = 0  # steps in the run: the last one always logs
         self.watchdog = None  # its learned budgets, slowdown and goodput go into the records
         self.goodput_prior: dict = {}  # goodput.json of the earlier attempts
+        self.recall = None  # the job's miner.RecallCheck: its latest measure goes in steps.jsonl
         self.steps_trained = 0  # optimizer steps this attempt ran (redone ones too)
         self._window_t, self._window_steps, self._phases = time.perf_counter(), 0, {}
         self.rate = progress.Rate()  # steps over the last 30 s: the ETA's speed
@@ -114,7 +115,8 @@ class Recorder:
                 step=state.step, epoch=state.epoch + 1, loss=loss,
                 samples_per_s=self.samples_per_s,
                 phases={k: v / self._window_steps for k, v in self._phases.items()},
-                rss_mb=round(rss, 1), time=time.time())
+                rss_mb=round(rss, 1), time=time.time(),
+                extra={"miner": self.recall.last} if self.recall and self.recall.last else {})
             self.rd.append_step(record)
             self._writer(state.step).step(record)
             goodput = self.write_goodput()
@@ -154,8 +156,9 @@ class Recorder:
         if not self.main:
             return
         budgets = self.watchdog.budgets.state() if self.watchdog else {}
+        miner_state = job.recall.state() if job.recall is not None else {}
         checkpoint.save(path, job.module, job.optimizer, job.config, budgets=budgets,
-                        **state.as_dict())
+                        miner=miner_state, bf16=bool(job.module.bf16), **state.as_dict())
         if path == self.rd.last_checkpoint():
             self.rd.write_checkpoint_record(state.step, state.epoch)
 

@@ -55,26 +55,32 @@ def make(chains: int = 1000, length: int = 24, dim: int = 768, latent: int = 32,
 
 def write_topic_bank(path: str | Path, rows: int, dim: int = 768, topics: int = 2048,
                      latent: int = 64, spread: float = 0.6, embed_noise: float = 0.15,
-                     seed: int = 0, chunk: int = 65536) -> dict:
+                     seed: int = 0, chunk: int = 65536, labels: str | Path | None = None) -> dict:
     """A large bank shaped like sentence embeddings of many documents: rows gathered
     around `topics` centres in a `latent`-dimensional subspace (cosine ~0.7 to their
     centre), plus a little isotropic noise in all `dim` dimensions. Written in chunks
     into a .npy memory map, never a second copy in memory. Isotropic random rows would
-    be the worst case for any approximate index: no row has a neighbourhood."""
+    be the worst case for any approximate index: no row has a neighbourhood. `labels`:
+    where to save each row's topic (an int32 .npy), from which chains within topics can
+    be cut, as a document's sentences stay near its subject."""
     rng = np.random.default_rng(seed)
     embed, _ = np.linalg.qr(rng.standard_normal((dim, latent)))
     embed = embed.astype(np.float32)
     centres = rng.standard_normal((topics, latent)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     out = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=(rows, dim))
+    topic_of = np.empty(rows, dtype=np.int32)
     for s in range(0, rows, chunk):
         n = min(chunk, rows - s)
-        z = centres[rng.integers(0, topics, n)]
+        topic_of[s:s + n] = rng.integers(0, topics, n)
+        z = centres[topic_of[s:s + n]]
         z = z + spread / np.sqrt(latent) * rng.standard_normal((n, latent), dtype=np.float32)
         x = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ embed.T
         x += embed_noise / np.sqrt(dim) * rng.standard_normal(x.shape, dtype=np.float32)
         out[s:s + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     out.flush()
+    if labels is not None:
+        np.save(labels, topic_of)
     return {"bank_rows": rows, "dim": dim, "topics": topics, "latent": latent}
 
 

@@ -19,6 +19,12 @@ THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
 )
 DEFAULT_POLICY = "fast"
+# `fast` on an idle machine: idle OpenMP threads spin this long before they sleep
+# (libgomp: about 100,000 spins a millisecond, so ~0.1 ms), sparing the wake-ups between
+# the GRU's small parallel regions. Measured (README "Performance"): 1.3-1.5x PASSIVE at
+# batch 64 on the idle machine, but 0.3x when other processes share the cores; hence
+# only when, at start, no other process wants the policy's cores.
+SPIN_COUNT = 10_000
 DEFAULTS_MARK = "LNSP_THREAD_DEFAULTS"  # names of the thread variables lnsp set itself
 
 
@@ -51,7 +57,40 @@ def parse_policy(value: str | None, ranks: int | None = None) -> tuple[str, int]
     raise ValueError(f"threads must be safe, fast or a positive integer, not {value!r}")
 
 
-def policy_env(value: str | None, ranks: int | None = None) -> dict[str, str]:
+def machine_idle(threads: int, load: float | None = None) -> bool:
+    """Whether the cores a pool of `threads` would take are free: fewer than half of
+    them wanted by other processes now (`load`: measured when not given)."""
+    if load is None:
+        load = runnable_others()
+    return load is not None and load < threads / 2
+
+
+def runnable_others(reads: int = 3) -> float | None:
+    """Other processes runnable at this moment: Linux's procs_running (less this one),
+    the median of a few reads 2 ms apart; elsewhere the 1-minute load average (which
+    lags: a run that ended seconds ago still counts). None when neither is readable."""
+    import time
+
+    counts = []
+    for i in range(reads):
+        try:
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) - 1 for line in f
+                           if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            break
+        if i + 1 < reads:
+            time.sleep(0.002)
+    if len(counts) == reads:
+        return float(sorted(counts)[reads // 2])
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def policy_env(value: str | None, ranks: int | None = None,
+               load: float | None = None) -> dict[str, str]:
     """The environment a process of this policy needs before its first heavy import.
 
     OMP_NUM_THREADS sizes torch's and faiss's OpenMP pools (lnsp's matrix work runs
@@ -60,13 +99,19 @@ def policy_env(value: str | None, ranks: int | None = None) -> dict[str, str]:
     one thread: no training phase uses them, and their threads would spin beside the
     OpenMP ones. Idle OpenMP threads sleep (PASSIVE) instead of spinning: torch's and
     faiss's pools take the cores in turn, and on a shared machine a spinning thread
-    burns the time slice its partner needs (measured: README "Performance").
+    burns the time slice its partner needs (measured: README "Performance"). The
+    exception: `fast` for one process on a machine idle at start (`load`: processes
+    wanting a core, measured when not given) spins SPIN_COUNT times first
+    (GOMP_SPINCOUNT, which libgomp reads over OMP_WAIT_POLICY).
     """
-    _, n = parse_policy(value, ranks)
+    kind, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
     env["OMP_NUM_THREADS"] = str(n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["KMP_BLOCKTIME"] = "0"
+    one_process = (ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) <= 1
+    if kind == "fast" and n > 1 and one_process and machine_idle(n, load):
+        env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     return env
 
 
@@ -119,6 +164,8 @@ def set_env_defaults(argv: list[str] | None = None) -> None:
         if name not in os.environ or name in ours:
             os.environ[name] = value
             set_here.append(name)
+    for name in ours - set(env) - {""}:  # chosen for a parent's policy, not for this one
+        os.environ.pop(name, None)
     os.environ[DEFAULTS_MARK] = ",".join(set_here)
 
 

@@ -39,6 +39,7 @@ class Job:
     train_starts: np.ndarray  # this rank's share of the training windows
     val_starts: np.ndarray
     batch: int  # this rank's micro-batch: batch_size / world size
+    recall: miner.RecallCheck | None = None  # the mined recall on the model's own queries
 
     @property
     def module(self) -> QueryTower:
@@ -64,19 +65,25 @@ def setup(config: TrainConfig, ds: data.Dataset, log, watchdog=None, rank: int =
                         config.seed, prebuilt=ds.index, k=config.k + 1)
     log(f"Index {type(index).__name__}: {index.ntotal} vectors of dimension {index.d} "
         f"in {time.perf_counter() - t:.1f}s")
-    bf16 = precision.tower_bf16(config.precision, device)
+    bf16 = precision.tower_bf16(config.precision, device, config.hidden)
     model = QueryTower(ds.dim, config.hidden, bf16=bf16).to(device)
     log(f"Query tower: GRU {ds.dim} -> {config.hidden}, matrix products in "
-        f"{'bf16 (autocast)' if bf16 else 'fp32'} (precision {config.precision})")
+        f"{'bf16 (autocast)' if bf16 else 'fp32'} "
+        f"({precision.describe(config.precision, device, config.hidden)})")
     if world > 1:  # gradients are all-reduced inside backward
         model = torch.nn.parallel.DistributedDataParallel(
             model, **distributed.ddp_arguments(str(device)))
+    # The fused AdamW: one kernel over all parameters (1.8 ms a step at the seed's size
+    # here, against 10-13 ms for the default foreach/for-loop ones).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay,
+                                  fused=True if device.type in ("cpu", "cuda") else None)
     train_starts, val_starts = data.windows(ds, config.ctx_len, config.val_fraction, config.seed,
                                             rank, world)
+    recall = miner.RecallCheck(index, ds.bank, config.recall_every,
+                               adjust=config.nprobe == 0, log=log)
     return Job(config, ds, index, model, optimizer, device, train_starts, val_starts,
-               config.batch_size // world)
+               config.batch_size // world, recall)
 
 
 def vectors(ds: data.Dataset, ids: np.ndarray, device) -> torch.Tensor:
@@ -118,8 +125,10 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
     # Mine with the current query; the TRUE next vector stays the positive.
     with phase("retrieve"):
         # k + ctx_len + 1 so that k candidates remain once the context is masked out.
-        _, candidates = miner.search(job.index, query.detach().float().cpu().numpy(),
-                                     cfg.k + cfg.ctx_len + 1)
+        queries = query.detach().float().cpu().numpy()
+        _, candidates = miner.search(job.index, queries, cfg.k + cfg.ctx_len + 1)
+        if job.recall is not None:  # every --recall-every searches: against exact search
+            job.recall.observe(queries, candidates)
         # Evaluation never ranks the context: neither may training push away from it.
         in_context = (candidates[:, :, None] == context_ids[:, None, :]).any(-1)
         ok = (candidates != next_ids[:, None]) & (candidates != -1) & ~in_context
@@ -261,6 +270,10 @@ def resume(job: Job, rec: Recorder) -> RunState:
     job.module.load_state_dict(saved["model"])
     job.optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
+    if job.recall is not None:
+        job.recall.restore(saved.get("miner"))
+    if saved.get("bf16") is not None:  # the precision auto chose when the run started
+        job.module.bf16 = bool(saved["bf16"])
     state = RunState.from_checkpoint(saved)
     say(f"Resumed from {rd.last_checkpoint()} at epoch {state.epoch + 1}, step {state.step}")
     rec.resumed(state, saved)
@@ -270,6 +283,7 @@ def resume(job: Job, rec: Recorder) -> RunState:
 def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
     """The training loop; returns the exit code (0: finished or stopped)."""
     cfg, rd = job.config, rec.rd
+    rec.recall = job.recall
     val = evaluate.subset(job.val_starts, cfg.eval_windows, cfg.seed)
     steps_per_epoch, rec.total = plan(job, dist)
     rec.say(f"Training {len(job.train_starts)} windows, {steps_per_epoch} steps/epoch, "

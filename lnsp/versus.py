@@ -113,6 +113,9 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
     """samples/s of lnsp's default and of the plain loop, alternating blocks."""
     from lnsp import synth
 
+    # lnsp's environment as a run started now gets it: chosen before either side starts
+    # (the `fast` policy looks at what else wants the cores at that moment).
+    lnsp_env = {**user_environment(), **policy_env(threads)}
     folder = Path(tempfile.mkdtemp(prefix="lnsp-versus-"))
     path = bank_path or str(folder / "bank.npy")
     sides = {}
@@ -127,7 +130,7 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
             sides[name] = _Side([sys.executable, "-m", "lnsp.versus", "--side", "--path", path,
                                  "--batch", str(batch), "--hidden", str(hidden), "--ctx",
                                  str(ctx), "--k", str(k)],
-                                {**user_environment(), **policy_env(threads), **extra})
+                                {**lnsp_env, **extra})
         for side in sides.values():  # they start (imports, warm-up) side by side
             side.ready = side.ask(None)
         # Steps per block from one probe step of each, so a block lasts ~block_s.
@@ -149,6 +152,7 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
         return {"batch": batch, "hidden": hidden, "ctx": ctx, "k": k, "bank": bank_rows,
                 "threads": threads, "steps_per_block": steps, "blocks": blocks,
                 "lnsp_index": sides["lnsp"].ready.get("index"),
+                "lnsp_spin": lnsp_env.get("GOMP_SPINCOUNT"),
                 "plain_ready": sides["plain"].ready if "plain" in sides else None,
                 "plain_samples_per_s": rate["plain"], "lnsp_samples_per_s": rate["lnsp"],
                 "ratio": rate["lnsp"] / rate["plain"], "gemm_flops": peak,

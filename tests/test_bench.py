@@ -41,3 +41,26 @@ def test_lnsp_against_a_plain_loop_that_loads_no_lnsp_code():
     assert r["lnsp_index"] == "ExactIndex"  # auto, on a small bank
     assert r["plain_samples_per_s"] > 0 and r["lnsp_samples_per_s"] > 0
     assert r["ratio"] == r["lnsp_samples_per_s"] / r["plain_samples_per_s"]
+
+
+def test_seed_scale_chains_stay_within_a_topic(tmp_path):
+    """The seed-scale bank's chains walk the rows of one topic each (a document near its
+    subject), never a random row of the whole bank: queries of a model over them sit
+    near the data, as a trained model's do."""
+    import numpy as np
+
+    from lnsp import bench, synth
+
+    info = synth.write_topic_bank(tmp_path / "bank.npy", 6000, 96, topics=15,
+                                  labels=tmp_path / "bank.topics.npy")
+    labels = np.load(tmp_path / "bank.topics.npy")
+    assert info["topics"] == 15 and labels.shape == (6000,) and labels.max() == 14
+    ids, offsets = bench.topic_chains(labels, length=24, chains=100)
+    assert len(offsets) == 101 and len(ids) == 2400 and len(set(ids.tolist())) == 2400
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        assert len(set(labels[ids[a:b]].tolist())) == 1
+    assert len(set(labels[ids].tolist())) >= 6  # several topics, not one
+    bank = np.load(tmp_path / "bank.npy", mmap_mode="r")
+    same = (bank[ids[0]] * bank[ids[1]]).sum()
+    other = (bank[ids[0]] * bank[ids[-1]]).sum() if labels[ids[0]] != labels[ids[-1]] else 0
+    assert same > 0.3 > other

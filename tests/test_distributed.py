@@ -197,12 +197,9 @@ def test_two_ranks_learn_as_well_as_one_and_share_the_evaluation(tmp_path):
     assert sorted(final[0] + final[1]) == sorted(val.tolist())
 
     saved = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
-    # The tower and the miner as the trainer built them (bf16 matrix products where
-    # this CPU has them; the auto miner).
-    from lnsp import precision
-
-    model = QueryTower(ds.dim, config.hidden,
-                       bf16=precision.tower_bf16(config.precision, torch.device("cpu")))
+    # The tower and the miner as the trainer built them (the precision it chose, kept in
+    # the checkpoint; the auto miner).
+    model = QueryTower(ds.dim, config.hidden, bf16=saved["bf16"])
     model.load_state_dict(saved["model"])
     index = miner.build(ds.bank, config.index, config.nlist, config.nprobe, ds.root,
                         lambda m: None, config.seed, k=config.k + 1)

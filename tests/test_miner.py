@@ -80,3 +80,76 @@ def test_auto_stores_8_bit_codes_when_a_second_copy_would_not_fit(bank, monkeypa
     monkeypatch.setattr(miner, "IVF_MEMORY_SHARE", 1e-9)
     assert miner.auto_kind(bank, exact_max=10) == "ivf-sq8"
     assert miner.auto_kind(bank, exact_max=10_000) == "exact"
+
+
+def _ivf(bank, nlist=32, nprobe=1):
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(bank.shape[1]), bank.shape[1], nlist,
+                               faiss.METRIC_INNER_PRODUCT)
+    index.train(bank)
+    index.add(bank)
+    index.nprobe = nprobe
+    return index
+
+
+def _far_queries(n=16, d=32, seed=7):
+    """Unit vectors in no neighbourhood of the bank: an untrained model's queries."""
+    q = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_recall_check_raises_nprobe_until_the_models_queries_are_served(clustered):
+    """Calibrated on queries near the rows, nprobe 1 misses most exact neighbours of
+    queries far from them; the check measures that on the queries themselves and raises
+    nprobe until the recall reaches the target."""
+    index, said = _ivf(clustered), []
+    check = miner.RecallCheck(index, clustered, every=1, log=said.append)
+    q = _far_queries()
+    _, found = index.search(q, 20)
+    last = check.observe(q, found)
+    assert last["nprobe_before"] == 1 and last["recall"] < miner.MINED_RECALL_TARGET, last
+    assert index.nprobe == last["nprobe"] > 1 and last["recall_now"] >= miner.MINED_RECALL_TARGET
+    # What the check reports is what the index now gives on these queries.
+    _, again = index.search(q, 20)
+    _, truth = miner.ExactIndex(clustered).search(q, 20)
+    assert miner.overlap(again, truth) == pytest.approx(last["recall_now"], abs=1e-4)
+    assert miner.overlap(found, truth) == pytest.approx(last["recall"], abs=1e-4)
+    # The power of two below it falls short: the fewest lists that reach the target.
+    index.nprobe = last["nprobe"] // 2
+    assert miner.overlap(index.search(q, 20)[1], truth) < miner.MINED_RECALL_TARGET
+    assert len(said) == 1 and said[0].startswith("[MINER] recall@20") and \
+        f"nprobe {last['nprobe']} of 32" in said[0], said
+
+
+def test_recall_check_lowers_nprobe_that_queries_near_the_rows_do_not_need(clustered):
+    index, said = _ivf(clustered, nprobe=32), []
+    check = miner.RecallCheck(index, clustered, every=1, log=said.append)
+    q = clustered[:16]  # queries on the rows themselves: found in their own list
+    last = check.observe(q, index.search(q, 20)[1])
+    assert last["recall"] == 1.0 and last["nprobe"] == 16 == index.nprobe, last
+    assert last["recall_now"] >= miner.MINED_RECALL_TARGET + miner.LOWER_MARGIN
+    assert said and "nprobe 16 of 32" in said[0]
+
+
+def test_recall_check_measures_on_schedule_and_leaves_a_fixed_nprobe(clustered):
+    index, said = _ivf(clustered), []
+    check = miner.RecallCheck(index, clustered, every=3, adjust=False, log=said.append)
+    q = _far_queries()
+    found = index.search(q, 20)[1]
+    assert [check.observe(q, found) is None for _ in range(6)] == \
+        [False, True, True, False, True, True]  # the first search, then every third
+    assert index.nprobe == 1 and check.last["searches"] == 4 and check.last["nprobe"] == 1
+    assert len(said) == 2 and all("fixed by --nprobe" in m for m in said), said
+    # The state a checkpoint keeps: a resumed run mines and checks as this one would.
+    index.nprobe = 4
+    other = miner.RecallCheck(_ivf(clustered), clustered, every=3)
+    other.restore(check.state())
+    assert other.state() == {"searches": 6, "nprobe": 4} == check.state()
+
+
+def test_recall_check_is_off_for_exact_search_and_at_zero(clustered):
+    exact = miner.RecallCheck(miner.ExactIndex(clustered), clustered, every=1)
+    off = miner.RecallCheck(_ivf(clustered), clustered, every=0)
+    q = _far_queries()
+    for check in (exact, off):
+        assert check.observe(q, np.zeros((16, 20), dtype=np.int64)) is None
+        assert check.state() == {} or check.exact is None

@@ -7,10 +7,22 @@ from lnsp import precision
 from lnsp.model import QueryTower
 
 
-def test_auto_follows_the_cpu_and_explicit_choices_win():
-    assert precision.tower_bf16("auto", "cpu") == precision.native_bf16()
-    assert precision.tower_bf16("fp32", "cpu") is False
-    assert precision.tower_bf16("bf16", "cpu") is True
+def test_auto_takes_bf16_only_where_it_is_measured_faster(monkeypatch):
+    """The CPU flag is not enough (a Xeon with AVX512-BF16 ran bf16 GEMMs at 0.55x the
+    fp32 rate): auto times both, and explicit choices win whatever the timing."""
+    speedup = precision.bf16_speedup(48)
+    assert 0.05 < speedup < 50, speedup
+    assert precision.tower_bf16("auto", "cpu", 48) == (
+        precision.native_bf16() and speedup >= precision.BF16_MARGIN)
+    assert f"{speedup:.2f}x" in precision.describe("auto", "cpu", 48) or \
+        not precision.native_bf16()
+    for measured, native, chosen in ((4.0, True, True), (0.55, True, False), (4.0, False, False)):
+        monkeypatch.setattr(precision, "bf16_speedup", lambda hidden, m=measured: m)
+        monkeypatch.setattr(precision, "native_bf16", lambda n=native: n)
+        assert precision.tower_bf16("auto", "cpu", 48) is chosen
+        assert precision.tower_bf16("auto", "cuda", 48) is False
+        assert precision.tower_bf16("fp32", "cpu", 48) is False
+        assert precision.tower_bf16("bf16", "cpu", 48) is True
 
 
 def test_a_bf16_tower_gives_float32_queries_close_to_the_fp32_tower():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json
+from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
 
 READ_POOLS = """
 import json, sys
@@ -31,7 +31,8 @@ def pools(*argv, **extra_env):
 def no_user_thread_vars(monkeypatch):
     from lnsp.threads import THREAD_VARS
 
-    for name in (*THREAD_VARS, "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "LNSP_THREADS"):
+    for name in (*THREAD_VARS, "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT",
+                 "LNSP_THREADS", "LNSP_THREAD_DEFAULTS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -143,3 +144,34 @@ def test_a_blas_bound_faiss_search_runs_on_every_core_of_the_policy():
     assert r.returncode == 0, r.stderr
     busiest = json.loads(r.stdout)
     assert busiest[1] >= 0.3 * busiest[0] > 0, busiest
+
+
+def test_fast_spins_briefly_only_for_one_process_on_an_idle_machine():
+    """Idle OpenMP threads spin ~0.1 ms (GOMP_SPINCOUNT) before sleeping only where that
+    was measured to pay: `fast`, more than one thread, one process, fewer other
+    processes wanting a core than half the threads. Everywhere else they sleep at once
+    (PASSIVE)."""
+    from lnsp.threads import SPIN_COUNT, machine_idle, policy_env, runnable_others
+
+    assert policy_env("2", load=0.3)["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
+    for quiet in (policy_env("2", load=1.0), policy_env("2", load=6.0),
+                  policy_env("safe", load=0.0), policy_env("2", ranks=2, load=0.0)):
+        assert "GOMP_SPINCOUNT" not in quiet and quiet["OMP_WAIT_POLICY"] == "PASSIVE", quiet
+    assert machine_idle(8, 3.9) and not machine_idle(8, 4.0)
+    # Measured here: a busy process of our own is seen wanting a core.
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        wait_until(lambda: runnable_others() >= 1, 10, what="the busy process runnable")
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_spin_chosen_for_the_parent_is_not_inherited_but_the_users_is():
+    code = "import os, lnsp; print(os.environ.get('GOMP_SPINCOUNT'))"
+    run = lambda **e: subprocess.run([sys.executable, "-c", code, "--threads", "safe"],
+                                     capture_output=True, text=True, env=env(**e),
+                                     timeout=60).stdout.strip()
+    assert run(GOMP_SPINCOUNT="10000", LNSP_THREAD_DEFAULTS="OMP_NUM_THREADS,GOMP_SPINCOUNT") \
+        == "None"
+    assert run(GOMP_SPINCOUNT="5") == "5"  # the user's own

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import FAST_TRAIN, finish, lnsp, read_json, release, spawn, wait_until
+from lnsp import checkpoint
+from lnsp.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,17 @@ def test_ivf_index_is_built_once_and_saved_beside_the_data(small_data, tmp_path)
     first = lnsp("train", "--run-dir", tmp_path / "a", *args)
     assert first.returncode == 0, first.stderr
     assert "Saved IVF index" in first.stdout and list(data.glob("index.ivf16.faiss"))
-    second = lnsp("train", "--run-dir", tmp_path / "b", *args)
+    # nprobe calibrated, then checked on the model's own queries every 2 searches: the
+    # latest measure goes in steps.jsonl, the check's state in the checkpoint.
+    second = lnsp("train", "--run-dir", tmp_path / "b", *args[:6], "--recall-every", "2",
+                  "--max-steps", "4", *FAST_TRAIN)
     assert second.returncode == 0 and "Loaded cached IVF index" in second.stdout
+    assert "IVF calibrated: nprobe" in second.stdout
+    miner = RunDir(tmp_path / "b").read_steps()[-1].extra["miner"]
+    # checked at searches 1 and 3 of 4
+    assert miner["searches"] == 3 and miner["k"] == 20 + 10 + 1 and 0 <= miner["recall"] <= 1
+    saved = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert saved["miner"] == {"searches": 4, "nprobe": miner["nprobe"]}, saved["miner"]
 
 
 def test_memory_growth_past_the_first_epoch_is_logged(tmp_path):
