@@ -37,6 +37,10 @@ def test_a_trained_checkpoint_loads_with_weights_only(small_data, tmp_path):
     assert r.returncode == 0, r.stderr
     state = checkpoint.load(run / "checkpoints" / "last.pt")
     assert state["step"] == 3 and state["config"]["hidden"] == 32 and state["model"]
+    # The fused AdamW (one kernel over all parameters) and the precision auto chose,
+    # which a resumed run keeps.
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    assert isinstance(state["bf16"], bool) and state["miner"] == {}  # exact search: no check
     r = lnsp("generate", "--checkpoint", run / "checkpoints" / "last.pt", "--data", small_data,
              "--steps", "2", "--start", "0")
     assert r.returncode == 0, r.stdout + r.stderr
