@@ -240,11 +240,11 @@ class RecallCheck:
     (early in training, say), and there an nprobe calibrated at 0.99 can find a few
     percent of the true neighbours. At the first training search and every `every`
     after it, the batch's queries are searched exactly as well (a GEMM over the whole
-    bank) and the overlap is measured. When nprobe was not fixed by the user, it is doubled until the recall
-    reaches `target` on those same queries, and halved again when the halved setting
-    still keeps target + LOWER_MARGIN (the model's queries move as it learns). Each
-    change is logged; `last` is the latest measure (steps.jsonl carries it). IVF only:
-    exact and flat indexes need no check."""
+    bank) and the overlap is measured. When nprobe was not fixed by the user, it is
+    doubled until the recall reaches `target` on those same queries, and halved again
+    when the halved setting still keeps target + LOWER_MARGIN (the model's queries move
+    as it learns). Each change is logged; `last` is the latest measure (steps.jsonl
+    carries it). IVF only: exact and flat indexes need no check."""
 
     def __init__(self, index, bank: np.ndarray, every: int, adjust: bool = True,
                  target: float = MINED_RECALL_TARGET, log=print):
