@@ -83,12 +83,14 @@ def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dic
         for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
             bare(i)
         # Blocks of the same batches alternate, and the medians of the block times are
-        # compared: a burst of load from elsewhere spoils one block, not the ratio.
+        # compared: a burst of load from elsewhere spoils one block, not the ratio. The
+        # order flips every pair (ABBA), so neither always runs first.
         blocks = {"bare": [], "hardened": []}
         block, i = 1, 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or len(blocks["hardened"]) < 20:
-            for name, fn in (("bare", bare), ("hardened", hardened)):
+            pair = (("bare", bare), ("hardened", hardened))
+            for name, fn in pair if len(blocks["bare"]) % 2 == 0 else pair[::-1]:
                 t = time.perf_counter()
                 for j in range(block):
                     fn(i + j)

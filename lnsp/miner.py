@@ -286,7 +286,9 @@ class RecallCheck:
         if nprobe != before:
             self.log(f"[MINER] recall@{k} {measured:.3f} for the model's queries at nprobe "
                      f"{before}: nprobe {nprobe} of {self.ivf.nlist} (recall {recall:.3f}, "
-                     f"target {self.target})")
+                     f"target {self.target})"
+                     + ("; every list is searched now: --index exact finds the same, faster"
+                        if nprobe == self.ivf.nlist else ""))
         elif recall < self.target:
             self.log(f"[MINER] recall@{k} {measured:.3f} for the model's queries at nprobe "
                      f"{before}, below {self.target}"

@@ -120,6 +120,14 @@ def test_recall_check_raises_nprobe_until_the_models_queries_are_served(clustere
         f"nprobe {last['nprobe']} of 32" in said[0], said
 
 
+def test_recall_check_that_needs_every_list_says_exact_search_is_the_faster(clustered):
+    index, said = _ivf(clustered, nlist=4), []
+    last = miner.RecallCheck(index, clustered, every=1, log=said.append).observe(
+        _far_queries(), index.search(_far_queries(), 20)[1])
+    assert last["nprobe"] == 4 == index.nprobe and last["recall_now"] == 1.0, last
+    assert said and "--index exact finds the same, faster" in said[-1], said
+
+
 def test_recall_check_lowers_nprobe_that_queries_near_the_rows_do_not_need(clustered):
     index, said = _ivf(clustered, nprobe=32), []
     check = miner.RecallCheck(index, clustered, every=1, log=said.append)
