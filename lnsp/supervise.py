@@ -142,10 +142,13 @@ def _charge_frozen_time(rd: RunDir, pid: int) -> None:
     record = rd.read_goodput()
     if record.get("pid") != pid:
         return
+    from lnsp.watchdog import process_age
+
     try:
-        lived = time.time() - psutil.Process(pid).create_time()
+        psutil.Process(pid)  # still there (unreaped)
     except psutil.Error:
         return
+    lived = process_age(pid)
     missing = lived - float(record.get("attempt_wall_s", 0.0))
     if missing <= 0:
         return

@@ -79,3 +79,23 @@ def test_the_heartbeat_says_slow_only_once_the_log_says_why():
     assert [line for line, _ in seen if "[SLOW]" in line], seen
     assert [slow for _, slow in seen] == [False]  # not yet slow while the line is written
     assert dog.vitals()["slow"]
+
+
+def test_a_process_start_is_placed_within_its_launch_not_a_second_early():
+    """Goodput counts each attempt from its process's start. psutil's create_time() adds
+    a whole-second boot time and can place the start up to a second early (0.87 s on one
+    boot here), which over-counted every attempt's start-up; the start read against
+    CLOCK_BOOTTIME falls between the launch and the answer."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import env
+
+    code = "import time; from lnsp.watchdog import process_started; " \
+           "print(process_started(), time.time())"
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env(), timeout=60).stdout.split()
+    started, now = float(out[0]), float(out[1])
+    assert before - 0.02 <= started <= now, (before, out)
