@@ -127,7 +127,7 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
         # k + ctx_len + 1 so that k candidates remain once the context is masked out.
         queries = query.detach().float().cpu().numpy()
         _, candidates = miner.search(job.index, queries, cfg.k + cfg.ctx_len + 1)
-        if job.recall is not None:  # every --recall-every searches: against exact search
+        if job.recall is not None:  # the first search, then every --recall-every: vs exact
             job.recall.observe(queries, candidates)
         # Evaluation never ranks the context: neither may training push away from it.
         in_context = (candidates[:, :, None] == context_ids[:, None, :]).any(-1)
