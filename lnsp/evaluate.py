@@ -45,9 +45,10 @@ def copies(bank, ids: np.ndarray, context: np.ndarray, target: np.ndarray):
     found = np.asarray(bank[rows.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
     truth = np.asarray(bank[target], dtype=np.float32)
     ctx = np.asarray(bank[context.reshape(-1)], dtype=np.float32).reshape(*context.shape, -1)
-    is_target = (ids == target[:, None]) | (np.einsum("bnd,bd->bn", found, truth) >= SAME)
+    # Batched products (BLAS): a quarter of the time of the same einsum.
+    is_target = (ids == target[:, None]) | ((found @ truth[:, :, None])[..., 0] >= SAME)
     in_context = ((ids[:, :, None] == context[:, None, :]).any(-1)
-                  | ((np.einsum("bnd,btd->bnt", found, ctx) >= SAME).any(-1) & ~is_target))
+                  | ((found @ ctx.transpose(0, 2, 1) >= SAME).any(-1) & ~is_target))
     return is_target & valid, in_context & valid
 
 
@@ -60,15 +61,20 @@ def blend(vectors: np.ndarray, decay: float) -> np.ndarray:
 
 
 def choose_decay(ds: Dataset, index, train_starts: np.ndarray, ctx_len: int,
-                 seed: int = 0) -> float:
+                 seed: int = 0, batch: int = 256) -> float:
     """The decay with the best Hit@10 (then MRR) on a fixed sample of training
-    windows: the blend is tuned on training data only, as the model is."""
+    windows: the blend is tuned on training data only, as the model is. Ranked
+    `batch` windows at a time, as `evaluate` does: the search results' vectors of all
+    2,000 at once are 0.8 GB at 768-d."""
     starts = subset(train_starts, CHOICE_WINDOWS, seed)
     context, target = window_ids(ds, starts, ctx_len)
     vectors = np.asarray(ds.bank[context.reshape(-1)]).reshape(*context.shape, -1)
     scores = {}
     for decay in DECAYS:
-        s = summarise(ranks(index, blend(vectors, decay), context, target, ds.bank))
+        rank = np.concatenate([
+            ranks(index, blend(vectors[i:i + batch], decay), context[i:i + batch],
+                  target[i:i + batch], ds.bank) for i in range(0, len(starts), batch)])
+        s = summarise(rank)
         scores[decay] = (s["hit@10"], s["mrr"])
     return max(DECAYS, key=lambda d: scores[d])
 

@@ -478,7 +478,7 @@ def _batches(texts_path: Path, size: int) -> Iterator[list[str]]:
 
 def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, signals, out: Path) -> int:
     """Second pass: embed texts.jsonl in batches straight into the memory-mapped bank;
-    in memory at most 8 batches of text and one of vectors. Returns torch's threads."""
+    in memory at most 64 batches of text and one of vectors. Returns torch's threads."""
     import numpy as np
     import torch
 
@@ -491,10 +491,12 @@ def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, signals, out:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     progress = Progress(n)
     row, first = 0, True
-    # Batches are cut from a window of 8, sorted by length: less padding, about a quarter
-    # less encoder time on man-page sentences. Each batch is one encoder call and the
+    # Batches are cut from a window of 64 (4,096 sentences at the default 64, about 1 MB
+    # of text), sorted by length: less padding. Against unsorted batches about a quarter
+    # less encoder time on man-page sentences; against a window of 8, another 10% on the
+    # docstring corpus (padded tokens 335k -> 233k). Each batch is one encoder call and the
     # unit between interrupt checks, so SIGINT/SIGTERM is answered within one batch.
-    for window in _batches(tmp / "texts.jsonl", batch_size * 8):
+    for window in _batches(tmp / "texts.jsonl", batch_size * 64):
         order = sorted(range(len(window)), key=lambda i: len(window[i]))
         for start in range(0, len(order), batch_size):
             picked = order[start:start + batch_size]

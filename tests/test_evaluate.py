@@ -82,3 +82,26 @@ def test_training_masks_repeats_of_the_positive_out_of_the_negatives():
     # Exactly the loss where the two positives are one bank row (masked by id).
     by_id = info_nce(query, positive, mined, ok, torch.tensor([2, 2]), 0.1)
     assert torch.allclose(masked, by_id)
+
+
+def test_the_blend_decay_is_chosen_a_batch_at_a_time(tmp_path):
+    """The decay is chosen on 2,000 training windows: ranked all at once, the search
+    results' vectors alone are 2,000 x 131 x dim floats (0.8 GB at 768-d). A batch at a
+    time the peak follows the batch, and the choice is the same."""
+    import tracemalloc
+
+    from lnsp import data, synth
+
+    ds = data.load(synth.write(tmp_path / "d", chains=250, length=20, dim=128), 10)
+    train, _ = data.windows(ds, 10, 0.1, 0)
+    assert len(train) >= evaluate.CHOICE_WINDOWS
+    index = miner.build(ds.bank, "exact", log=lambda m: None)
+    tracemalloc.start()
+    try:
+        decay = evaluate.choose_decay(ds, index, train, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = 2000 * (1 + 10 + 100 + evaluate.REPEATS) * 128 * 4  # 134 MB
+    assert peak < whole / 3, (peak, whole)
+    assert decay == evaluate.choose_decay(ds, index, train, 10, batch=1000)
