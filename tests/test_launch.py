@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json, release, spawn, wait_until
+from conftest import FAST_TRAIN, env, lnsp, process_ended, read_json, release, spawn, wait_until
 from lnsp.config import TrainConfig
 from lnsp.launch.command import caffeinate_argv, trainer_argv
 
@@ -185,7 +185,7 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     os.kill(first, signal.SIGSTOP)  # frozen: its own watchdog cannot run
     wait_until(lambda: (read_json(run / "run.json") or {}).get("restarts") == 1, 60,
                what="the restart")
-    assert not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie"
+    assert process_ended(first)
     ended = wait_until(lambda: (lambda e: e if e and e["state"] == "finished" else None)(
         read_json(run / "exit.json")), 180, what="the restarted run to finish")
     frozen_dump = next((run / "dumps").glob("dump-frozen-*.txt")).read_text()
