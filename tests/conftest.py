@@ -32,17 +32,6 @@ def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
-def process_ended(pid: int) -> bool:
-    """Whether a process has ended: gone, or a zombie its parent has not reaped yet.
-    One psutil call, so a process reaped between two looks at /proc is not an error."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def read_json(path) -> dict | None:
     try:
         return json.loads(Path(path).read_text())

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import DRIVER, FAST_TRAIN, env, lnsp, process_ended, read_json, wait_until
+from conftest import DRIVER, FAST_TRAIN, env, lnsp, read_json, wait_until
+from lnsp import procs
 from lnsp.config import TrainConfig
 from lnsp.launch.ddp import torchrun_argv
 
@@ -116,7 +117,7 @@ def test_a_rank_that_leaves_makes_the_others_fail_fast(small_data, tmp_path, rea
     os.kill(next(r["pid"] for r in ranks if r["rank"] == 1), signal.SIGKILL)
     t = time.monotonic()
     rank0 = next(r["pid"] for r in ranks if r["rank"] == 0)
-    wait_until(lambda: process_ended(rank0), 30, what="rank 0 to end")
+    wait_until(lambda: not procs.alive(rank0), 30, what="rank 0 to end")
     assert time.monotonic() - t < 30  # far inside the 120 s collective timeout
     log = (run / "training.log").read_text()
     assert "[DISTRIBUTED] rank 0: another rank left the job" in log, log[-2000:]
