@@ -199,7 +199,6 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
 
 
 def test_wait_gone_waits_for_the_process_and_not_past_its_end(reap):
-
     child = subprocess.Popen(["sleep", "60"])
     reap(child.pid)
     assert procs.wait_gone(child.pid, 0.3) is False  # still running: the full wait
