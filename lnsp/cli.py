@@ -46,10 +46,12 @@ def user_errors(f):
     return f
 
 
-def train_options(f):
-    """One option per TrainConfig field; None means 'not given' so that the
-    environment, .env and the defaults can fill it in."""
+def train_options(f, only: tuple[str, ...] | None = None):
+    """One option per TrainConfig field (or per field in `only`); None means 'not
+    given' so that the environment, .env and the defaults can fill it in."""
     for field in reversed(dataclasses.fields(TrainConfig)):
+        if only is not None and field.name not in only:
+            continue
         flag = "--" + field.name.replace("_", "-")
         hint = f"{field.metadata['help']} [{env_name(field.name)}; default {field.default!r}]"
         if isinstance(field.default, bool):
@@ -177,6 +179,52 @@ def train(**values):
     sys.exit(code)
 
 
+def guard_options(f):
+    from lnsp.launch.runner import GUARD_FIELDS
+
+    return train_options(f, GUARD_FIELDS)
+
+
+COMMAND = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@main.command(context_settings=COMMAND)
+@guard_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(command, **values):
+    """Run your own command under the guard, in the foreground: thread policy, stack
+    dumps, watchdog, heartbeat per optimizer step, with no change to the script.
+
+    Example: lnsp run --run-dir runs/mine -- python train.py --lr 3e-4
+    """
+    from lnsp.launch.runner import run as run_command
+
+    sys.exit(run_command(list(command), config_from(values)))
+
+
+@main.command(hidden=True)
+@click.argument("run_dir")
+@click.argument("pid", type=int)
+@click.option("--ignore", default="", help="native thread ids not to judge (comma-separated)")
+def explain(run_dir, pid, ignore):
+    """The diagnosis of a guarded process's stall, for its watchdog: the verdict as one
+    JSON line as soon as it is known, then the hang bundle in the run's dumps/.
+
+    Example: lnsp explain runs/mine 12345
+    """
+    import json
+
+    from lnsp import hangbundle
+    from lnsp.rundir import RunDir
+
+    job = hangbundle.Explanation(RunDir(run_dir), pid, ignore={
+        int(t) for t in ignore.split(",") if t.strip()}).start()
+    job.known.wait()
+    verdict = job.verdict or {"kind": "error", "summary": "no verdict"}
+    click.echo(json.dumps({k: v for k, v in verdict.items() if k not in ("samples", "folded")}))
+    job.done.wait(hangbundle.BUNDLE_WAIT_S)
+
+
 @main.command(hidden=True)
 @train_options
 @user_errors
@@ -226,18 +274,22 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
 @click.option("--cpus", default=None, type=float, help="docker: CPU limit (per container)")
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @user_errors
-def launch(backend, nproc, nodes, session, replace, image, cpus, memory, **values):
-    """Start a detached run and print its run directory.
+def launch(backend, nproc, nodes, session, replace, image, cpus, memory, command, **values):
+    """Start a detached run and print its run directory: lnsp's trainer, or your own
+    command after `--` under the guard.
 
     Example: lnsp launch tmux --epochs 2 --max-restarts 2
              lnsp launch ddp-docker --nodes 2 --epochs 2
+             lnsp launch nohup --run-dir runs/mine -- python train.py --lr 3e-4
     """
     from lnsp.launch import start
 
     config = config_from(values)
     options = {"session": session, "replace": replace, "image": image, "cpus": cpus,
-               "memory": memory, "nproc": nproc, "nodes": nodes}
+               "memory": memory, "nproc": nproc, "nodes": nodes,
+               "command": list(command) or None}
     info = start(backend, config, {k: v for k, v in options.items()
                                    if v is not None and v is not False})
     click.echo(info)

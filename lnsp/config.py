@@ -73,7 +73,9 @@ class TrainConfig:
     startup_timeout: float = _f(600.0, "seconds for start-up and the first step")
     slow_window: float = _f(60.0, "seconds over which a step rate below a third of the run's "
                             "best logs [SLOW] (0 = off)")
-    on_stall: str = _f("dump", "on a stall: dump (and keep waiting) or exit (code 3)", ("dump", "exit"))
+    on_stall: str = _f("auto", "on a stall: dump (and keep waiting), exit (code 3), or auto: "
+                       "dump for lnsp train, exit for a command under lnsp run",
+                       ("auto", "dump", "exit"))
     pg_timeout: float = _f(300.0, "seconds a collective waits for the other ranks (torchrun)")
     max_restarts: int = _f(0, "restarts of a stalled or crashed run (launchers)")
     mem_margin_mb: float = _f(512.0, "resident growth past the first epoch that is logged as a leak")
@@ -112,10 +114,13 @@ class TrainConfig:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_argv(self) -> list[str]:
-        """Command-line flags that reproduce this configuration exactly."""
+    def to_argv(self, only: tuple[str, ...] | None = None) -> list[str]:
+        """Command-line flags that reproduce this configuration exactly (its fields in
+        `only`, when given)."""
         argv = []
         for f in dataclasses.fields(self):
+            if only is not None and f.name not in only:
+                continue
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
             if f.type == "bool" or isinstance(value, bool):

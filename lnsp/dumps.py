@@ -29,12 +29,25 @@ def python_stacks() -> str:
     return "\n".join(parts)
 
 
+def py_spy() -> str | None:
+    """py-spy's path: on PATH, else beside this interpreter, else beside lnsp's own
+    (LNSP_PYTHON: a guarded script's interpreter may not have it); None when absent."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    for python in (sys.executable, os.environ.get("LNSP_PYTHON", "")):
+        exe = Path(python).with_name("py-spy") if python else None
+        if exe is not None and exe.exists():
+            return str(exe)
+    return None
+
+
 def native_stacks(pid: int, timeout: float = 20.0) -> str | None:
     """`py-spy dump --native` of a process, or None when py-spy cannot do it here. A
     stopped process cannot be suspended for native frames: then its Python frames,
     read without stopping it (--nonblocking)."""
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not os.path.exists(exe):
+    exe = py_spy()
+    if exe is None:
         return None
     for mode, label in (("--native", ""), ("--nonblocking", "(Python frames only: the "
                                                             "process could not be suspended)\n")):

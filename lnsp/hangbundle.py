@@ -45,8 +45,10 @@ class Explanation:
     is known, `done` once the bundle is complete (or failed)."""
 
     def __init__(self, rd: RunDir, pid: int, prefix: str = "", log=None,
-                 samples: int = SAMPLES, interval: float = INTERVAL_S):
+                 samples: int = SAMPLES, interval: float = INTERVAL_S,
+                 ignore: set[int] | None = None):
         self.rd, self.pid, self.prefix, self.log = rd, pid, prefix, log
+        self.ignore = ignore  # threads not to judge (default: our own, in this process)
         self.samples, self.interval = samples, interval
         self.verdict: dict | None = None
         self.bundle: Path | None = None
@@ -61,7 +63,8 @@ class Explanation:
         from lnsp import diagnose
 
         try:
-            ignore = own_threads() if self.pid == os.getpid() else set()
+            ignore = self.ignore if self.ignore is not None else \
+                own_threads() if self.pid == os.getpid() else set()
             target = diagnose.Target(self.pid, self.rd.root, self.rd.read_run())
             verdict = diagnose.diagnose(target, self.samples, self.interval, ignore=ignore)
             self.bundle = self.rd.bundle_path(verdict["kind"], self.prefix)

@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from lnsp.rundir import ExitCode, Heartbeat as HeartbeatRecord, RunDir, staleness
 
 HOST = socket.gethostname()
@@ -31,7 +29,7 @@ class Watchdog(threading.Thread):
 
     def __init__(self, startup_timeout: float, stall_timeout: float, on_stall: str,
                  dumper, log, on_exit=None, label: str = "", describe=None, on_tick=(),
-                 slow_window: float = 0.0, diagnose=None):
+                 slow_window: float = 0.0, diagnose=None, busy=None):
         from lnsp.budgets import Goodput, PhaseBudgets, PhaseClock, SlowDetector
 
         super().__init__(name="lnsp-watchdog", daemon=True)
@@ -43,6 +41,10 @@ class Watchdog(threading.Thread):
         # Optional: starts the diagnosis of this process (an lnsp.hangbundle.Explanation)
         # after the stall line and the dump, in its own thread, waited for with a bound.
         self.diagnose = diagnose
+        # Optional (the guard of a user's script): True while the process is at work
+        # (CPU), so a phase it did not name runs past its learned budget up to the stall
+        # timeout, the hard ceiling; a process blocked at no CPU is judged at the budget.
+        self.busy = busy
         self.on_tick = list(on_tick)  # called from this thread every tick (stop notices)
         self.started_steps = False
         self.budgets = PhaseBudgets(ceiling=stall_timeout)
@@ -134,6 +136,9 @@ class Watchdog(threading.Thread):
             idle, budget = s.idle, s.budget
             if not s.stale:
                 fired_at = None
+                continue
+            if self.busy and self.started_steps and idle <= self.stall_timeout and \
+                    self.busy():
                 continue
             if fired_at == last:
                 continue  # already reported this stall; wait for progress
@@ -233,6 +238,8 @@ def process_age(pid: int | None = None) -> float:
         started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
         return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
     except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+        import psutil
+
         try:
             return max(0.0, time.time() - psutil.Process(pid).create_time())
         except psutil.Error:
@@ -254,6 +261,10 @@ def slow_context(window: float) -> str:
     quota throttling, swapping, who else uses the CPU, and on macOS the power assertion."""
     import sys
 
+    try:
+        import psutil
+    except ImportError:  # the guard in a user's interpreter that lacks it
+        return "nothing visible from inside (psutil is not installed here)"
     me = psutil.Process()
     parts = []
     try:
@@ -305,17 +316,34 @@ class Heartbeat:
 
     def __init__(self, path, log, margin_mb: float):
         self.path, self.log, self.margin_mb = path, log, margin_mb
-        self.process = psutil.Process()
         self.baseline_mb = None
         self.warned_at = None
 
-    def rss_mb(self) -> float:
-        return self.process.memory_info().rss / 2**20
+    @staticmethod
+    def rss_mb() -> float:
+        """Resident memory now, from /proc (the guard's interpreter may lack psutil);
+        elsewhere psutil, else the peak (ru_maxrss: bytes on macOS, KiB on Linux)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            import resource
+            import sys
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
     def beat(self, epoch: int, step: int, phase: str, loss: float, samples_per_s: float,
-             extra: dict | None = None) -> None:
+             extra: dict | None = None, at: float | None = None) -> None:
+        """`at`: when the step was done (Unix seconds), if not now."""
         RunDir(Path(self.path).parent).write_heartbeat(HeartbeatRecord(
-            pid=os.getpid(), time=time.time(), host=HOST, epoch=epoch, step=step, phase=phase,
+            pid=os.getpid(), time=at or time.time(), host=HOST, epoch=epoch, step=step, phase=phase,
             loss=loss, samples_per_s=samples_per_s, rss_mb=round(self.rss_mb(), 1),
             extra=extra or {}), self.path)
 

@@ -18,6 +18,7 @@ __all__ = ["LaunchError", "backend", "start"]
 
 
 MODULES = {"docker": "docker", "ddp": "ddp", "ddp-docker": "ddp_docker"}
+COMMAND_BACKENDS = ("nohup", "tmux")  # backends that run a user's command (lnsp run)
 
 
 def backend(name: str):
@@ -28,9 +29,18 @@ def backend(name: str):
 
 def start(name: str, config, options: dict) -> str:
     """Start a detached run; returns what to tell the user."""
-    from lnsp.data import load
+    command = options.get("command")
+    if command:  # a user's command under the guard: refused here when it cannot run
+        if name not in COMMAND_BACKENDS:
+            raise LaunchError(f"lnsp launch {name} does not take a command yet; use one of "
+                              f"{', '.join(COMMAND_BACKENDS)} (or lnsp run in the foreground)")
+        from lnsp.launch.runner import prepare
 
-    load(config.data, config.ctx_len)  # bad input fails here, not in the background
+        prepare(command)
+    else:
+        from lnsp.data import load
+
+        load(config.data, config.ctx_len)  # bad input fails here, not in the background
     rd = RunDir(config.run_dir)
     if rd.exists() and not config.resume:
         raise RunDirError(f"{rd.root}: run directory already holds a run; "
@@ -41,7 +51,7 @@ def start(name: str, config, options: dict) -> str:
     info = module.plan(config, options)
     rd.root.mkdir(parents=True, exist_ok=True)
     rd.update_run(backend=name, launch_time=time.time(), **info)
-    module.start(config, info)
+    module.start(config, {**info, "command": command})
     lines = [f"Started {name} run: {rd.root}"]
     lines += module.notes(config, info) if hasattr(module, "notes") else []
     lines += [f"  status: lnsp status {rd.root}      (make status)",

@@ -12,7 +12,8 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    detach(trainer_argv(config), environment(config, "nohup"), RunDir(config.run_dir).console)
+    detach(trainer_argv(config, info.get("command")), environment(config, "nohup"),
+           RunDir(config.run_dir).console)
 
 
 def notes(config, info: dict) -> list[str]:

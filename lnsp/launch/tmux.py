@@ -22,10 +22,10 @@ def tmux(*args: str, socket: str | None = None) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, timeout=30)
 
 
-def shell_command(config) -> str:
+def shell_command(config, command: list[str] | None = None) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in environment(config, "tmux").items())
     return (f"cd {shlex.quote(os.getcwd())} && ulimit -n {OPEN_FILES} 2>/dev/null; "
-            f"exec env {env} {shlex.join(trainer_argv(config))}")
+            f"exec env {env} {shlex.join(trainer_argv(config, command))}")
 
 
 def plan(config, options: dict) -> dict:
@@ -42,7 +42,7 @@ def plan(config, options: dict) -> dict:
 def start(config, info: dict) -> None:
     session, socket = info["tmux_session"], info["tmux_socket"]
     r = tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50",
-             shell_command(config), socket=socket)
+             shell_command(config, info.get("command")), socket=socket)
     if r.returncode != 0:
         raise LaunchError(f"tmux new-session failed: {r.stderr.strip()}", ExitCode.INTERNAL)
 

@@ -1,0 +1,301 @@
+"""`lnsp run -- CMD`: a user's own command under the guard, in the foreground (and what
+the detached launchers start for a command).
+
+The command runs as a child of this process, which owns the run directory: run.json
+with the child's PID and start time, training.log with the command's output line by
+line (timestamped; echoed here unchanged), exit.json when the child could not write it,
+and restarts (--max-restarts). A Python command gets the in-process guard
+(lnsp.guard.boot) before its first line; any other command gets what can be given
+from outside: the thread environment, its output in the log, status, stop, restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lnsp.errors import LaunchError, RunDirError
+from lnsp.rundir import ExitCode, RunDir
+
+BOOT = Path(__file__).resolve().parent.parent / "guard" / "boot.py"
+PYTHON_NAME = re.compile(r"^(python|pypy)[0-9.]*$", re.IGNORECASE)
+# The interpreter's own options that take a value (`python -X dev -W error train.py`).
+VALUE_OPTIONS = ("-X", "-W", "--check-hash-based-pycs")
+# Settings of lnsp.config.TrainConfig that a guarded command uses.
+GUARD_FIELDS = ("run_dir", "threads", "stall_timeout", "startup_timeout", "slow_window",
+                "on_stall", "max_restarts", "log_every", "mem_margin_mb", "resume")
+CRASH_LOOP_ATTEMPTS = 3
+
+
+def _interpreter(argv0: str) -> str | None:
+    """The Python interpreter a command starts: argv[0] itself (python, python3.11,
+    a framework build's Python, pypy), or a script's `#!...python` line."""
+    if PYTHON_NAME.match(os.path.basename(argv0)):
+        return argv0
+    path = shutil.which(argv0) if os.sep not in argv0 else argv0
+    try:
+        with open(path or argv0, "rb") as f:
+            first = f.readline(256).decode(errors="replace")
+    except OSError:
+        return None
+    if first.startswith("#!"):
+        words = first[2:].split()
+        if words and words[0].endswith("/env") and len(words) > 1:
+            words = words[1:]
+        if words and PYTHON_NAME.match(os.path.basename(words[0])):
+            return words[0]
+    return None
+
+
+def prepare(command: list[str]) -> tuple[list[str], bool]:
+    """The argv to start (the guard injected into a Python command) and whether it is
+    guarded in-process. Bad commands are refused here, before a run directory exists."""
+    if not command:
+        raise LaunchError("no command after --: lnsp run [OPTIONS] -- python train.py ARGS")
+    exe = command[0]
+    found = shutil.which(exe) if os.sep not in exe else (exe if os.path.exists(exe) else None)
+    if not found:
+        raise LaunchError(f"{exe}: command not found")
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise LaunchError(f"{exe}: not an executable file")
+    python = _interpreter(exe)
+    if python is None:
+        return list(command), False
+    if not PYTHON_NAME.match(os.path.basename(exe)):  # ./train.py with a python shebang
+        command = [python, exe, *command[1:]]
+        if not shutil.which(python) and not os.path.exists(python):
+            raise LaunchError(f"{exe}: its interpreter {python} was not found")
+    options, rest = [], command[1:]
+    while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c", "-"):
+        options.append(rest.pop(0))
+        if options[-1] in VALUE_OPTIONS and rest:
+            options.append(rest.pop(0))
+    if not rest or rest[0] == "-":
+        raise LaunchError(f"{' '.join(command)}: give a script, -m MODULE or -c CODE "
+                          "(an interactive or stdin interpreter cannot be guarded)")
+    if rest[0] in ("-m", "-c") and len(rest) < 2:
+        raise LaunchError(f"{' '.join(command)}: {rest[0]} needs an argument")
+    if rest[0] not in ("-m", "-c") and not os.path.isfile(rest[0]) and \
+            not os.path.isdir(rest[0]):
+        raise LaunchError(f"{rest[0]}: no such script")
+    return [command[0], *options, str(BOOT), *rest], True
+
+
+def settings(config, python: str) -> dict:
+    """What the in-process guard reads (LNSP_GUARD): the run's budgets and lnsp's own
+    interpreter, where the diagnosis runs."""
+    return {"run_dir": str(Path(config.run_dir).resolve()),
+            "stall_timeout": config.stall_timeout, "startup_timeout": config.startup_timeout,
+            "on_stall": "exit" if config.on_stall == "auto" else config.on_stall,
+            "slow_window": config.slow_window, "log_every": config.log_every,
+            "mem_margin_mb": config.mem_margin_mb, "python": python}
+
+
+def environment(config, guarded: dict | None, attempt: int) -> dict[str, str]:
+    """The child's environment: the user's, the thread policy (the user's own values
+    win), unbuffered output, the guard's settings and the attempt number."""
+    from lnsp.launch.command import environment as thread_environment
+    from lnsp.threads import user_environment
+
+    env = {**user_environment(), **thread_environment(config, os.environ.get(
+        "LNSP_BACKEND", "foreground"))}
+    env.pop("PYTHONFAULTHANDLER", None)  # the guard enables faulthandler itself
+    env["LNSP_ATTEMPT"] = str(attempt)
+    env["LNSP_PYTHON"] = sys.executable  # py-spy and the diagnosis live beside it
+    if guarded is not None:
+        env["LNSP_GUARD"] = json.dumps(guarded)
+    return env
+
+
+class Runner:
+    """One guarded command with its restarts; `run()` returns the run's exit code."""
+
+    def __init__(self, command: list[str], config, echo=None):
+        self.command, self.config = command, config
+        self.rd = RunDir(config.run_dir)
+        self.echo = echo if echo is not None else _write_stdout
+        self.stop_requested: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.log_file = None
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> int:
+        argv, guarded = prepare(self.command)
+        rd, config = self.rd, self.config
+        if rd.config.exists() and not config.resume:  # run.json alone: a launcher's
+            raise RunDirError(f"{rd.root}: run directory already holds a run; "
+                              "pass --resume to continue it or choose another --run-dir")
+        rd.root.mkdir(parents=True, exist_ok=True)
+        from lnsp.rundir import write_json
+        from lnsp.watchdog import process_age
+
+        write_json(rd.config, {**config.to_json(), "command": self.command})
+        rd.update_run(backend=os.environ.get("LNSP_BACKEND", "foreground"),
+                      supervisor_pid=os.getpid(), supervisor_start=time.time() - process_age(),
+                      command=self.command, cwd=os.getcwd(), guard=guarded,
+                      stall_timeout=config.stall_timeout,
+                      startup_timeout=config.startup_timeout, max_restarts=config.max_restarts)
+        self.log_file = open(rd.log, "ab")
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        guard = settings(config, sys.executable) if guarded else None
+        attempt = int(rd.read_run().get("attempts", 0)) if config.resume else 0
+        restarts, endings = 0, []
+        while True:
+            code, record = self._attempt(argv, guard, attempt)
+            endings.append((code, record.step if record else 0,
+                            record.cause if record else None))
+            if self.stop_requested or code == 0:
+                return code
+            from lnsp.budgets import RESTARTABLE, classify_ending
+
+            kind = classify_ending(code, _record_dict(record))
+            if not RESTARTABLE.get(kind, True) or restarts >= config.max_restarts:
+                if config.max_restarts:
+                    self._log(f"[SUPERVISOR] command ended: {kind} (exit code {code}); "
+                              + ("not restarting" if restarts < config.max_restarts else
+                                 f"giving up after {restarts} restarts"))
+                return code
+            if crash_loop(endings):
+                self._log(f"[SUPERVISOR] crash loop: the last {CRASH_LOOP_ATTEMPTS} attempts "
+                          f"ended the same way ({record.cause if record else kind}) without "
+                          f"getting further; not restarting (exit code "
+                          f"{int(ExitCode.CRASH_LOOP)})")
+                rd.write_exit("failed", ExitCode.CRASH_LOOP, record.step if record else 0,
+                              cause=f"crash loop: {CRASH_LOOP_ATTEMPTS} attempts ended alike; "
+                                    f"each: {record.cause if record else kind}",
+                              attempts=len(endings))
+                return ExitCode.CRASH_LOOP
+            restarts += 1
+            attempt += 1
+            rd.update_run(restarts=restarts)
+            self._log(f"[SUPERVISOR] command ended: {kind} (exit code {code}); restart "
+                      f"{restarts}/{config.max_restarts} (attempt {attempt}: the script reads "
+                      "lnsp.guard.attempt() to resume from its own checkpoint)")
+
+    def _attempt(self, argv: list[str], guard: dict | None, attempt: int):
+        """Start the command once, copy its output into the log, wait for its end; its
+        exit code and exit record (written here when the child could not)."""
+        import psutil
+
+        rd = self.rd
+        rd.clear_exit()
+        started = time.time()
+        try:
+            self.proc = proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=environment(self.config, guard, attempt))
+        except OSError as e:
+            raise LaunchError(f"{argv[0]}: cannot be started ({e.strerror})") from None
+        from lnsp.launch.command import caffeinate_argv
+
+        power = caffeinate_argv(proc.pid)  # macOS: App Nap would throttle it
+        if power:
+            subprocess.Popen(power, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            start_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            start_time = started
+        rd.update_run(pid=proc.pid, start_time=start_time, attempts=attempt + 1,
+                      python=argv[0] if guard else None, argv=argv)
+        self._pump(proc.stdout.fileno())
+        code = proc.wait()
+        record = rd.read_exit()
+        if record is not None and record.time >= started:
+            return (code if code >= 0 else 128 - code), record
+        if code < 0:  # ended by a signal, nothing written: SIGKILL, a segfault, an OOM kill
+            name = signal.Signals(-code).name
+            if self.stop_requested:
+                return ExitCode.DONE, rd.write_exit("stopped", ExitCode.DONE, _step(rd),
+                                                    signal=self.stop_requested)
+            return 128 - code, rd.write_exit("failed", 128 - code, _step(rd),
+                                             cause=f"killed by {name}")
+        if code == 0:
+            return code, rd.write_exit("finished", ExitCode.DONE, _step(rd))
+        return code, rd.write_exit("failed", code, _step(rd), cause=f"exit code {code}")
+
+    # ------------------------------------------------------------ output
+    def _pump(self, fd: int) -> None:
+        """The child's output, as it comes: unchanged to our stdout, and line by line
+        (a carriage return ends a line too: progress bars) into training.log."""
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            self.echo(chunk)
+            lines = re.split(rb"\r\n|\r|\n", pending + chunk)
+            pending = lines.pop()
+            self._write_lines(lines)
+        if pending:
+            self._write_lines([pending])
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        stamp = time.strftime("[%H:%M:%S] ").encode()
+        text = b"".join(stamp + line + b"\n" for line in lines if line.strip())
+        if text:
+            self.log_file.write(text)
+            self.log_file.flush()
+
+    def _log(self, message: str) -> None:
+        """A line of lnsp's own into the log and to the terminal."""
+        line = f"[{time.strftime('%H:%M:%S')}] {message}\n".encode()
+        self.log_file.write(line)
+        self.log_file.flush()
+        self.echo(line)
+
+    # ------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        """A stop of the run: never restarted after. SIGTERM and SIGHUP go on to the
+        command; SIGINT (Ctrl-C) reached it from the terminal already (one process
+        group), so it is not sent twice (a second SIGINT is the command's hard exit)."""
+        self.stop_requested = signal.Signals(signum).name
+        proc = self.proc
+        if signum != signal.SIGINT and proc is not None and proc.returncode is None:
+            try:
+                proc.send_signal(signum)  # our own child, not reaped yet: its PID is ours
+            except OSError:
+                pass
+
+
+def _write_stdout(data: bytes) -> None:
+    try:
+        os.write(sys.stdout.fileno(), data)
+    except (OSError, ValueError):
+        pass
+
+
+def _step(rd: RunDir) -> int:
+    beat = rd.read_heartbeat()
+    return beat.step if beat else 0
+
+
+def _record_dict(record) -> dict:
+    if record is None:
+        return {}
+    return {"state": record.state, "cause": record.cause or "", **record.extra}
+
+
+def crash_loop(endings: list[tuple[int, int, str | None]]) -> bool:
+    """The last CRASH_LOOP_ATTEMPTS attempts ended alike: the same exit code and cause
+    at the same optimizer step (a script that resumes from its own checkpoint and dies
+    at the same place every time), or each before its first step."""
+    if len(endings) < CRASH_LOOP_ATTEMPTS:
+        return False
+    last = endings[-CRASH_LOOP_ATTEMPTS:]
+    return len(set(last)) == 1 or all(step == 0 for _, step, _ in last)
+
+
+def run(command: list[str], config) -> int:
+    return Runner(command, config).run()

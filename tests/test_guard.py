@@ -1,0 +1,290 @@
+"""The guard on a user's own, unmodified script: `lnsp run -- python script.py`, the
+detached launchers with a command, and the `lnsp.guard` API. Real processes, real
+signals, a real FIFO gate for the stall, real tmux; the script does not import lnsp."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import env, finish, lnsp, read_json, release, wait_until
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_train.py"
+pytestmark = pytest.mark.xdist_group("guard")
+
+
+def start_run(run: Path, *script_args, guard_args=(), cwd=None, command=None) -> subprocess.Popen:
+    """`lnsp run --run-dir RUN [guard_args] -- python plain_train.py ARGS` in the
+    background, its output (the script's, echoed) on a pipe."""
+    command = command or [sys.executable, str(SCRIPT), *map(str, script_args)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "lnsp", "run", "--run-dir", str(run), *map(str, guard_args),
+         "--", *command], cwd=cwd or run.parent, env=env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def gate_args(tmp_path: Path, at: int) -> tuple[list, Path, Path]:
+    gate, marker = tmp_path / "gate", tmp_path / "blocked"
+    os.mkfifo(gate)
+    return ["--block-at", at, "--gate", gate, "--marker", marker], gate, marker
+
+
+def log_of(run: Path) -> str:
+    return (run / "training.log").read_text()
+
+
+def test_a_plain_script_finishes_with_a_heartbeat_per_optimizer_step(tmp_path):
+    run = tmp_path / "run"
+    proc = start_run(run, "--steps", 700, "--workers", 2)
+    code, out = finish(proc, 120)
+    assert code == 0, out[-3000:]
+    assert "done 700 steps" in out  # the script's own output, echoed unchanged
+    beat, ended = read_json(run / "heartbeat.json"), read_json(run / "exit.json")
+    assert beat["step"] == 700 and beat["pid"] == read_json(run / "run.json")["pid"]
+    assert ended["state"] == "finished" and ended["exit_code"] == 0 and ended["step"] == 700
+    # its output line by line in training.log, each line timestamped
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] step 700 loss \d", log_of(run), re.M)
+    steps = [r["step"] for r in map(json.loads,
+                                    (run / "steps.jsonl").read_text().splitlines())]
+    assert steps[:3] == [20, 40, 60] and steps[-1] == 700
+    assert read_json(run / "goodput.json")["step"] == 700
+
+
+def test_status_dump_of_a_live_script_which_goes_on(tmp_path):
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 400)
+    proc = start_run(run, "--steps", 600, *args, guard_args=["--on-stall", "dump"])
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        wait_until(lambda: read_json(run / "heartbeat.json")["step"] == 399, 10,
+                   what="the heartbeat of the last step before the gate")
+        st = json.loads(lnsp("status", run, "--json").stdout)[0]
+        assert st["state"] == "running" and st["step"] == 399, st
+        assert st["samples_per_s"] > 0  # the step rate (steps/s for a command)
+        r = lnsp("dump", run, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "plain_train.py" in r.stdout and "MainThread" not in r.stderr
+        assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", r.stdout)
+        release(gate)
+        code, out = finish(proc, 90)
+    finally:
+        proc.kill()
+    assert code == 0, out[-3000:]
+    assert read_json(run / "exit.json")["state"] == "finished"
+    assert read_json(run / "heartbeat.json")["step"] == 600
+
+
+def test_a_script_blocked_in_a_system_call_is_caught_within_15s(tmp_path):
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 300)
+    proc = start_run(run, "--steps", 3000, *args)
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        blocked = time.monotonic()
+        wait_until(lambda: "[WATCHDOG] no progress" in log_of(run), 15,
+                   what="the [WATCHDOG] line within 15 s of the block")
+        seen = time.monotonic() - blocked
+        code, out = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert seen <= 15 and code == 3, out[-3000:]
+    log = log_of(run)
+    assert "[WATCHDOG] VERDICT blocked-io" in log, log[-3000:]
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 299
+    assert ended["cause"].startswith("blocked-io") and "gate" in ended["cause"]
+    assert list((run / "dumps").glob("dump-*-stall-*.txt"))
+
+
+def test_lnsp_stop_ends_a_script_as_stopped(tmp_path):
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 200)
+    proc = start_run(run, "--steps", 3000, *args, guard_args=["--on-stall", "dump"])
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        r = lnsp("stop", run, "--grace", 30, timeout=60)
+        code, out = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+    assert code == 0, out[-3000:]
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stopped" and ended["signal"] == "SIGTERM" and ended["step"] == 199
+
+
+def test_a_script_that_asks_should_stop_stops_at_its_own_boundary(tmp_path):
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 150)
+    proc = start_run(run, "--steps", 3000, "--poll", *args, guard_args=["--on-stall", "dump"])
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        proc.send_signal(signal.SIGTERM)  # to lnsp run, which passes it on
+        wait_until(lambda: "SIGTERM received" in log_of(run), 30, what="the stop request")
+        release(gate)  # the script asks should_stop() after this step, and returns
+        code, out = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert code == 0 and "stopping at step 150" in out, out[-3000:]
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stopped" and ended["step"] == 150
+
+
+def test_the_scripts_exception_and_exit_code_are_the_runs(tmp_path):
+    run = tmp_path / "run"
+    code, out = finish(start_run(run, "--steps", 100, "--workers", 0, "--fail-at", 50), 90)
+    assert code == 1, out[-2000:]
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "failed" and ended["exit_code"] == 1 and ended["step"] == 49
+    assert "RuntimeError: the script's own error at step 50" in ended["cause"]
+    log = log_of(run)
+    assert "Traceback (most recent call last):" in log and "boot.py" not in log
+    assert 'plain_train.py", line' in log
+
+    other = tmp_path / "other"
+    code, out = finish(start_run(other, "--steps", 30, "--workers", 0, "--exit-code", 5), 90)
+    assert code == 5, out[-2000:]
+    ended = read_json(other / "exit.json")
+    assert ended["state"] == "failed" and ended["exit_code"] == 5 and ended["step"] == 30
+
+
+INSPECT = """\
+import os, sys
+print("argv", sys.argv)
+print("file", os.path.realpath(__file__) if "__file__" in globals() else None)
+print("path0", sys.path[0])
+print("name", __name__)
+print("heavy", sorted(m for m in ("psutil", "numpy", "torch", "click", "faiss")
+                      if m in sys.modules))
+sys.exit(int(sys.argv[-1]))
+"""
+
+
+def test_the_script_runs_as_plain_python_would_run_it(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    script = tmp_path / "pkg" / "inspect_me.py"
+    script.write_text(INSPECT)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    for command in ([sys.executable, str(script), "--flag", "x", "7"],
+                    [sys.executable, "-m", "pkg.inspect_me", "--flag", "x", "7"]):
+        plain = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                               env=env())
+        run = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
+        code, out = finish(start_run(run, command=command, cwd=tmp_path), 60)
+        assert code == plain.returncode == 7, out
+        lines = [line for line in out.splitlines() if line.split(" ")[0] in
+                 ("argv", "file", "path0", "name", "heavy")]
+        assert lines == plain.stdout.splitlines(), (lines, plain.stdout)
+        # the guard's part imported no dependency of lnsp's into the script's process
+        assert "heavy []" in lines
+        assert read_json(run / "exit.json")["exit_code"] == 7
+
+
+def test_bad_commands_get_one_line_exit_2_and_no_run_directory(tmp_path):
+    script = tmp_path / "not-executable.sh"
+    script.write_text("echo hi\n")
+    cases = {(): "no command after --",
+             (sys.executable, str(tmp_path / "missing.py")): "no such script",
+             ("no-such-command-anywhere",): "command not found",
+             (str(script),): "not an executable file"}
+    for command, words in cases.items():
+        run = tmp_path / "run"
+        r = lnsp("run", "--run-dir", run, "--", *command, cwd=tmp_path)
+        assert r.returncode == 2 and words in r.stderr, (command, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert not run.exists()
+
+
+def test_a_command_that_is_not_python_gets_its_output_logged_and_its_code(tmp_path):
+    run = tmp_path / "run"
+    command = ["sh", "-c", "echo from the shell; echo on stderr >&2; exit 4"]
+    code, out = finish(start_run(run, command=command), 30)
+    assert code == 4 and "from the shell" in out
+    log = log_of(run)
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] on stderr$", log, re.M)
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "failed" and ended["exit_code"] == 4
+    assert read_json(run / "run.json")["guard"] is False
+
+
+RESUMING = """\
+import sys
+import lnsp.guard as guard
+n = guard.attempt()
+for i in range(10):
+    guard.step(loss=1.0 / (i + 1))
+print("attempt", n, flush=True)
+sys.exit(0 if n >= int(sys.argv[1]) else 9)
+"""
+
+
+def test_restarts_and_the_attempt_number_and_a_crash_loop(tmp_path):
+    script = tmp_path / "resuming.py"
+    script.write_text(RESUMING)
+    run = tmp_path / "run"
+    code, out = finish(start_run(run, guard_args=["--max-restarts", 3],
+                                 command=[sys.executable, str(script), "1"]), 60)
+    assert code == 0 and "attempt 0" in out and "attempt 1" in out, out
+    assert read_json(run / "run.json")["restarts"] == 1
+    assert read_json(run / "exit.json")["state"] == "finished"
+    assert read_json(run / "heartbeat.json")["step"] == 10  # guard.step() counts steps
+
+    loop = tmp_path / "loop"
+    code, out = finish(start_run(loop, guard_args=["--max-restarts", 5],
+                                 command=[sys.executable, str(script), "99"]), 60)
+    assert code == 4, out
+    ended = read_json(loop / "exit.json")
+    assert ended["state"] == "failed" and ended["cause"].startswith("crash loop")
+    assert read_json(loop / "run.json")["restarts"] == 2
+
+
+def test_the_api_is_a_no_op_without_lnsp(tmp_path):
+    code = ("import lnsp.guard as g\n"
+            "with g.phase('evaluate'):\n    g.step(loss=1.0, lr=0.1)\n"
+            "print(g.active(), g.should_stop(), g.attempt())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env(), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False", "0"], r.stderr
+
+
+def detached(backend: str, run: Path, tmp_path: Path, extra_env=None) -> str:
+    r = lnsp("launch", backend, "--run-dir", run, "--", sys.executable, SCRIPT, "--steps",
+             300, cwd=tmp_path, extra_env=extra_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_a_script_detached_under_nohup_finishes(tmp_path, reap):
+    run = tmp_path / "run"
+    detached("nohup", run, tmp_path)
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 120,
+               what="the nohup run to end")
+    info = read_json(run / "run.json")
+    assert info["backend"] == "nohup" and info["guard"] is True
+    assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-2000:]
+    assert read_json(run / "heartbeat.json")["step"] == 300
+
+
+def test_a_script_detached_under_tmux_finishes(tmp_path):
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    socket = f"lnsp-guard-{os.getpid()}"
+    run = tmp_path / "mine"
+    try:
+        out = detached("tmux", run, tmp_path, {"LNSP_TMUX_SOCKET": socket})
+        assert f"tmux -L {socket} attach -t mine" in out
+        wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 120,
+                   what="the tmux run to end")
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
+    assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-2000:]
+    assert read_json(run / "heartbeat.json")["step"] == 300
+    assert read_json(run / "run.json")["backend"] == "tmux"
