@@ -20,6 +20,11 @@ OFFLINE_BASE ?= lnsp-base:bookworm
 PORT   ?= 6006
 TRAIN_FLAGS = --data $(DATA) --run-dir $(RUN) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 TARGET = $(if $(PID),$(PID),$(RUN))
+# CMD="python train.py --lr 3e-4": the launch targets run your own command under the
+# guard instead of lnsp's trainer (ARGS= then takes the guard's flags, e.g. --max-restarts 2).
+CMD    ?=
+LAUNCH_FLAGS = $(if $(CMD),--run-dir $(RUN) $(ARGS) -- $(CMD),$(TRAIN_FLAGS))
+DEMO_DATA = $(if $(CMD),,$(if $(filter data/demo,$(DATA)),data/demo/bank.npy))
 
 help: ## show this help
 	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
@@ -46,6 +51,10 @@ data-text: $(STAMP) ## a data directory from your text (SRC=folder or .jsonl, OU
 train: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## train in the foreground (DATA=, RUN=, EPOCHS=)
 	$(LNSP) train $(TRAIN_FLAGS)
 
+run: $(STAMP) ## your own command under the guard, in the foreground (CMD="python train.py ...", RUN=, ARGS=)
+	@test -n "$(CMD)" || { echo 'make run CMD="python train.py ..." [RUN=runs/name] [ARGS="--max-restarts 2"]'; exit 2; }
+	$(LNSP) run --run-dir $(RUN) $(ARGS) -- $(CMD)
+
 # Two workers: in one process a core idles while a test waits out a real stall or a
 # container. The container tests share one worker (one image), the torchrun tests another.
 WORKERS ?= 2
@@ -59,11 +68,11 @@ test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in
 probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
 	$(LNSP) probe $(ARGS)
 
-train-nohup: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run: nohup (+ caffeinate on macOS)
-	$(LNSP) launch nohup $(TRAIN_FLAGS)
+train-nohup: $(STAMP) $(DEMO_DATA) ## detached run: nohup (+ caffeinate on macOS); CMD= for your own command
+	$(LNSP) launch nohup $(LAUNCH_FLAGS)
 
-train-tmux: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a tmux session (SESSION=)
-	$(LNSP) launch tmux $(TRAIN_FLAGS) $(if $(SESSION),--session $(SESSION))
+train-tmux: $(STAMP) $(DEMO_DATA) ## detached run in a tmux session (SESSION=); CMD= for your own command
+	$(LNSP) launch tmux $(if $(SESSION),--session $(SESSION)) $(LAUNCH_FLAGS)
 
 train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (image built when missing; IMAGE=)
 	$(if $(IMAGE),,$(LNSP) image ensure)
@@ -148,6 +157,6 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data data-text train test test-stress probe train-nohup train-tmux train-docker train-ddp status \
+.PHONY: help setup data data-text train run test test-stress probe train-nohup train-tmux train-docker train-ddp status \
 	watch tensorboard image dump diagnose stop \
 	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

@@ -190,8 +190,11 @@ COMMAND = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
 @main.command(context_settings=COMMAND)
 @guard_options
+@click.option("--nproc", default=0, type=click.IntRange(min=0),
+              help="run a Python script as this many torchrun ranks, each guarded (0: one "
+                   "process, no torchrun)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(command, **values):
+def run(command, nproc, **values):
     """Run your own command under the guard, in the foreground: thread policy, stack
     dumps, watchdog, heartbeat per optimizer step, with no change to the script.
 
@@ -199,7 +202,7 @@ def run(command, **values):
     """
     from lnsp.launch.runner import run as run_command
 
-    sys.exit(run_command(list(command), config_from(values)))
+    sys.exit(run_command(list(command), config_from(values), nproc))
 
 
 @main.command(hidden=True)

@@ -265,14 +265,23 @@ class RunDir:
     def write_heartbeat(self, beat: Heartbeat, path: Path | None = None) -> None:
         write_json(path or self.heartbeat, _to(beat), durable=False)
 
-    def read_exit(self) -> ExitRecord | None:
-        return _from(ExitRecord, read_json(self.exit))
+    def rank_exit(self, rank: int) -> Path:
+        """How one rank of a guarded torchrun command ended; `lnsp run` turns the ranks'
+        records into exit.json."""
+        return self.root / f"exit-rank{rank}.json"
+
+    def read_exit(self, path: Path | None = None) -> ExitRecord | None:
+        return _from(ExitRecord, read_json(path or self.exit))
 
     def write_exit(self, state: str, code: int, step: int, cause: str | None = None,
                    **extra) -> ExitRecord:
         """exit.json, the one place it is written (trainer, watchdog, supervisor)."""
+        return self.write_exit_at(self.exit, state, code, step, cause, **extra)
+
+    def write_exit_at(self, path: Path, state: str, code: int, step: int,
+                      cause: str | None = None, **extra) -> ExitRecord:
         record = ExitRecord(state, int(code), step, time.time(), cause, extra)
-        write_json(self.exit, _to(record))
+        write_json(path, _to(record))
         return record
 
     def clear_exit(self) -> None:

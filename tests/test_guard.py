@@ -25,7 +25,7 @@ pytestmark = pytest.mark.xdist_group("guard")
 def start_run(run: Path, *script_args, guard_args=(), cwd=None, command=None) -> subprocess.Popen:
     """`lnsp run --run-dir RUN [guard_args] -- python plain_train.py ARGS` in the
     background, its output (the script's, echoed) on a pipe."""
-    command = command or [sys.executable, str(SCRIPT), *map(str, script_args)]
+    command = [str(c) for c in command or [sys.executable, SCRIPT, *script_args]]
     return subprocess.Popen(
         [sys.executable, "-m", "lnsp", "run", "--run-dir", str(run), *map(str, guard_args),
          "--", *command], cwd=cwd or run.parent, env=env(), stdin=subprocess.DEVNULL,
@@ -288,3 +288,42 @@ def test_a_script_detached_under_tmux_finishes(tmp_path):
     assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-2000:]
     assert read_json(run / "heartbeat.json")["step"] == 300
     assert read_json(run / "run.json")["backend"] == "tmux"
+
+
+DDP_SCRIPT = SCRIPT.with_name("ddp_train.py")
+
+
+def test_a_ddp_script_detached_as_two_ranks_finishes_with_a_heartbeat_per_rank(tmp_path):
+    run = tmp_path / "run"
+    r = lnsp("launch", "ddp", "--nproc", 2, "--run-dir", run, "--", sys.executable,
+             DDP_SCRIPT, "--steps", 150, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 120,
+               what="the ddp run to end")
+    assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-3000:]
+    for rank in (0, 1):
+        beat = read_json(run / f"heartbeat-rank{rank}.json")
+        assert beat["step"] == 150 and beat["guard"] is True
+    info = read_json(run / "run.json")
+    assert info["backend"] == "ddp" and [r["rank"] for r in info["ranks"]] == [0, 1]
+    log = log_of(run)
+    assert "rank 0 done" in log and "rank 1 done" in log
+
+
+def test_the_frozen_rank_of_a_ddp_script_is_named(tmp_path):
+    run = tmp_path / "run"
+    gate, marker = tmp_path / "gate", tmp_path / "blocked"
+    os.mkfifo(gate)
+    proc = start_run(run, guard_args=["--nproc", 2], command=[
+        sys.executable, str(DDP_SCRIPT), "--steps", 3000, "--block-rank", 1, "--block-at", 40,
+        "--gate", gate, "--marker", marker])
+    try:
+        wait_until(marker.exists, 90, what="rank 1 to reach its gate")
+        code, out = finish(proc, 90)
+    finally:
+        proc.kill()
+    assert code == 3, out[-3000:]
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stalled" and ended["rank"] == 1, ended
+    assert ended["cause"].startswith("rank 1: blocked-io"), ended
+    assert "[rank 1] [WATCHDOG] VERDICT blocked-io" in log_of(run)

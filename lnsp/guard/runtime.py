@@ -54,7 +54,12 @@ class Runtime:
 
         self.settings = settings
         self.rd = RunDir(settings["run_dir"])
-        self.log = Log()
+        # A rank of a torchrun job: its own heartbeat and exit record, lines prefixed;
+        # rank 0 also writes the run's heartbeat and records.
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.main = self.rank == 0
+        self.log = Log(f"[rank {self.rank}] " if self.world > 1 else "")
         self.step = 0  # optimizer steps (or guard.step() calls) of this process
         self.hooked = False  # an optimizer hook counted a step: guard.step() only adds figures
         self.loss: float | None = None
@@ -86,16 +91,24 @@ class Runtime:
         self.rd.dumps.mkdir(parents=True, exist_ok=True)
         # Native crashes (segfault, abort) leave every thread's stack in the log.
         faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
-        self.dumper = Dumper(self.rd.dumps, self.log)
-        self.heartbeat = Heartbeat(self.rd.heartbeat, self.log, float(s.get("mem_margin_mb", 512)))
+        self.dumper = Dumper(self.rd.dumps, self.log,
+                             prefix=f"rank{self.rank}-" if self.world > 1 else "")
+        margin = float(s.get("mem_margin_mb", 512))
+        self.beats = [Heartbeat(self.rd.rank_heartbeat(self.rank), self.log, margin)] \
+            if self.world > 1 else []
+        if self.main:
+            self.beats.append(Heartbeat(self.rd.heartbeat, self.log, margin))
+        self.heartbeat = self.beats[-1]
         self.watchdog = Watchdog(
             float(s["startup_timeout"]), float(s["stall_timeout"]), s.get("on_stall", "exit"),
             self.dumper, self.log, on_exit=self._stalled, on_tick=[self._tick],
             slow_window=float(s.get("slow_window", 0)), diagnose=self._diagnose,
-            busy=self.busy)
+            busy=self.busy, describe=self._ranks if self.world > 1 else None)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         current = self
+        if self.world > 1:  # the rank is known (its PID) before its first step
+            self.beats[0].beat(0, 0, "startup", None, 0.0, {"guard": True})
         self.watchdog.start()
         _hook_optimizers(self)
         return self
@@ -154,14 +167,18 @@ class Runtime:
         with self._beat_lock:
             self._last_beat = time.monotonic()
             self._beaten = self.step
-            self.heartbeat.beat(0, self.step, phase, self.loss, self.steps_per_s,
-                                {"steps_per_s": round(self.steps_per_s, 3), "guard": True,
-                                 **self.watchdog.vitals()}, at=at)
+            extra = {"steps_per_s": round(self.steps_per_s, 3), "guard": True,
+                     **self.watchdog.vitals()}
+            for heartbeat in self.beats:
+                heartbeat.beat(0, self.step, phase, self.loss, self.steps_per_s, extra, at=at)
 
     def record(self, final: bool = False) -> None:
-        """steps.jsonl (per log interval) and goodput.json: records, never log text."""
+        """steps.jsonl (per log interval) and goodput.json: records, never log text
+        (rank 0's)."""
         from lnsp.rundir import StepRecord
 
+        if not self.main:
+            return
         self.rd.append_step(StepRecord(
             step=self.step, epoch=0, loss=self.loss, samples_per_s=round(self.steps_per_s, 3),
             phases={}, rss_mb=round(self.heartbeat.rss_mb(), 1), time=time.time(),
@@ -176,6 +193,8 @@ class Runtime:
     def write_goodput(self) -> None:
         from lnsp.watchdog import process_started
 
+        if not self.main:
+            return
         self.watchdog.account()
         self.rd.write_goodput({**self.watchdog.goodput.summary(), "pid": os.getpid(),
                                "step": self.step, "attempts": attempt() + 1,
@@ -220,11 +239,26 @@ class Runtime:
         stall = getattr(self.watchdog, "last_stall", None) or {}
         extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
             if cause(verdict) else {}
-        self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
+        self._exit("stalled", ExitCode.STALLED, self.step,
                            cause=cause(verdict) or f"no progress in phase '{phase}'"
                            + (f"; {stall['main_thread']}" if stall else ""),
                            phase=phase, **extra)
         self.write_goodput()
+
+    def _exit(self, state: str, code: int, step: int, cause: str | None = None,
+              **extra) -> None:
+        """exit.json; a rank of a torchrun job writes its own, and `lnsp run` names
+        the run's ending from them."""
+        path = self.rd.rank_exit(self.rank) if self.world > 1 else self.rd.exit
+        self.rd.write_exit_at(path, state, code, step, cause, **extra)
+
+    def _ranks(self) -> str:
+        """The other ranks' progress, for the stall line: which rank is behind."""
+        rows = []
+        for rank, beat in sorted(self.rd.rank_heartbeats().items()):
+            if rank != self.rank:
+                rows.append(f"rank {rank} step {beat.step} ({time.time() - beat.time:.1f}s ago)")
+        return ("others: " + ", ".join(rows)) if rows else ""
 
     # ------------------------------------------------------------ stopping
     def should_stop(self) -> bool:
@@ -256,17 +290,16 @@ class Runtime:
         if self.step:
             self.record(final=True)
         if self.stop_requested:  # however the script ended, a stop was asked for
-            self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=self.stop_requested)
+            self._exit("stopped", ExitCode.DONE, self.step, signal=self.stop_requested)
             return ExitCode.DONE
         if error is not None:
-            self.rd.write_exit("failed", code, self.step,
-                               cause=f"{type(error).__name__}: {error}",
-                               error=f"{type(error).__name__}: {error}")
+            self._exit("failed", code, self.step, cause=f"{type(error).__name__}: {error}",
+                       error=f"{type(error).__name__}: {error}")
             return code
         if code == 0:
-            self.rd.write_exit("finished", ExitCode.DONE, self.step)
+            self._exit("finished", ExitCode.DONE, self.step)
         else:
-            self.rd.write_exit("failed", code, self.step, cause=f"exit code {code}")
+            self._exit("failed", code, self.step, cause=f"exit code {code}")
         return code
 
 

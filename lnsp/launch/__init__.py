@@ -18,7 +18,7 @@ __all__ = ["LaunchError", "backend", "start"]
 
 
 MODULES = {"docker": "docker", "ddp": "ddp", "ddp-docker": "ddp_docker"}
-COMMAND_BACKENDS = ("nohup", "tmux")  # backends that run a user's command (lnsp run)
+COMMAND_BACKENDS = ("nohup", "tmux", "ddp")  # backends that run a user's command (lnsp run)
 
 
 def backend(name: str):
@@ -36,7 +36,7 @@ def start(name: str, config, options: dict) -> str:
                               f"{', '.join(COMMAND_BACKENDS)} (or lnsp run in the foreground)")
         from lnsp.launch.runner import prepare
 
-        prepare(command)
+        prepare(command, int(options.get("nproc") or 2) if name == "ddp" else 0)
     else:
         from lnsp.data import load
 

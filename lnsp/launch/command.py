@@ -57,14 +57,14 @@ def caffeinate_argv(pid: int, platform: str = sys.platform) -> list[str]:
     return ["caffeinate", "-i", "-s", "-w", str(pid)]
 
 
-def trainer_argv(config, command: list[str] | None = None) -> list[str]:
+def trainer_argv(config, command: list[str] | None = None, nproc: int = 0) -> list[str]:
     """The supervisor, which runs `python -m lnsp train`, holds caffeinate for it on
     macOS, and restarts it when it stalls or crashes (--max-restarts); for a user's
     command, `lnsp run` with the guard's settings, which does the same for it."""
     if command:
         from lnsp.launch.runner import GUARD_FIELDS
 
-        return [sys.executable, "-m", "lnsp", "run", *config.to_argv(GUARD_FIELDS), "--",
-                *command]
+        return [sys.executable, "-m", "lnsp", "run", *config.to_argv(GUARD_FIELDS),
+                *(["--nproc", str(nproc)] if nproc else []), "--", *command]
     return [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp", "supervise",
             *config.to_argv()]

@@ -48,8 +48,13 @@ def start(config, info: dict) -> None:
     dumps = RunDir(config.run_dir).dumps
     dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout
     env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps)}
-    detach(torchrun_argv(config, info["nproc"]), env,
-           RunDir(config.run_dir).console)
+    if info.get("command"):  # a user's script: `lnsp run --nproc N`, each rank guarded
+        from lnsp.launch.command import trainer_argv
+
+        argv = trainer_argv(config, info["command"], info["nproc"])
+    else:
+        argv = torchrun_argv(config, info["nproc"])
+    detach(argv, env, RunDir(config.run_dir).console)
 
 
 def notes(config, info: dict) -> list[str]:

@@ -54,9 +54,10 @@ def _interpreter(argv0: str) -> str | None:
     return None
 
 
-def prepare(command: list[str]) -> tuple[list[str], bool]:
-    """The argv to start (the guard injected into a Python command) and whether it is
-    guarded in-process. Bad commands are refused here, before a run directory exists."""
+def prepare(command: list[str], nproc: int = 0) -> tuple[list[str], bool]:
+    """The argv to start (the guard injected into a Python command; with `nproc`, as
+    that many torchrun ranks, each guarded) and whether it is guarded in-process. Bad
+    commands are refused here, before a run directory exists."""
     if not command:
         raise LaunchError("no command after --: lnsp run [OPTIONS] -- python train.py ARGS")
     exe = command[0]
@@ -67,6 +68,9 @@ def prepare(command: list[str]) -> tuple[list[str], bool]:
         raise LaunchError(f"{exe}: not an executable file")
     python = _interpreter(exe)
     if python is None:
+        if nproc:
+            raise LaunchError(f"{exe}: --nproc runs a Python script as torchrun ranks; "
+                              "this command is not Python")
         return list(command), False
     if not PYTHON_NAME.match(os.path.basename(exe)):  # ./train.py with a python shebang
         command = [python, exe, *command[1:]]
@@ -85,7 +89,12 @@ def prepare(command: list[str]) -> tuple[list[str], bool]:
     if rest[0] not in ("-m", "-c") and not os.path.isfile(rest[0]) and \
             not os.path.isdir(rest[0]):
         raise LaunchError(f"{rest[0]}: no such script")
-    return [command[0], *options, str(BOOT), *rest], True
+    guarded = [command[0], *options, str(BOOT), *rest]
+    if nproc:  # torchrun starts each rank as this guarded interpreter (no restarts: ours)
+        return [command[0], "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}", "--max-restarts=0", "--monitor-interval=1",
+                "--no-python", *guarded], True
+    return guarded, True
 
 
 def settings(config, python: str) -> dict:
@@ -98,14 +107,14 @@ def settings(config, python: str) -> dict:
             "mem_margin_mb": config.mem_margin_mb, "python": python}
 
 
-def environment(config, guarded: dict | None, attempt: int) -> dict[str, str]:
+def environment(config, guarded: dict | None, attempt: int, ranks: int = 1) -> dict[str, str]:
     """The child's environment: the user's, the thread policy (the user's own values
     win), unbuffered output, the guard's settings and the attempt number."""
     from lnsp.launch.command import environment as thread_environment
     from lnsp.threads import user_environment
 
     env = {**user_environment(), **thread_environment(config, os.environ.get(
-        "LNSP_BACKEND", "foreground"))}
+        "LNSP_BACKEND", "foreground"), ranks)}
     env.pop("PYTHONFAULTHANDLER", None)  # the guard enables faulthandler itself
     env["LNSP_ATTEMPT"] = str(attempt)
     env["LNSP_PYTHON"] = sys.executable  # py-spy and the diagnosis live beside it
@@ -117,8 +126,8 @@ def environment(config, guarded: dict | None, attempt: int) -> dict[str, str]:
 class Runner:
     """One guarded command with its restarts; `run()` returns the run's exit code."""
 
-    def __init__(self, command: list[str], config, echo=None):
-        self.command, self.config = command, config
+    def __init__(self, command: list[str], config, echo=None, nproc: int = 0):
+        self.command, self.config, self.nproc = command, config, nproc
         self.rd = RunDir(config.run_dir)
         self.echo = echo if echo is not None else _write_stdout
         self.stop_requested: str | None = None
@@ -127,7 +136,7 @@ class Runner:
 
     # ------------------------------------------------------------ the run
     def run(self) -> int:
-        argv, guarded = prepare(self.command)
+        argv, guarded = prepare(self.command, self.nproc)
         rd, config = self.rd, self.config
         if rd.config.exists() and not config.resume:  # run.json alone: a launcher's
             raise RunDirError(f"{rd.root}: run directory already holds a run; "
@@ -140,6 +149,7 @@ class Runner:
         rd.update_run(backend=os.environ.get("LNSP_BACKEND", "foreground"),
                       supervisor_pid=os.getpid(), supervisor_start=time.time() - process_age(),
                       command=self.command, cwd=os.getcwd(), guard=guarded,
+                      world_size=self.nproc or 1,
                       stall_timeout=config.stall_timeout,
                       startup_timeout=config.startup_timeout, max_restarts=config.max_restarts)
         self.log_file = open(rd.log, "ab")
@@ -191,7 +201,7 @@ class Runner:
         try:
             self.proc = proc = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=environment(self.config, guard, attempt))
+                env=environment(self.config, guard, attempt, self.nproc or 1))
         except OSError as e:
             raise LaunchError(f"{argv[0]}: cannot be started ({e.strerror})") from None
         from lnsp.launch.command import caffeinate_argv
@@ -206,10 +216,21 @@ class Runner:
             start_time = started
         rd.update_run(pid=proc.pid, start_time=start_time, attempts=attempt + 1,
                       python=argv[0] if guard else None, argv=argv)
+        if self.nproc:
+            import threading
+
+            for rank in range(self.nproc):
+                rd.rank_exit(rank).unlink(missing_ok=True)
+            threading.Thread(target=self._record_ranks, args=(started,), daemon=True,
+                             name="lnsp-ranks").start()
         self._pump(proc.stdout.fileno())
         code = proc.wait()
+        if self.nproc:
+            self._merge_ranks(started)
         record = rd.read_exit()
         if record is not None and record.time >= started:
+            if self.nproc:  # torchrun says 1 for any failed rank: the named rank's code
+                return record.exit_code, record
             return (code if code >= 0 else 128 - code), record
         if code < 0:  # ended by a signal, nothing written: SIGKILL, a segfault, an OOM kill
             name = signal.Signals(-code).name
@@ -221,6 +242,39 @@ class Runner:
         if code == 0:
             return code, rd.write_exit("finished", ExitCode.DONE, _step(rd))
         return code, rd.write_exit("failed", code, _step(rd), cause=f"exit code {code}")
+
+    # ------------------------------------------------------------ torchrun ranks
+    def _record_ranks(self, started: float) -> None:
+        """run.json's ranks (PID and host of each), once every rank of this attempt has
+        announced itself in its heartbeat: what `lnsp stop` and `dump` signal. One
+        writer: this thread, not the ranks."""
+        deadline = time.monotonic() + self.config.startup_timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            beats = {r: b for r, b in self.rd.rank_heartbeats().items() if b.time >= started}
+            if len(beats) == self.nproc:
+                self.rd.update_run(ranks=[{"rank": r, "pid": b.pid, "host": b.host}
+                                          for r, b in sorted(beats.items())])
+                return
+            time.sleep(0.2)
+
+    def _merge_ranks(self, started: float) -> None:
+        """exit.json from the ranks' own records: the first rank that did not finish
+        names the ending (a rank stuck on its own beats one waiting for it in a
+        collective); all finished, finished."""
+        records = {r: self.rd.read_exit(self.rd.rank_exit(r)) for r in range(self.nproc)}
+        records = {r: e for r, e in records.items() if e is not None and e.time >= started}
+        if not records:
+            return
+        bad = sorted(((e.time, r, e) for r, e in records.items() if e.state != "finished"),
+                     key=lambda row: (_waits_on_peers(row[2]), row[0]))
+        if not bad:
+            if len(records) == self.nproc:
+                self.rd.write_exit("finished", ExitCode.DONE, max(e.step for e in
+                                                                  records.values()))
+            return
+        _, rank, e = bad[0]
+        self.rd.write_exit(e.state, e.exit_code, e.step, cause=f"rank {rank}: {e.cause}"
+                           if e.cause else None, rank=rank, **e.extra)
 
     # ------------------------------------------------------------ output
     def _pump(self, fd: int) -> None:
@@ -287,6 +341,13 @@ def _record_dict(record) -> dict:
     return {"state": record.state, "cause": record.cause or "", **record.extra}
 
 
+def _waits_on_peers(record) -> bool:
+    """A rank whose diagnosis says it waits for others (a collective, a socket to a
+    peer) is not the one that stalled."""
+    kind = str(record.extra.get("verdict", ""))
+    return any(word in kind for word in ("collective", "socket", "peer", "network"))
+
+
 def crash_loop(endings: list[tuple[int, int, str | None]]) -> bool:
     """The last CRASH_LOOP_ATTEMPTS attempts ended alike: the same exit code and cause
     at the same optimizer step (a script that resumes from its own checkpoint and dies
@@ -297,5 +358,5 @@ def crash_loop(endings: list[tuple[int, int, str | None]]) -> bool:
     return len(set(last)) == 1 or all(step == 0 for _, step, _ in last)
 
 
-def run(command: list[str], config) -> int:
-    return Runner(command, config).run()
+def run(command: list[str], config, nproc: int = 0) -> int:
+    return Runner(command, config, nproc=nproc).run()
