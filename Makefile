@@ -27,7 +27,7 @@ LAUNCH_FLAGS = $(if $(CMD),--run-dir $(RUN) $(ARGS) -- $(CMD),$(TRAIN_FLAGS))
 DEMO_DATA = $(if $(CMD),,$(if $(filter data/demo,$(DATA)),data/demo/bank.npy))
 
 help: ## show this help
-	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v']"
+	@echo "usage: make TARGET [DATA=dir] [RUN=runs/name] [EPOCHS=n] [PID=n] [ARGS='--flag v'] [CMD='python train.py']"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-17s %s\n", $$1, $$2}'
 
@@ -74,12 +74,12 @@ train-nohup: $(STAMP) $(DEMO_DATA) ## detached run: nohup (+ caffeinate on macOS
 train-tmux: $(STAMP) $(DEMO_DATA) ## detached run in a tmux session (SESSION=); CMD= for your own command
 	$(LNSP) launch tmux $(if $(SESSION),--session $(SESSION)) $(LAUNCH_FLAGS)
 
-train-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## detached run in a Linux container (image built when missing; IMAGE=)
+train-docker: $(STAMP) $(DEMO_DATA) ## detached run in a Linux container (image built when missing; IMAGE=); CMD= for your own command
 	$(if $(IMAGE),,$(LNSP) image ensure)
-	$(LNSP) launch docker $(TRAIN_FLAGS) $(if $(IMAGE),--image $(IMAGE))
+	$(LNSP) launch docker $(if $(IMAGE),--image $(IMAGE)) $(LAUNCH_FLAGS)
 
-train-ddp: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## data-parallel run under torchrun (NPROC=2)
-	$(LNSP) launch ddp --nproc $(NPROC) $(TRAIN_FLAGS)
+train-ddp: $(STAMP) $(DEMO_DATA) ## data-parallel run under torchrun (NPROC=2); CMD= for your own script
+	$(LNSP) launch ddp --nproc $(NPROC) $(LAUNCH_FLAGS)
 
 train-ddp-docker: $(STAMP) $(if $(filter data/demo,$(DATA)),data/demo/bank.npy) ## torchrun nodes as containers on a network of the run's own (NODES=2; image built when missing)
 	$(LNSP) image ensure $(if $(IMAGE),--tag $(IMAGE))

@@ -24,6 +24,8 @@ def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive:
             return "restarting"
         return ended.state
     if trainer_alive:
+        if run.get("guard") is False:  # a command that is not Python: no heartbeat to age
+            return "running"
         s = run_staleness(beat, run.get("pid"), run.get("start_time",
                                                         run.get("launch_time", now)),
                           run.get("stall_timeout") or config.get("stall_timeout", 120),

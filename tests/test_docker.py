@@ -173,3 +173,26 @@ def test_ensure_keeps_an_image_built_from_this_checkout(image):
     r = lnsp("image", "ensure", "--tag", image, timeout=60)
     assert r.returncode == 0 and f"image {image} is up to date" in r.stdout, r.stdout + r.stderr
     assert "building" not in r.stdout
+
+
+def test_a_users_own_script_runs_to_finished_in_the_container(image, tmp_path, cleanup):
+    """`lnsp launch docker -- python train.py`: the script's folder read-only, the run
+    directory read-write, the image's python (torch) for the host's interpreter path."""
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "plain_train.py"
+    shutil.copy(Path(__file__).parent / "scripts" / "plain_train.py", script)
+    run = tmp_path / "runs" / f"guard-{TAG}"
+    r = lnsp("launch", "docker", "--image", image, "--run-dir", run, "--", sys.executable,
+             script, "--steps", 300, "--workers", 0, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cleanup(read_json(run / "run.json")["container_name"])
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 300,
+               what="the script's container run to end")
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "finished", (run / "training.log").read_text()[-3000:]
+    assert read_json(run / "heartbeat.json")["step"] == 300
+    info = read_json(run / "run.json")
+    assert info["backend"] == "docker" and info["guard"] is True
+    assert info["command"][0] == "python"  # the image's interpreter, not the host's path

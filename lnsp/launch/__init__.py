@@ -18,7 +18,7 @@ __all__ = ["LaunchError", "backend", "start"]
 
 
 MODULES = {"docker": "docker", "ddp": "ddp", "ddp-docker": "ddp_docker"}
-COMMAND_BACKENDS = ("nohup", "tmux", "ddp")  # backends that run a user's command (lnsp run)
+COMMAND_BACKENDS = ("nohup", "tmux", "ddp", "docker")  # backends that run a user's command (lnsp run)
 
 
 def backend(name: str):

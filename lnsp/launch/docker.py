@@ -76,8 +76,14 @@ def start(config, info: dict) -> None:
     from lnsp.rundir import RunDir
 
     rd = RunDir(config.run_dir)
-    data, run = str(Path(config.data).resolve()), str(rd.root.resolve())
-    inside = config.replace(data=data, run_dir=run)
+    run = str(rd.root.resolve())
+    if info.get("command"):  # a user's command under the guard: its folders read-only
+        command, volumes, workdir = command_mounts(config, info["command"], run)
+    else:
+        data = str(Path(config.data).resolve())
+        inside = config.replace(data=data, run_dir=run)
+        command, workdir = ["supervise", *inside.to_argv()], run
+        volumes = {data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}}
     env = {**environment(config, "docker"), "HOME": "/tmp"}
     env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
                 and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
@@ -87,14 +93,37 @@ def start(config, info: dict) -> None:
     if info.get("memory"):
         kwargs["mem_limit"] = info["memory"]
     container = client().containers.create(
-        info["image"], command=["supervise", *inside.to_argv()], name=info["container_name"],
+        info["image"], command=command, name=info["container_name"],
         labels={LABEL: Path(run).name, "lnsp.run_dir": run},
         init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
-        volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
-        working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
+        volumes=volumes, working_dir=workdir, cap_add=["SYS_PTRACE"], shm_size="1g",
+        environment=env,
         **kwargs)
     rd.update_run(container_id=container.id)
     container.start()
+
+
+def command_mounts(config, command: list[str], run: str) -> tuple[list[str], dict, str]:
+    """`lnsp run` inside the image for a user's command: the working folder and the
+    script's folder mounted read-only at their own paths, the run directory read-write;
+    an interpreter named by a host path becomes the image's `python` (torch, numpy and
+    faiss are there; the host's virtual environment is not)."""
+    from lnsp.launch.runner import GUARD_FIELDS, _interpreter
+
+    cwd = os.getcwd()
+    inside = list(command)
+    if _interpreter(inside[0]) == inside[0] and os.sep in inside[0]:
+        inside[0] = "python"
+    volumes = {cwd: {"bind": cwd, "mode": "ro"}}
+    for arg in command[1:]:
+        if arg.endswith(".py") and os.path.isfile(arg):  # the script, wherever it lives
+            folder = str(Path(arg).resolve().parent)
+            if not folder.startswith(cwd + os.sep) and folder != cwd:
+                volumes[folder] = {"bind": folder, "mode": "ro"}
+            break
+    volumes[run] = {"bind": run, "mode": "rw"}
+    flags = config.replace(run_dir=run).to_argv(GUARD_FIELDS)
+    return ["run", *flags, "--", *inside], volumes, cwd
 
 
 def notes(config, info: dict) -> list[str]:

@@ -133,10 +133,12 @@ class Runner:
         self.stop_requested: str | None = None
         self.proc: subprocess.Popen | None = None
         self.log_file = None
+        self.guarded = False
 
     # ------------------------------------------------------------ the run
     def run(self) -> int:
         argv, guarded = prepare(self.command, self.nproc)
+        self.guarded = guarded
         rd, config = self.rd, self.config
         if rd.config.exists() and not config.resume:  # run.json alone: a launcher's
             raise RunDirError(f"{rd.root}: run directory already holds a run; "
@@ -153,7 +155,7 @@ class Runner:
                       stall_timeout=config.stall_timeout,
                       startup_timeout=config.startup_timeout, max_restarts=config.max_restarts)
         self.log_file = open(rd.log, "ab")
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         guard = settings(config, sys.executable) if guarded else None
         attempt = int(rd.read_run().get("attempts", 0)) if config.resume else 0
@@ -314,13 +316,24 @@ class Runner:
         """A stop of the run: never restarted after. SIGTERM and SIGHUP go on to the
         command; SIGINT (Ctrl-C) reached it from the terminal already (one process
         group), so it is not sent twice (a second SIGINT is the command's hard exit)."""
-        self.stop_requested = signal.Signals(signum).name
+        if signum != signal.SIGUSR1:  # a dump request (a container's engine sends it
+            self.stop_requested = signal.Signals(signum).name  # here): passed on only
         proc = self.proc
+        if signum == signal.SIGUSR1 and not (self.guarded and proc is not None and
+                                             _catches_usr1(proc.pid)):
+            return  # SIGUSR1 would kill a command without the guard's dump handler
         if signum != signal.SIGINT and proc is not None and proc.returncode is None:
             try:
                 proc.send_signal(signum)  # our own child, not reaped yet: its PID is ours
             except OSError:
                 pass
+
+
+def _catches_usr1(pid: int) -> bool:
+    """The guard's dump handler is installed (no /proc, as on macOS: trusted)."""
+    from lnsp.procs import catches
+
+    return catches(pid, signal.SIGUSR1) is not False
 
 
 def _write_stdout(data: bytes) -> None:
