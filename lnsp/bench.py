@@ -30,7 +30,7 @@ SEED_INDEXES = ("auto", "ivf", "ivf-sq8")  # the default; IVF and 8-bit codes at
 TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64": 0.5,
            "vs_plain_b64": 1.0, "vs_plain_b8": 1.0, "probe_wall_s": 5.0, "ivf_p95_ms": 2.5,
            "rss_over_baseline_gb": 1.0, "decider_p99_ms": 1.0, "seed_train_samples_per_s": 300,
-           "seed_mined_recall": 0.9}
+           "seed_mined_recall": 0.9, "guard_overhead_b8": 0.01}
 
 
 # ---------------------------------------------------------------- one policy, one process
@@ -363,6 +363,10 @@ def run(seconds: float = 8.0, seed: bool = True, echo=print) -> dict:
         out["versus"].append(versus.compare(batch, WORKLOAD["hidden"], WORKLOAD["ctx_len"],
                                             WORKLOAD["k"], WORKLOAD["bank"], WORKLOAD["dim"],
                                             blocks=max(7, int(seconds * 2))))
+    echo("bench: the guard's overhead on the plain loop (lnsp run), batch 8 ...")
+    out["guard"] = versus.guard_overhead(8, WORKLOAD["hidden"], WORKLOAD["ctx_len"],
+                                         WORKLOAD["k"], WORKLOAD["bank"], WORKLOAD["dim"],
+                                         blocks=max(7, int(seconds * 2)))
     if seed:
         with tempfile.TemporaryDirectory(prefix="lnsp-bench-bank-") as folder:
             bank = Path(folder) / "bank.npy"
@@ -389,6 +393,8 @@ def summary(b: dict) -> tuple[list[str], dict]:
         "probe_wall_s": b["probe"]["wall_s"],
         "decider_p99_ms": b["decider"]["p99_ms"],
     }
+    if "guard" in b:
+        ratios["guard_overhead_b8"] = b["guard"]["overhead"]
     if "seed_scale" in b:
         ratios["ivf_p95_ms"] = min(b["seed_scale"][k]["p95_ms"] for k in SEED_INDEXES
                                    if b["seed_scale"][k]["nprobe"])
@@ -419,6 +425,11 @@ def summary(b: dict) -> tuple[list[str], dict]:
                      f"lnsp default ({v['lnsp_index']}) {v['lnsp_samples_per_s']:8.1f}: "
                      f"{v['ratio']:.2f}x; FLOP fraction {v['flop_fraction']:.3f} (plain "
                      f"{v['plain_flop_fraction']:.3f}); load {v['load_median']:.1f}")
+    if "guard" in b:
+        g = b["guard"]
+        lines.append(f"guard on the plain loop, batch {g['batch']}: bare {g['bare_step_ms']:.2f} "
+                     f"ms/step, under lnsp run {g['guarded_step_ms']:.2f} ms/step "
+                     f"({g['overhead']:+.2%})")
     if "seed_scale" in b:
         s = b["seed_scale"]
         lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']}, {s['topics']} topics "
@@ -445,7 +456,7 @@ def summary(b: dict) -> tuple[list[str], dict]:
     for key, value in ratios.items():
         target = TARGETS[key]
         lower_is_better = key in ("probe_wall_s", "ivf_p95_ms", "rss_over_baseline_gb",
-                                  "decider_p99_ms")
+                                  "decider_p99_ms", "guard_overhead_b8")
         met = value <= target if lower_is_better else value >= target
         lines.append(f"{key:<22} {value:>9.3f} {('<=' if lower_is_better else '>=')}"
                      f"{target:>7}  {'yes' if met else 'NO'}")

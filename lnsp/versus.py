@@ -90,10 +90,12 @@ class _Side:
         if command:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.proc.args[:3]} ended (exit {self.proc.wait(30)})")
-        return json.loads(line)
+        while True:  # a guarded side's stdout carries the guard's own lines too
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.proc.args[:3]} ended (exit {self.proc.wait(30)})")
+            if line.startswith("{"):
+                return json.loads(line)
 
     def close(self) -> None:
         try:
@@ -105,6 +107,55 @@ class _Side:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def alternate(sides: dict, blocks: int, block_s: float, between=None) -> tuple[int, dict]:
+    """Blocks of steps on each side in turn (steps per block from one probe step of
+    each, so a block lasts ~block_s); the steps per block and each side's block times."""
+    probe = max(sides[n].ask("run 2")["seconds"] / 2 for n in sides)
+    steps = max(1, int(block_s / probe))
+    times = {n: [] for n in sides}
+    for _ in range(blocks):
+        for name, side in sides.items():
+            times[name].append(side.ask(f"run {steps}")["seconds"])
+        if between:
+            between()
+    return steps, times
+
+
+def guard_overhead(batch: int = 8, hidden: int = 768, ctx: int = 10, k: int = 100,
+                   bank_rows: int = 10_000, dim: int = 768, blocks: int = 15,
+                   block_s: float = 2.0) -> dict:
+    """The plain loop bare and the same loop under `lnsp run` (the guard in its process:
+    a heartbeat per optimizer step from the global hook, the watchdog thread), with the
+    same thread environment, alternating blocks: the guard's cost in step time."""
+    from lnsp import synth
+
+    env = {**user_environment(), **policy_env("fast", load=0.0)}
+    folder = Path(tempfile.mkdtemp(prefix="lnsp-guard-bench-"))
+    path = str(folder / "bank.npy")
+    np.save(path, synth.dataset(bank_rows, dim).bank)
+    loop = [sys.executable, str(PLAIN), path, str(batch), str(hidden), str(ctx), str(k)]
+    sides = {}
+    try:
+        sides["bare"] = _Side(loop, env)
+        sides["guarded"] = _Side([sys.executable, "-m", "lnsp", "run", "--run-dir",
+                                  str(folder / "run"), "--on-stall", "dump", "--", *loop], env)
+        for side in sides.values():
+            side.ready = side.ask(None)
+        steps, times = alternate(sides, blocks, block_s)
+        step_ms = {n: 1000 * float(np.median(v)) / steps for n, v in times.items()}
+        beat = json.loads((folder / "run" / "heartbeat.json").read_text())
+        return {"batch": batch, "hidden": hidden, "steps_per_block": steps, "blocks": blocks,
+                "bare_step_ms": step_ms["bare"], "guarded_step_ms": step_ms["guarded"],
+                "overhead": step_ms["guarded"] / step_ms["bare"] - 1,
+                "guarded_heartbeat_step": beat.get("step")}
+    finally:
+        for side in sides.values():
+            side.close()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_rows: int = 10_000,
@@ -133,16 +184,13 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
                                 {**lnsp_env, **extra})
         for side in sides.values():  # they start (imports, warm-up) side by side
             side.ready = side.ask(None)
-        # Steps per block from one probe step of each, so a block lasts ~block_s.
-        probe = max(sides[n].ask("run 2")["seconds"] / 2 for n in sides)
-        steps = max(1, int(block_s / probe))
-        times = {n: [] for n in sides}
         loads, gemm = [], []
-        for _ in range(blocks):
-            for name, side in sides.items():
-                times[name].append(side.ask(f"run {steps}")["seconds"])
+
+        def between():
             gemm.append(sides["lnsp"].ask("gemm"))
             loads.append(os.getloadavg()[0])
+
+        steps, times = alternate(sides, blocks, block_s, between)
         rate = {n: batch * steps / float(np.median(v)) for n, v in times.items()}
         rate.setdefault("plain", float("nan"))
         peak = float(np.median([g["gemm_flops"] for g in gemm]))
@@ -184,11 +232,16 @@ if __name__ == "__main__":
     ap.add_argument("--blocks", type=int, default=15)
     ap.add_argument("--threads", default="fast")
     ap.add_argument("--no-plain", action="store_true")
+    ap.add_argument("--guard", action="store_true",
+                    help="the guard's overhead on the plain loop instead")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:VAR=VALUE,VAR=VALUE another lnsp side with these variables")
     args = ap.parse_args()
     if args.side:
         lnsp_side(args.path, args.batch, args.hidden, args.ctx, args.k)
+    elif args.guard:
+        print(json.dumps(guard_overhead(args.batch, args.hidden, args.ctx, args.k,
+                                        blocks=args.blocks)))
     else:
         variants = {v.split(":", 1)[0]: dict(kv.split("=", 1) for kv in
                                              v.split(":", 1)[1].split(",") if kv)
