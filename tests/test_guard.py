@@ -327,3 +327,79 @@ def test_the_frozen_rank_of_a_ddp_script_is_named(tmp_path):
     assert ended["state"] == "stalled" and ended["rank"] == 1, ended
     assert ended["cause"].startswith("rank 1: blocked-io"), ended
     assert "[rank 1] [WATCHDOG] VERDICT blocked-io" in log_of(run)
+
+
+PHASES = """\
+import sys, time
+import torch
+import lnsp.guard as guard
+
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+def train(n):
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+
+def busy(seconds):  # work the script does not name: CPU, no optimizer step
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(i * i for i in range(1000))
+
+train(50)
+with guard.phase("evaluate"):  # a long evaluation, named: its own budget
+    time.sleep(float(sys.argv[1]))
+train(50)
+busy(float(sys.argv[1]))  # past the learned budget, but busy: up to the stall timeout
+train(50)
+print("steps done", flush=True)
+"""
+
+
+def test_a_long_named_phase_and_busy_work_are_not_stalls(tmp_path):
+    """Steps take milliseconds, so the learned budget is its 8 s floor: a 12 s
+    evaluation inside guard.phase, and 12 s of CPU work the script did not name, both
+    run past it without a stall (the stall timeout, 60 s here, is the ceiling)."""
+    script = tmp_path / "phases.py"
+    script.write_text(PHASES)
+    run = tmp_path / "run"
+    code, out = finish(start_run(run, guard_args=["--stall-timeout", 60],
+                                 command=[sys.executable, script, 12]), 120)
+    assert code == 0 and "steps done" in out, out[-3000:]
+    assert "[WATCHDOG] no progress" not in log_of(run)
+    assert read_json(run / "heartbeat.json")["step"] == 150
+    assert read_json(run / "exit.json")["state"] == "finished"
+
+
+def test_one_ctrl_c_in_a_tmux_pane_stops_the_script_as_stopped(tmp_path):
+    """A person's Ctrl-C: tmux types it into the pane's terminal, which sends SIGINT to
+    the foreground process group (lnsp run and the script together)."""
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    socket = f"lnsp-guard-int-{os.getpid()}"
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 100)
+    command = " ".join(map(str, [sys.executable, "-m", "lnsp", "run", "--run-dir", run,
+                                 "--on-stall", "dump", "--", sys.executable, SCRIPT,
+                                 "--steps", 3000, *args]))
+    environ = " ".join(f"{k}={v!r}" for k, v in env().items() if k.startswith(("PYTHON", "PATH")))
+    try:
+        subprocess.run(["tmux", "-L", socket, "new-session", "-d", "-s", "pane", "-x", "200",
+                        "-y", "50", f"cd {tmp_path} && env {environ} {command}; "
+                        "echo EXIT=$?; sleep 600"], check=True, timeout=30)
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        subprocess.run(["tmux", "-L", socket, "send-keys", "-t", "pane", "C-c"], check=True,
+                       timeout=30)
+
+        def pane():
+            return subprocess.run(["tmux", "-L", socket, "capture-pane", "-p", "-t", "pane"],
+                                  capture_output=True, text=True, timeout=30).stdout
+
+        wait_until(lambda: "EXIT=" in pane(), 60, what="lnsp run to end in the pane")
+        assert "EXIT=0" in pane(), pane()
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stopped" and ended["signal"] == "SIGINT" and ended["step"] == 99
