@@ -403,3 +403,16 @@ def test_one_ctrl_c_in_a_tmux_pane_stops_the_script_as_stopped(tmp_path):
         subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and ended["signal"] == "SIGINT" and ended["step"] == 99
+
+
+@pytest.mark.parametrize("name, words", [("lightning_train.py", "lightning global_step 120"),
+                                         ("hf_train.py", "hf global_step 120")])
+def test_lightning_and_hugging_face_trainers_beat_once_per_optimizer_step(tmp_path, name, words):
+    """The frameworks, unchanged, under the guard: the optimizer hook counts exactly the
+    framework's own global step (120 each)."""
+    run = tmp_path / "run"
+    command = [sys.executable, SCRIPT.with_name(name), tmp_path / "out"]
+    code, out = finish(start_run(run, command=command, cwd=tmp_path), 120)
+    assert code == 0 and words in out, out[-3000:]
+    assert read_json(run / "heartbeat.json")["step"] == 120
+    assert read_json(run / "exit.json")["state"] == "finished"
