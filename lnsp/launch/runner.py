@@ -225,8 +225,14 @@ class Runner:
                 rd.rank_exit(rank).unlink(missing_ok=True)
             threading.Thread(target=self._record_ranks, args=(started,), daemon=True,
                              name="lnsp-ranks").start()
+        import threading
+
+        board = threading.Thread(target=self._tensorboard, args=(proc, attempt), daemon=True,
+                                 name="lnsp-tensorboard")
+        board.start()
         self._pump(proc.stdout.fileno())
         code = proc.wait()
+        board.join(30)
         if self.nproc:
             self._merge_ranks(started)
         record = rd.read_exit()
@@ -244,6 +250,45 @@ class Runner:
         if code == 0:
             return code, rd.write_exit("finished", ExitCode.DONE, _step(rd))
         return code, rd.write_exit("failed", code, _step(rd), cause=f"exit code {code}")
+
+    # ------------------------------------------------------------ TensorBoard
+    def _tensorboard(self, proc: subprocess.Popen, attempt: int) -> None:
+        """tb/ from steps.jsonl as the command writes it (records, never log text): its
+        scalars and the guard's figures. In this process, not the command's, which
+        keeps only the standard library; a no-op without the tensorboard extra."""
+        from lnsp import tensorboard
+        from lnsp.rundir import read_json
+
+        path, offset, writer = self.rd.steps, 0, None
+        if attempt and path.exists():  # a restart: what the earlier attempts wrote is there
+            offset = path.stat().st_size
+        try:
+            while True:
+                ended = proc.poll() is not None
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                except OSError:
+                    chunk = b""
+                whole = chunk[:chunk.rfind(b"\n") + 1]
+                offset += len(whole)
+                for line in whole.splitlines():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if writer is None:
+                        writer = tensorboard.open_writer(
+                            self.rd.tb, read_json(self.rd.config),
+                            purge_step=record["step"] if attempt else None)
+                    writer.step(record)
+                if ended:
+                    return
+                time.sleep(2.0)
+        finally:
+            if writer is not None:
+                writer.close()
 
     # ------------------------------------------------------------ torchrun ranks
     def _record_ranks(self, started: float) -> None:
