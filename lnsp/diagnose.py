@@ -23,7 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from lnsp import platform as system
 from lnsp.errors import LnspError
+from lnsp.platform import openmp_family  # noqa: F401  (lnsp.hangs reads it here)
 from lnsp.rundir import ExitCode
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -121,13 +123,17 @@ def check_python(pid: int) -> None:
     except psutil.AccessDenied:
         raise BadTarget(f"process {pid}: access denied (run as its user or as root)") from None
     name = os.path.basename(exe)
-    if re.match(r"python|pypy", name):
+    # A macOS framework build runs as .../Python.app/Contents/MacOS/Python.
+    if system.is_python(exe):
         return
-    try:
-        if "libpython" in Path(f"/proc/{pid}/maps").read_text():
-            return
-    except OSError:
-        pass
+    # An interpreter under another name that loads a shared libpython (an embedding
+    # program, a renamed binary); only /proc tells, on Linux.
+    if system.has_proc():
+        try:
+            if "libpython" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            pass
     raise BadTarget(f"process {pid} is not a Python process ({name})")
 
 
@@ -374,18 +380,6 @@ def runtimes(pid: int) -> list[dict]:
         if kind and path not in seen:
             seen[path] = {"path": path, "api": kind, "family": family or name.split(".")[0]}
     return list(seen.values())
-
-
-def openmp_family(name: str) -> str | None:
-    """Which OpenMP runtime a library file is: copies of one runtime (torch's and
-    faiss's libgomp) are one family; different families in one process are the hazard."""
-    if re.match(r"libgomp[.-]", name):
-        return "GNU libgomp"
-    if re.match(r"libiomp5", name):
-        return "Intel libiomp5"
-    if re.match(r"libomp[.-]", name):
-        return "LLVM libomp"
-    return None
 
 
 def environ(pid: int) -> dict:

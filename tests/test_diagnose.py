@@ -368,3 +368,34 @@ def test_a_training_run_is_running_then_its_supervisor_explains_the_freeze(small
     assert "SIGSTOP" in ended["cause"]
     assert (Path(ended["bundle"]) / "verdict.json").exists()
     assert "[SUPERVISOR] VERDICT stopped: " in (run / "training.log").read_text()
+
+
+def _interpreter_without_libpython() -> str:
+    """A real interpreter to copy: Debian's (not linked to a shared libpython, so only
+    its name can say it is Python), else this one."""
+    for candidate in ("/usr/bin/python3.11", "/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("no interpreter binary to copy")
+
+
+def test_an_interpreter_named_Python_as_on_macOS_is_diagnosed(tmp_path, reap):
+    # A framework build (python.org, Homebrew) runs as .../Python.app/Contents/MacOS/Python.
+    real = _interpreter_without_libpython()
+    home = subprocess.run([real, "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    copy = tmp_path / "Python.app" / "Contents" / "MacOS" / "Python"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(real).read_bytes())
+    copy.chmod(0o755)
+    fifo = tmp_path / "gate"
+    proc = subprocess.Popen([str(copy), str(HANGS / "fifo_open.py"), str(fifo)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env={**env(), "PYTHONHOME": home})
+    reap(proc.pid)
+    ready(proc)
+    settle(proc.pid)
+    r = lnsp("diagnose", proc.pid, "--samples", 2, "--interval", INTERVAL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not a Python process" not in r.stderr
+    assert r.stdout.startswith("VERDICT blocked-io: ") and str(fifo) in r.stdout, r.stdout

@@ -1,0 +1,144 @@
+"""lnsp.platform: what differs on macOS, tested on Linux through LNSP_FAKE_PLATFORM
+and real processes (a real interpreter, a real process named caffeinate)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import wait_until
+
+from lnsp import platform
+
+
+def test_the_fake_platform_is_read_in_one_place(monkeypatch):
+    monkeypatch.delenv(platform.FAKE_ENV, raising=False)
+    assert platform.system() == sys.platform
+    monkeypatch.setenv(platform.FAKE_ENV, "darwin")
+    assert platform.system() == "darwin" and platform.is_macos()
+    assert not platform.has_proc()  # macOS has no /proc, whatever this machine has
+    assert platform.system("linux") == "linux"
+
+
+@pytest.mark.parametrize("exe", [
+    "/Library/Frameworks/Python.framework/Versions/3.12/Resources/Python.app/Contents/MacOS/Python",
+    "/opt/homebrew/Cellar/python@3.11/3.11.9/Frameworks/Python.framework/Versions/3.11/"
+    "Resources/Python.app/Contents/MacOS/Python",
+    "Python", "python", "python3", "python3.11", "/usr/bin/python3.13t", "pypy3", "pypy3.10",
+    "PYTHON.EXE"])
+def test_interpreters_are_python(exe):
+    assert platform.is_python(exe)
+
+
+@pytest.mark.parametrize("exe", ["sleep", "/bin/bash", "ipython-notebook", "mypython",
+                                 "python-config", "caffeinate", ""])
+def test_other_programs_are_not(exe):
+    assert not platform.is_python(exe)
+
+
+def test_signal_numbers_by_system():
+    # SIGUSR1 is 30 on macOS; 30 on Linux is SIGPWR, whose default action ends a process.
+    assert platform.signal_number("SIGUSR1", "darwin") == 30
+    assert platform.signal_number("USR1", "linux") == 10
+    assert platform.signal_name(30, "darwin") == "SIGUSR1"
+    assert platform.signal_name(30, "linux") == "SIGPWR"
+    assert platform.signal_name(15, "darwin") == platform.signal_name(15, "linux") == "SIGTERM"
+    # The host's own table is the signal module's.
+    assert platform.signal_name(int(signal.SIGUSR1)) == "SIGUSR1"
+    assert platform.signal_number("SIGUSR1") == int(signal.SIGUSR1)
+    with pytest.raises(ValueError):
+        platform.signal_name(30 if sys.platform == "darwin" else 64, "darwin")
+
+
+def test_peak_rss_is_bytes_on_both_systems():
+    # getrusage(2): ru_maxrss is in kilobytes on Linux, in bytes on macOS.
+    assert platform.peak_rss_bytes(2048, "linux") == 2048 * 1024
+    assert platform.peak_rss_bytes(2048 * 1024, "darwin") == 2048 * 1024
+    # This process, read for real: more than 10 MB and less than the machine.
+    import psutil
+
+    assert 10 * 2**20 < platform.peak_rss_bytes() <= psutil.virtual_memory().total
+
+
+def test_ptrace_problem_is_named_in_each_systems_words():
+    assert "sudo" in platform.ptrace_problem("darwin")
+    assert "ptrace" in platform.ptrace_problem("linux")
+
+
+def _fake_tool(folder, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def test_performance_cores_where_macos_says(tmp_path, monkeypatch):
+    # `sysctl hw.perflevel0.physicalcpu` as on Apple silicon: a sysctl first on PATH.
+    _fake_tool(tmp_path, "sysctl",
+               '[ "$2" = hw.perflevel0.physicalcpu ] && echo 4 || exit 1\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert platform.performance_cores("darwin") == 4
+    assert platform.performance_cores("linux") is None
+    # An Intel Mac has no perflevel0: the caller falls back.
+    _fake_tool(tmp_path, "sysctl", "echo 'unknown oid' >&2; exit 1\n")
+    assert platform.performance_cores("darwin") is None
+
+
+def test_caffeinate_as_a_sibling_holds_the_trainer(tmp_path, reap):
+    """The supervisor starts `caffeinate -i -s -w PID` beside the trainer: a real process
+    named caffeinate (a script first on PATH) must count, and only for that PID."""
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reap(trainer.pid)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reap(other.pid)
+    assert not platform.caffeinate_held(trainer.pid)
+    # A shell script's process is named after the script (comm), not `sh`, as long as
+    # it does not exec another program: sleep in the background and wait for it.
+    _fake_tool(tmp_path, "caffeinate", "sleep 60 & wait\n")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    power = subprocess.Popen(["caffeinate", "-i", "-s", "-w", str(trainer.pid)], env=env)
+    reap(power.pid)
+    import psutil
+
+    wait_until(lambda: psutil.Process(power.pid).name() == "caffeinate", 10,
+               what="a process named caffeinate")
+    assert platform.caffeinate_held(trainer.pid)
+    assert not platform.caffeinate_held(other.pid)
+    power.kill()
+    power.wait()
+    assert not platform.caffeinate_held(trainer.pid)
+
+
+def test_caffeinate_as_a_parent_holds_the_process(tmp_path, reap):
+    # `caffeinate -i python train.py`: the power assertion is the process's parent.
+    _fake_tool(tmp_path, "caffeinate", '"$@" & wait\n')
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    power = subprocess.Popen(["caffeinate", sys.executable, "-c", "import time; time.sleep(60)"],
+                             env=env)
+    reap(power.pid)
+    import psutil
+
+    child = wait_until(lambda: psutil.Process(power.pid).children(), 10, what="the child")[0]
+    reap(child.pid)
+    assert platform.caffeinate_held(child.pid)
+    assert not platform.caffeinate_held(os.getpid())
+
+
+def test_openmp_runtimes_classified():
+    torch_mac = "/x/site-packages/torch/lib/libomp.dylib"
+    faiss_mac = "/x/site-packages/faiss/.dylibs/libomp.dylib"
+    kind, line = platform.openmp_conflict([torch_mac, faiss_mac], "darwin")
+    assert kind == "duplicate" and "Error #15" in line and "macOS wheels" in line
+    assert torch_mac in line and faiss_mac in line
+    # One runtime, seen twice, is one runtime.
+    assert platform.openmp_conflict([torch_mac, torch_mac], "darwin") is None
+    kind, line = platform.openmp_conflict(
+        ["/x/torch/lib/libgomp-a34b3233.so.1", "/x/faiss_cpu.libs/libgomp-d22c30c5.so.1.0.0"],
+        "linux")
+    assert kind == "copies" and "fork" in line
+    kind, line = platform.openmp_conflict(["/usr/lib/libgomp.so.1", "/opt/intel/libiomp5.so"])
+    assert kind == "mixed" and "GNU libgomp" in line and "Intel libiomp5" in line
+    assert platform.openmp_conflict(["/usr/lib/libgomp.so.1", "/usr/lib/libopenblas.so"]) is None
