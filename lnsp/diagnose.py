@@ -366,13 +366,10 @@ def cgroup_throttle(pid: int) -> dict | None:
 
 
 def runtimes(pid: int) -> list[dict]:
-    """OpenMP and BLAS libraries mapped into the target (/proc/PID/maps), one per path."""
+    """OpenMP and BLAS libraries mapped into the target (/proc/PID/maps; lsof on
+    macOS), one per path."""
     seen: dict[str, dict] = {}
-    for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        path = parts[5].strip()
+    for path in system.mapped_files(pid):
         name = os.path.basename(path)
         family = openmp_family(name)
         kind = "openmp" if family else "blas" if re.match(

@@ -203,3 +203,29 @@ def openmp_conflict(paths: list[str], fake: str | None = None) -> tuple[str, str
     return "copies", (f"{len(copies)} copies of {family} loaded ({listed}): two pools that "
                       "each size themselves to the cores, and a fork after either has run "
                       "hangs the child")
+
+
+def mapped_files(pid: int, fake: str | None = None) -> list[str]:
+    """The files mapped into a process, in order, each once: /proc/PID/maps on Linux;
+    on macOS `lsof -p PID -Fn`, whose `txt` entries are the executable and the loaded
+    dylibs outside the shared cache (site-packages' libomp.dylib among them). Empty
+    when neither can be read."""
+    paths: list[str] = []
+    if has_proc(fake):
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                paths.append(parts[5].strip())
+    elif is_macos(fake):
+        try:
+            out = subprocess.run(["lsof", "-n", "-P", "-p", str(pid), "-Fn"], capture_output=True,
+                                 text=True, timeout=10, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        paths = [line[1:] for line in out.stdout.splitlines() if line.startswith("n/")]
+    return list(dict.fromkeys(paths))

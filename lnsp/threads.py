@@ -229,6 +229,7 @@ def pools() -> list[dict]:
             "api": p["internal_api"],
             "threads": p["num_threads"],
             "library": os.path.basename(p["filepath"]),
+            "filepath": p["filepath"],
             "version": p.get("version"),
             "threading_layer": p.get("threading_layer"),
         }
