@@ -229,3 +229,15 @@ def mapped_files(pid: int, fake: str | None = None) -> list[str]:
             return []
         paths = [line[1:] for line in out.stdout.splitlines() if line.startswith("n/")]
     return list(dict.fromkeys(paths))
+
+
+def gloo_loopback(environ=None, fake: str | None = None) -> dict[str, str]:
+    """For ranks that all run on this machine, on macOS: GLOO_SOCKET_IFNAME=lo0. gloo
+    picks its interface by resolving the host's name, and a Mac's `.local` name may
+    resolve to no address or to a LAN one (reported on GitHub's macOS runners: the
+    rendezvous fails or crawls). A user's own value wins; Linux resolves to loopback
+    already and is left alone."""
+    environ = os.environ if environ is None else environ
+    if not is_macos(fake) or environ.get("GLOO_SOCKET_IFNAME"):
+        return {}
+    return {"GLOO_SOCKET_IFNAME": "lo0"}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import wait_until
+from conftest import MACOS, wait_until
 
 from lnsp import platform
 
@@ -50,8 +50,8 @@ def test_signal_numbers_by_system():
     # The host's own table is the signal module's.
     assert platform.signal_name(int(signal.SIGUSR1)) == "SIGUSR1"
     assert platform.signal_number("SIGUSR1") == int(signal.SIGUSR1)
-    with pytest.raises(ValueError):
-        platform.signal_name(30 if sys.platform == "darwin" else 64, "darwin")
+    with pytest.raises(ValueError):  # macOS has 31 signals
+        platform.signal_name(64, "darwin")
 
 
 def test_peak_rss_is_bytes_on_both_systems():
@@ -73,6 +73,14 @@ def _fake_tool(folder, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(0o755)
+
+
+def _caffeinate_path(folder, body: str) -> dict:
+    """The environment whose PATH finds `caffeinate`: a Mac's own /usr/bin/caffeinate,
+    elsewhere a shell script of that name (its process is named after the script)."""
+    if not MACOS:
+        _fake_tool(folder, "caffeinate", body)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_performance_cores_where_macos_says(tmp_path, monkeypatch):
@@ -97,8 +105,7 @@ def test_caffeinate_as_a_sibling_holds_the_trainer(tmp_path, reap):
     assert not platform.caffeinate_held(trainer.pid)
     # A shell script's process is named after the script (comm), not `sh`, as long as
     # it does not exec another program: sleep in the background and wait for it.
-    _fake_tool(tmp_path, "caffeinate", "sleep 60 & wait\n")
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env = _caffeinate_path(tmp_path, "sleep 60 & wait\n")
     power = subprocess.Popen(["caffeinate", "-i", "-s", "-w", str(trainer.pid)], env=env)
     reap(power.pid)
     import psutil
@@ -114,8 +121,7 @@ def test_caffeinate_as_a_sibling_holds_the_trainer(tmp_path, reap):
 
 def test_caffeinate_as_a_parent_holds_the_process(tmp_path, reap):
     # `caffeinate -i python train.py`: the power assertion is the process's parent.
-    _fake_tool(tmp_path, "caffeinate", '"$@" & wait\n')
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env = _caffeinate_path(tmp_path, '"$@" & wait\n')
     power = subprocess.Popen(["caffeinate", sys.executable, "-c", "import time; time.sleep(60)"],
                              env=env)
     reap(power.pid)

@@ -47,7 +47,11 @@ def start(config, info: dict) -> None:
 
     dumps = RunDir(config.run_dir).dumps
     dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout
-    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps)}
+    from lnsp.platform import gloo_loopback
+
+    # One machine (--standalone): every rank talks over the loopback.
+    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps),
+           **gloo_loopback()}
     detach(torchrun_argv(config, info["nproc"]), env,
            RunDir(config.run_dir).console)
 
