@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import sys
 
+from lnsp import platform
+
 # Variables read by the OpenMP and BLAS runtimes when they load.
 THREAD_VARS = (
     "OMP_NUM_THREADS",
@@ -29,11 +31,14 @@ DEFAULTS_MARK = "LNSP_THREAD_DEFAULTS"  # names of the thread variables lnsp set
 
 
 def cpu_count() -> int:
-    """Cores this process may use: affinity mask, capped by a cgroup CPU quota."""
+    """Cores this process may use: affinity mask, capped by a cgroup CPU quota; on
+    macOS the performance cores where the OS says (an OpenMP region waits for its
+    slowest thread, and one on an efficiency core slows every region down)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         n = os.cpu_count() or 1
+    n = platform.performance_cores() or n
     try:
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
         if quota != "max":
@@ -107,6 +112,11 @@ def policy_env(value: str | None, ranks: int | None = None,
     kind, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
     env["OMP_NUM_THREADS"] = str(n)
+    if platform.is_macos():
+        # On macOS torch's and numpy's BLAS is Accelerate (vecLib): the GRU's and the
+        # miner's matrix products run in its pool, not an OpenMP one, so one thread
+        # there would leave `fast` on one core.
+        env[platform.ACCELERATE_THREADS] = str(n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["KMP_BLOCKTIME"] = "0"
     one_process = (ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) <= 1

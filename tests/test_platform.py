@@ -148,3 +148,11 @@ def test_openmp_runtimes_classified():
     kind, line = platform.openmp_conflict(["/usr/lib/libgomp.so.1", "/opt/intel/libiomp5.so"])
     assert kind == "mixed" and "GNU libgomp" in line and "Intel libiomp5" in line
     assert platform.openmp_conflict(["/usr/lib/libgomp.so.1", "/usr/lib/libopenblas.so"]) is None
+
+
+def test_ranks_on_one_mac_talk_over_lo0():
+    # gloo resolves the host's name for its interface; a Mac's `.local` name may not
+    # resolve to the loopback. A user's own choice wins; Linux is left alone.
+    assert platform.gloo_loopback({}, "darwin") == {"GLOO_SOCKET_IFNAME": "lo0"}
+    assert platform.gloo_loopback({"GLOO_SOCKET_IFNAME": "en0"}, "darwin") == {}
+    assert platform.gloo_loopback({}, "linux") == {}
