@@ -124,8 +124,10 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
             np.save(path, synth.dataset(bank_rows, dim).bank)
         plain_env = user_environment()  # a user's shell: none of lnsp's thread variables
         if plain:
-            sides["plain"] = _Side([sys.executable, str(PLAIN), path, str(batch), str(hidden),
-                                    str(ctx), str(k)], plain_env)
+            # -P: the script's folder, lnsp/, stays off sys.path, where lnsp/platform.py
+            # would stand in for the standard library's `platform` (torch imports it).
+            sides["plain"] = _Side([sys.executable, "-P", str(PLAIN), path, str(batch),
+                                    str(hidden), str(ctx), str(k)], plain_env)
         for name, extra in {"lnsp": {}, **(variants or {})}.items():
             sides[name] = _Side([sys.executable, "-m", "lnsp.versus", "--side", "--path", path,
                                  "--batch", str(batch), "--hidden", str(hidden), "--ctx",
