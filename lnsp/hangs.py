@@ -548,7 +548,9 @@ def hazards(f: Facts) -> list[str]:
     if f.ctx.get("environ", {}).get("KMP_DUPLICATE_LIB_OK", "").upper() in ("TRUE", "1", "YES"):
         found.append("hazard: KMP_DUPLICATE_LIB_OK=TRUE hides a duplicate OpenMP runtime")
     if not any(s.get("pyspy") for s in f.samples):
-        found.append("py-spy could not read the stacks (not installed, or no ptrace permission)")
+        from lnsp.platform import ptrace_problem
+
+        found.append(f"py-spy could not read the stacks (not installed, or {ptrace_problem()})")
     return found
 
 

@@ -125,3 +125,13 @@ def test_mapped_files_on_macos_come_from_lsof(tmp_path, monkeypatch):
     monkeypatch.delenv(platform.FAKE_ENV)
     if platform.has_proc():  # Linux: this process's own maps, read for real
         assert os.path.realpath(sys.executable) in platform.mapped_files(os.getpid())
+
+
+def test_unread_stacks_are_explained_in_each_systems_words(monkeypatch):
+    facts = stuck_in_openmp([])
+    for s in facts.samples:
+        s["pyspy"] = False
+    monkeypatch.setenv(platform.FAKE_ENV, "darwin")
+    assert any("py-spy needs sudo on macOS" in e for e in hangs.judge(facts)["evidence"])
+    monkeypatch.setenv(platform.FAKE_ENV, "linux")
+    assert any("no ptrace permission" in e for e in hangs.judge(facts)["evidence"])
