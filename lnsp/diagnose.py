@@ -248,7 +248,7 @@ def decode_syscall(pid: int, text: str | None) -> dict | None:
 def proc_snapshot(pid: int) -> dict:
     """Process and thread state from /proc, read before py-spy suspends anything (its
     ptrace stop restarts the system calls a thread is blocked in)."""
-    if not os.path.isdir("/proc"):
+    if not system.has_proc():
         return _psutil_snapshot(pid)
     fields = _stat_fields(_read(f"/proc/{pid}/stat"))
     if not fields:
@@ -312,7 +312,8 @@ def _psutil_snapshot(pid: int) -> dict:
 def thread_cpu(pid: int) -> dict[str, dict[int, float]]:
     """CPU seconds used so far by each thread, and seconds spent waiting for a CPU."""
     cpu, wait = {}, {}
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+    tasks = f"/proc/{pid}/task"
+    for tid in os.listdir(tasks) if system.has_proc() and os.path.isdir(tasks) else []:
         tf = _stat_fields(_read(f"/proc/{pid}/task/{tid}/stat"))
         if tf:
             cpu[int(tid)] = (int(tf[11]) + int(tf[12])) / TICK
@@ -380,6 +381,12 @@ def runtimes(pid: int) -> list[dict]:
 
 
 def environ(pid: int) -> dict:
+    """The environment a process started with: /proc, else psutil (macOS)."""
+    if not system.has_proc():
+        try:
+            return psutil.Process(pid).environ()
+        except psutil.Error:
+            return {}
     raw = _read(f"/proc/{pid}/environ") or ""
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
@@ -529,10 +536,9 @@ def context(target: Target, first: dict, last: dict) -> dict:
 
 def _peek(pid: int) -> dict:
     """One quick look at another process: state, CPU and its Python frames."""
-    fields = _stat_fields(_read(f"/proc/{pid}/stat"))
-    info = {"pid": pid, "state": fields[0] if fields else "gone",
-            "cmdline": " ".join(_cmdline(pid))[:120]}
-    if fields and fields[0] not in "ZX":
+    state = _state(pid)
+    info = {"pid": pid, "state": state, "cmdline": " ".join(_cmdline(pid))[:120]}
+    if state not in ("Z", "X", "gone"):
         stacks = pyspy(pid, native=False, timeout=5, blocking=False)
         if stacks:
             main = next((t for t in stacks if t.get("thread_name") == "MainThread"), stacks[0])
@@ -540,6 +546,18 @@ def _peek(pid: int) -> dict:
             info["all_frames"] = [f["name"] + " " + f["file"] for t in stacks
                                   for f in frames_of(t)]
     return info
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, D, T, Z), or "gone": /proc, else psutil (macOS,
+    where a live worker would otherwise read as gone)."""
+    if system.has_proc():
+        fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+        return fields[0] if fields else "gone"
+    try:
+        return STATUS_LETTER.get(psutil.Process(pid).status(), "S")
+    except psutil.Error:
+        return "gone"
 
 
 def collective_peers(pid: int, env: dict) -> list[dict]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+from lnsp.hangs import KINDS
+from lnsp.platform import FAKE_ENV as FAKE
 
 HANGS = Path(__file__).resolve().parent / "hangs"
 SAMPLES, INTERVAL = 3, 0.3
@@ -399,3 +401,29 @@ def test_an_interpreter_named_Python_as_on_macOS_is_diagnosed(tmp_path, reap):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not a Python process" not in r.stderr
     assert r.stdout.startswith("VERDICT blocked-io: ") and str(fifo) in r.stdout, r.stdout
+
+
+def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judged(tmp_path,
+                                                                                   reap):
+    """Every /proc read goes through lnsp.platform: faked as macOS, the diagnosis takes
+    psutil's view (state, CPU, environment), and a live child is not read as gone."""
+    from lnsp import diagnose as d
+
+    fifo = tmp_path / "gate"
+    proc = start("fifo_open.py", fifo, reap=reap)
+    ready(proc)
+    settle(proc.pid)
+    child = subprocess.Popen(["sleep", "60"])
+    reap(child.pid)
+    os.environ[FAKE] = "darwin"
+    try:
+        snap = d.proc_snapshot(proc.pid)
+        assert "proc_cpu_s" in snap and snap["state"] == "S" and snap["threads"] == {}
+        assert d._peek(child.pid)["state"] == "S"
+        assert d.environ(os.getpid())["PATH"] == os.environ["PATH"]
+        v = diagnose(proc.pid)
+    finally:
+        del os.environ[FAKE]
+    assert v["kind"] in KINDS and v["pid"] == proc.pid, v
+    # py-spy reads the stacks here (root); without /proc the blocking call is unknown.
+    assert "fifo_open.py" in v["summary"] or any("fifo_open.py" in e for e in v["evidence"]), v
