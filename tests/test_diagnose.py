@@ -419,7 +419,8 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
     try:
         snap = d.proc_snapshot(proc.pid)
         assert "proc_cpu_s" in snap and snap["state"] == "S" and snap["threads"] == {}
-        assert d._peek(child.pid)["state"] == "S"
+        # Alive and asleep (read as "gone" before), once `sleep` has started.
+        wait_until(lambda: d._peek(child.pid)["state"] == "S", 10, what="sleep asleep")
         assert d.environ(os.getpid())["PATH"] == os.environ["PATH"]
         v = diagnose(proc.pid)
     finally:
