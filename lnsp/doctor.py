@@ -124,6 +124,10 @@ def hazards(f: dict) -> list[str]:
     if system.is_macos():
         found.append("macOS: background processes can be throttled by App Nap. Fix: "
                      "make train-nohup / train-tmux hold `caffeinate -i -s -w PID` for each trainer.")
+    if system.is_macos() and f["tools"]["py-spy"] and os.geteuid() != 0:
+        found.append(f"{system.ptrace_problem()}: without it dumps carry no native frames "
+                     "and a stall's diagnosis has no stacks to judge. Fix: "
+                     "sudo lnsp diagnose PID (or sudo py-spy dump --pid PID).")
     if not f["tools"]["py-spy"]:
         found.append("py-spy missing: dumps show Python frames only, not the native frame "
                      "of a hang in OpenMP/BLAS. Fix: pip install py-spy.")

@@ -1,7 +1,8 @@
 """Two OpenMP runtimes in one process, named by `lnsp doctor` and by the hang catalogue
 as the hazard each pair is: two libomp.dylib copies on macOS (torch's and faiss's
 wheels), different families anywhere, two libgomp copies on Linux (torch's and faiss's
-wheels here). macOS's pair is fed through the fake platform; Linux's is this machine's."""
+wheels here). macOS's pair is fed through the fake platform; Linux's is this machine's.
+Beside them, py-spy's permission problem, named in each system's words."""
 
 from __future__ import annotations
 
@@ -135,3 +136,13 @@ def test_unread_stacks_are_explained_in_each_systems_words(monkeypatch):
     assert any("py-spy needs sudo on macOS" in e for e in hangs.judge(facts)["evidence"])
     monkeypatch.setenv(platform.FAKE_ENV, "linux")
     assert any("no ptrace permission" in e for e in hangs.judge(facts)["evidence"])
+
+
+def test_doctor_on_macos_says_py_spy_needs_sudo(monkeypatch):
+    monkeypatch.setenv(platform.FAKE_ENV, "darwin")
+    monkeypatch.setattr(os, "geteuid", lambda: 501)  # a Mac's first user, not root
+    found = doctor.hazards(facts([]))
+    assert any(h.startswith("py-spy needs sudo on macOS") and "sudo lnsp diagnose PID" in h
+               for h in found), found
+    monkeypatch.setenv(platform.FAKE_ENV, "linux")
+    assert not any("sudo" in h for h in doctor.hazards(facts([])))
