@@ -465,7 +465,7 @@ def duplicate_openmp(f: Facts):
 
     conflict = openmp_conflict([r["path"] for r in f.ctx.get("runtimes", [])
                                 if r["api"] == "openmp"])
-    # Two copies of GNU libgomp are two pools of one runtime (a note, below); two
+    # Two copies of GNU libgomp are two pools of one runtime (named in hazards()); two
     # runtimes of different families, or two copies of libomp (macOS: torch's and
     # faiss's wheels), are the hazard.
     if not conflict or conflict[0] == "copies" or f.progressing():
