@@ -106,7 +106,8 @@ def test_caffeinate_as_a_sibling_holds_the_trainer(tmp_path, reap):
     # A shell script's process is named after the script (comm), not `sh`, as long as
     # it does not exec another program: sleep in the background and wait for it.
     env = _caffeinate_path(tmp_path, "sleep 60 & wait\n")
-    power = subprocess.Popen(["caffeinate", "-i", "-s", "-w", str(trainer.pid)], env=env)
+    power = subprocess.Popen(["caffeinate", "-i", "-s", "-w", str(trainer.pid)], env=env,
+                             start_new_session=True)  # its group: the script's sleep too
     reap(power.pid)
     import psutil
 
@@ -114,7 +115,7 @@ def test_caffeinate_as_a_sibling_holds_the_trainer(tmp_path, reap):
                what="a process named caffeinate")
     assert platform.caffeinate_held(trainer.pid)
     assert not platform.caffeinate_held(other.pid)
-    power.kill()
+    os.killpg(power.pid, signal.SIGKILL)
     power.wait()
     assert not platform.caffeinate_held(trainer.pid)
 
