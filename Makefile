@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+PYTHON ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 LNSP   := $(BIN)/lnsp
@@ -31,8 +31,17 @@ help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-17s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)  # a venv cut short has no pip: made anew
+# A .venv made by a Python older than 3.11 (Apple's 3.9 on macOS) is made anew: its
+# pyvenv.cfg says which Python made it.
+OLD_VENV := $(shell awk -F' *= *' '$$1 == "version" { split($$2, v, "."); if (v[1] < 3 || (v[1] == 3 && v[2] < 11)) print "old" }' $(VENV)/pyvenv.cfg 2>/dev/null)
+
+# PYTHON= chooses the interpreter; by default the first >= 3.11 (scripts/find-python.sh).
+$(STAMP): pyproject.toml constraints.txt $(if $(OLD_VENV),FORCE)
+	@if ! { test -x $(BIN)/pip && test -z "$(OLD_VENV)"; }; then \
+		py=$$(scripts/find-python.sh $(PYTHON)) || exit 2; \
+		echo "$$py -m venv --clear $(VENV)  # none yet, cut short (no pip), or made by a Python < 3.11"; \
+		$$py -m venv --clear $(VENV) || exit 1; \
+	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text,tensorboard]'
 	touch $@
@@ -157,6 +166,8 @@ clean: ## remove caches (keeps runs/, data/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help setup data data-text train run test test-stress probe train-nohup train-tmux train-docker train-ddp status \
+FORCE:
+
+.PHONY: FORCE help setup data data-text train run test test-stress probe train-nohup train-tmux train-docker train-ddp status \
 	watch tensorboard image dump diagnose stop \
 	logs doctor realtext docker-build docker-base wheelhouse docker-offline compare bench plot generate calibrate clean

@@ -12,7 +12,6 @@ scale (771,115 x 768), and the decider's latency.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -177,7 +176,10 @@ def seed_index(path: str, kind: str, queries: int | None = None) -> dict:
                                    log=said.append)
     recall = _mined_recall(job, bank)
     # Peak resident memory of the process; the memory map's touched pages count.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # (ru_maxrss is kilobytes on Linux, bytes on macOS: the platform module converts.)
+    from lnsp.system import peak_rss_bytes
+
+    peak = peak_rss_bytes()
     baseline = runtime + bank.nbytes + index_bytes
     return {"index": kind, "built": type(index).__name__, "build_s": build_s,
             "nprobe": ivf.nprobe if ivf is not None else None, "calibrated_nprobe": calibrated,

@@ -14,12 +14,29 @@ from lnsp.errors import DataError
 from lnsp.rundir import atomic_write
 
 
+def rng_state() -> dict:
+    """The random generators' states: the CPU's, and on a Mac with Metal the MPS
+    device's own generator (dropout on device mps draws from it, not the CPU's); absent
+    where there is no MPS device."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.backends.mps.is_available():
+        state["mps_rng"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(saved: dict) -> None:
+    """Put back what rng_state() saved; an MPS state is restored only where there is
+    an MPS device (a Mac's checkpoint resumed on Linux keeps the CPU's)."""
+    torch.set_rng_state(saved["torch_rng"])
+    if "mps_rng" in saved and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(saved["mps_rng"])
+
+
 def save(path: Path, model, optimizer, config, **state) -> None:
     """`state`: plain values only (ints, floats, strings, lists, dicts)."""
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "config": config.to_json(), **state},
-               buf)
+                **rng_state(), "config": config.to_json(), **state}, buf)
     atomic_write(path, buf.getvalue())
 
 

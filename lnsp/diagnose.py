@@ -23,7 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from lnsp import system
 from lnsp.errors import LnspError
+from lnsp.system import openmp_family  # noqa: F401  (lnsp.hangs reads it here)
 from lnsp.rundir import ExitCode
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -121,13 +123,17 @@ def check_python(pid: int) -> None:
     except psutil.AccessDenied:
         raise BadTarget(f"process {pid}: access denied (run as its user or as root)") from None
     name = os.path.basename(exe)
-    if re.match(r"python|pypy", name):
+    # A macOS framework build runs as .../Python.app/Contents/MacOS/Python.
+    if system.is_python(exe):
         return
-    try:
-        if "libpython" in Path(f"/proc/{pid}/maps").read_text():
-            return
-    except OSError:
-        pass
+    # An interpreter under another name that loads a shared libpython (an embedding
+    # program, a renamed binary); only /proc tells, on Linux.
+    if system.has_proc():
+        try:
+            if "libpython" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            pass
     raise BadTarget(f"process {pid} is not a Python process ({name})")
 
 
@@ -242,7 +248,7 @@ def decode_syscall(pid: int, text: str | None) -> dict | None:
 def proc_snapshot(pid: int) -> dict:
     """Process and thread state from /proc, read before py-spy suspends anything (its
     ptrace stop restarts the system calls a thread is blocked in)."""
-    if not os.path.isdir("/proc"):
+    if not system.has_proc():
         return _psutil_snapshot(pid)
     fields = _stat_fields(_read(f"/proc/{pid}/stat"))
     if not fields:
@@ -306,7 +312,8 @@ def _psutil_snapshot(pid: int) -> dict:
 def thread_cpu(pid: int) -> dict[str, dict[int, float]]:
     """CPU seconds used so far by each thread, and seconds spent waiting for a CPU."""
     cpu, wait = {}, {}
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+    tasks = f"/proc/{pid}/task"
+    for tid in os.listdir(tasks) if system.has_proc() and os.path.isdir(tasks) else []:
         tf = _stat_fields(_read(f"/proc/{pid}/task/{tid}/stat"))
         if tf:
             cpu[int(tid)] = (int(tf[11]) + int(tf[12])) / TICK
@@ -360,13 +367,10 @@ def cgroup_throttle(pid: int) -> dict | None:
 
 
 def runtimes(pid: int) -> list[dict]:
-    """OpenMP and BLAS libraries mapped into the target (/proc/PID/maps), one per path."""
+    """OpenMP and BLAS libraries mapped into the target (/proc/PID/maps; lsof on
+    macOS), one per path."""
     seen: dict[str, dict] = {}
-    for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        path = parts[5].strip()
+    for path in system.mapped_files(pid):
         name = os.path.basename(path)
         family = openmp_family(name)
         kind = "openmp" if family else "blas" if re.match(
@@ -376,19 +380,13 @@ def runtimes(pid: int) -> list[dict]:
     return list(seen.values())
 
 
-def openmp_family(name: str) -> str | None:
-    """Which OpenMP runtime a library file is: copies of one runtime (torch's and
-    faiss's libgomp) are one family; different families in one process are the hazard."""
-    if re.match(r"libgomp[.-]", name):
-        return "GNU libgomp"
-    if re.match(r"libiomp5", name):
-        return "Intel libiomp5"
-    if re.match(r"libomp[.-]", name):
-        return "LLVM libomp"
-    return None
-
-
 def environ(pid: int) -> dict:
+    """The environment a process started with: /proc, else psutil (macOS)."""
+    if not system.has_proc():
+        try:
+            return psutil.Process(pid).environ()
+        except psutil.Error:
+            return {}
     raw = _read(f"/proc/{pid}/environ") or ""
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
@@ -538,10 +536,9 @@ def context(target: Target, first: dict, last: dict) -> dict:
 
 def _peek(pid: int) -> dict:
     """One quick look at another process: state, CPU and its Python frames."""
-    fields = _stat_fields(_read(f"/proc/{pid}/stat"))
-    info = {"pid": pid, "state": fields[0] if fields else "gone",
-            "cmdline": " ".join(_cmdline(pid))[:120]}
-    if fields and fields[0] not in "ZX":
+    state = _state(pid)
+    info = {"pid": pid, "state": state, "cmdline": " ".join(_cmdline(pid))[:120]}
+    if state not in ("Z", "X", "gone"):
         stacks = pyspy(pid, native=False, timeout=5, blocking=False)
         if stacks:
             main = next((t for t in stacks if t.get("thread_name") == "MainThread"), stacks[0])
@@ -549,6 +546,18 @@ def _peek(pid: int) -> dict:
             info["all_frames"] = [f["name"] + " " + f["file"] for t in stacks
                                   for f in frames_of(t)]
     return info
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, D, T, Z), or "gone": /proc, else psutil (macOS,
+    where a live worker would otherwise read as gone)."""
+    if system.has_proc():
+        fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+        return fields[0] if fields else "gone"
+    try:
+        return STATUS_LETTER.get(psutil.Process(pid).status(), "S")
+    except psutil.Error:
+        return "gone"
 
 
 def collective_peers(pid: int, env: dict) -> list[dict]:

@@ -10,15 +10,13 @@ import platform
 import resource
 import shutil
 import sys
-from collections import Counter
 
-from lnsp.threads import THREAD_VARS
-
-
-# The user's setting, read before threadpoolctl is imported: threadpoolctl sets
-# KMP_DUPLICATE_LIB_OK=True in its own process (os.environ.setdefault at import), so
-# that inspecting the loaded libraries never aborts; that is not the user's choice.
-USER_KMP_DUPLICATE_LIB_OK = os.environ.get("KMP_DUPLICATE_LIB_OK")
+from lnsp import system
+# The user's setting, read when lnsp was imported, before threadpoolctl could be:
+# threadpoolctl sets KMP_DUPLICATE_LIB_OK=True in its own process (os.environ.setdefault
+# at import), so that inspecting the loaded libraries never aborts; that is not the
+# user's choice.
+from lnsp.threads import THREAD_VARS, USER_KMP_DUPLICATE_LIB_OK
 
 
 def facts(snapshot: bool = False) -> dict:
@@ -44,6 +42,8 @@ def facts(snapshot: bool = False) -> dict:
         "thread_env": {**{k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
                                                          "KMP_BLOCKTIME", "GOMP_SPINCOUNT")},
                        "KMP_DUPLICATE_LIB_OK": USER_KMP_DUPLICATE_LIB_OK},
+        # What this process runs with: threadpoolctl's True when the user set nothing.
+        "kmp_duplicate_lib_ok_here": os.environ.get("KMP_DUPLICATE_LIB_OK"),
         "start_method": multiprocessing.get_start_method(allow_none=True) or
         multiprocessing.get_context().get_start_method(),
         "open_files": {"soft": soft, "hard": hard},
@@ -74,13 +74,26 @@ def _docker_engine() -> str:
 
 def hazards(f: dict) -> list[str]:
     found = []
-    copies = Counter(p["api"] for p in f["pools"])
-    if copies["openmp"] > 1:
-        found.append(f"{copies['openmp']} OpenMP runtimes loaded "
-                     f"({', '.join(p['library'] for p in f['pools'] if p['api'] == 'openmp')}): "
-                     "fork after either has run can hang the child forever. Fix: never fork "
-                     "after OpenMP work (lnsp uses spawn for workers); keep one thread "
-                     "(--threads safe) if a library forks behind your back.")
+    omp = [p for p in f["pools"] if p["api"] == "openmp"]
+    conflict = system.openmp_conflict([p.get("filepath") or p["library"] for p in omp])
+    if conflict:
+        kind, line = conflict
+        fix = {"copies": "never fork after OpenMP work (lnsp uses spawn for workers); keep "
+                         "one thread (--threads safe) if a library forks behind your back.",
+               "duplicate": "install builds that share one OpenMP runtime (conda-forge's "
+                            "torch and faiss link one libomp), or --threads safe; never rely "
+                            "on KMP_DUPLICATE_LIB_OK.",
+               "mixed": "install builds that use one runtime (pip torch and faiss-cpu use GNU "
+                        "libgomp on Linux; drop intel-openmp/llvm-openmp, or "
+                        "MKL_THREADING_LAYER=GNU); never set KMP_DUPLICATE_LIB_OK=TRUE."}[kind]
+        found.append(f"{len(omp)} OpenMP runtimes loaded: {line}. Fix: {fix}")
+        here = f.get("kmp_duplicate_lib_ok_here")
+        if kind != "copies" and here and not f["thread_env"].get("KMP_DUPLICATE_LIB_OK"):
+            # threadpoolctl's import set it (os.environ.setdefault): this process may have
+            # lived through the second copy only because of that.
+            found.append(f"KMP_DUPLICATE_LIB_OK={here} in this process was set by "
+                         "threadpoolctl's import, not by you: it hides the duplicate runtime "
+                         "here; a script that does not import threadpoolctl aborts instead.")
     if (f["thread_env"].get("KMP_DUPLICATE_LIB_OK") or "").upper() in ("TRUE", "1", "YES"):
         # Intel's runtime aborts when it finds a second OpenMP runtime; this variable
         # silences the abort and leaves two runtimes that are reported to hang at 0% CPU
@@ -105,12 +118,16 @@ def hazards(f: dict) -> list[str]:
     if f["open_files"]["soft"] < 4096:
         found.append(f"open-file limit {f['open_files']['soft']} is low for DataLoader "
                      "workers. Fix: ulimit -n 4096 (the launchers raise it).")
-    if sys.platform == "darwin" and not f["tools"]["caffeinate"]:
+    if system.is_macos() and not f["tools"]["caffeinate"]:
         found.append("caffeinate not found: App Nap can throttle a background run to a "
                      "standstill. Fix: run in the foreground, or restore /usr/bin/caffeinate.")
-    if sys.platform == "darwin":
+    if system.is_macos():
         found.append("macOS: background processes can be throttled by App Nap. Fix: "
                      "make train-nohup / train-tmux hold `caffeinate -i -s -w PID` for each trainer.")
+    if system.is_macos() and f["tools"]["py-spy"] and os.geteuid() != 0:
+        found.append(f"{system.ptrace_problem()}: without it dumps carry no native frames "
+                     "and a stall's diagnosis has no stacks to judge. Fix: "
+                     "sudo lnsp diagnose PID (or sudo py-spy dump --pid PID).")
     if not f["tools"]["py-spy"]:
         found.append("py-spy missing: dumps show Python frames only, not the native frame "
                      "of a hang in OpenMP/BLAS. Fix: pip install py-spy.")

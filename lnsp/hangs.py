@@ -461,9 +461,16 @@ def fork_after_openmp(f: Facts):
 
 
 def duplicate_openmp(f: Facts):
-    families = f.runtime_families()
-    if len(families) < 2 or f.progressing():
+    from lnsp.system import openmp_conflict
+
+    conflict = openmp_conflict([r["path"] for r in f.ctx.get("runtimes", [])
+                                if r["api"] == "openmp"])
+    # Two copies of GNU libgomp are two pools of one runtime (named in hazards()); two
+    # runtimes of different families, or two copies of libomp (macOS: torch's and
+    # faiss's wheels), are the hazard.
+    if not conflict or conflict[0] == "copies" or f.progressing():
         return None
+    families = f.runtime_families()
     for t in f.python_threads() or list(f.threads.values()):
         omp = openmp_frames(t)
         if omp and t["motion"] in ("stuck", "spinning", "busy"):
@@ -473,14 +480,21 @@ def duplicate_openmp(f: Facts):
             if env.get("KMP_DUPLICATE_LIB_OK"):
                 evidence.append(f"KMP_DUPLICATE_LIB_OK={env['KMP_DUPLICATE_LIB_OK']} hides the "
                                 "duplicate instead of failing at start-up")
-            return (f"{label(t, f)} is stuck in an OpenMP runtime ({omp[0]}) while "
-                    f"{len(families)} different OpenMP runtimes are loaded "
-                    f"({' and '.join(families)}), which do not share threads or locks.",
+            if conflict[0] == "mixed":
+                what = (f"{len(families)} different OpenMP runtimes are loaded "
+                        f"({' and '.join(families)}), which do not share threads or locks")
+            else:
+                (fam, paths), = families.items()
+                what = (f"{len(paths)} copies of {fam} are loaded, each with its own threads "
+                        "and locks, which the runtime itself refuses (OMP: Error #15) unless "
+                        "KMP_DUPLICATE_LIB_OK hides it")
+            return (f"{label(t, f)} is stuck in an OpenMP runtime ({omp[0]}) while {what}.",
                     evidence,
                     "load one OpenMP runtime: install builds that use the same one (pip torch "
-                    "and faiss-cpu use GNU libgomp; drop intel-openmp/llvm-openmp, or use MKL's "
-                    "GNU threading layer MKL_THREADING_LAYER=GNU); never set "
-                    "KMP_DUPLICATE_LIB_OK=TRUE.")
+                    "and faiss-cpu use GNU libgomp on Linux; on macOS their wheels each bundle "
+                    "libomp: conda-forge's torch and faiss share one; drop intel-openmp/"
+                    "llvm-openmp, or use MKL's GNU threading layer MKL_THREADING_LAYER=GNU); "
+                    "never set KMP_DUPLICATE_LIB_OK=TRUE.")
     return None
 
 
@@ -525,18 +539,18 @@ KINDS = [k for k, _ in RULES] + ["unknown"]
 def hazards(f: Facts) -> list[str]:
     """Things worth knowing whatever the verdict."""
     found = []
-    families = f.runtime_families()
-    if len(families) > 1:
-        found.append("hazard: different OpenMP runtimes mapped: " + ", ".join(families))
-    for fam, paths in families.items():
-        if len(paths) > 1:
-            found.append(f"note: {len(paths)} copies of {fam} mapped ({', '.join(paths)}): one "
-                         "runtime, separate pools; not the duplicate-runtime hazard, but fork "
-                         "after either has run hangs the child")
-    if f.ctx.get("environ", {}).get("KMP_DUPLICATE_LIB_OK", "").upper() in ("TRUE", "1"):
+    from lnsp.system import openmp_conflict
+
+    conflict = openmp_conflict([r["path"] for r in f.ctx.get("runtimes", [])
+                                if r["api"] == "openmp"])
+    if conflict:
+        found.append(f"hazard: {conflict[1]}")
+    if f.ctx.get("environ", {}).get("KMP_DUPLICATE_LIB_OK", "").upper() in ("TRUE", "1", "YES"):
         found.append("hazard: KMP_DUPLICATE_LIB_OK=TRUE hides a duplicate OpenMP runtime")
     if not any(s.get("pyspy") for s in f.samples):
-        found.append("py-spy could not read the stacks (not installed, or no ptrace permission)")
+        from lnsp.system import ptrace_problem
+
+        found.append(f"py-spy could not read the stacks (not installed, or {ptrace_problem()})")
     return found
 
 

@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import sys
 
+from lnsp import system
+
 # Variables read by the OpenMP and BLAS runtimes when they load.
 THREAD_VARS = (
     "OMP_NUM_THREADS",
@@ -29,11 +31,14 @@ DEFAULTS_MARK = "LNSP_THREAD_DEFAULTS"  # names of the thread variables lnsp set
 
 
 def cpu_count() -> int:
-    """Cores this process may use: affinity mask, capped by a cgroup CPU quota."""
+    """Cores this process may use: affinity mask, capped by a cgroup CPU quota; on
+    macOS the performance cores where the OS says (an OpenMP region waits for its
+    slowest thread, and one on an efficiency core slows every region down)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         n = os.cpu_count() or 1
+    n = system.performance_cores() or n
     try:
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
         if quota != "max":
@@ -107,6 +112,11 @@ def policy_env(value: str | None, ranks: int | None = None,
     kind, n = parse_policy(value, ranks)
     env = {name: "1" for name in THREAD_VARS}
     env["OMP_NUM_THREADS"] = str(n)
+    if system.is_macos():
+        # On macOS torch's and numpy's BLAS is Accelerate (vecLib): the GRU's and the
+        # miner's matrix products run in its pool, not an OpenMP one, so one thread
+        # there would leave `fast` on one core.
+        env[system.ACCELERATE_THREADS] = str(n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["KMP_BLOCKTIME"] = "0"
     one_process = (ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) <= 1
@@ -229,6 +239,7 @@ def pools() -> list[dict]:
             "api": p["internal_api"],
             "threads": p["num_threads"],
             "library": os.path.basename(p["filepath"]),
+            "filepath": p["filepath"],
             "version": p.get("version"),
             "threading_layer": p.get("threading_layer"),
         }

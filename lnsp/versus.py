@@ -135,7 +135,7 @@ def guard_overhead(batch: int = 8, hidden: int = 768, ctx: int = 10, k: int = 10
     folder = Path(tempfile.mkdtemp(prefix="lnsp-guard-bench-"))
     path = str(folder / "bank.npy")
     np.save(path, synth.dataset(bank_rows, dim).bank)
-    loop = [sys.executable, str(PLAIN), path, str(batch), str(hidden), str(ctx), str(k)]
+    loop = [sys.executable, "-P", str(PLAIN), path, str(batch), str(hidden), str(ctx), str(k)]
     sides = {}
     try:
         sides["bare"] = _Side(loop, env)
@@ -175,8 +175,10 @@ def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_row
             np.save(path, synth.dataset(bank_rows, dim).bank)
         plain_env = user_environment()  # a user's shell: none of lnsp's thread variables
         if plain:
-            sides["plain"] = _Side([sys.executable, str(PLAIN), path, str(batch), str(hidden),
-                                    str(ctx), str(k)], plain_env)
+            # -P: the script's folder, lnsp/, stays off sys.path, where lnsp's modules
+            # (tensorboard.py, say) would stand in for packages of the same name.
+            sides["plain"] = _Side([sys.executable, "-P", str(PLAIN), path, str(batch),
+                                    str(hidden), str(ctx), str(k)], plain_env)
         for name, extra in {"lnsp": {}, **(variants or {})}.items():
             sides[name] = _Side([sys.executable, "-m", "lnsp.versus", "--side", "--path", path,
                                  "--batch", str(batch), "--hidden", str(hidden), "--ctx",

@@ -10,7 +10,15 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$DIR"
 # The dependency list lives in pyproject.toml alone; versions in constraints.txt.
 # The extras the image installs too (docker/Dockerfile): tensorboard.
-mapfile -t DEPS < <("$PY" scripts/dependencies.py pyproject.toml tensorboard)
+# One requirement a line, read without mapfile (bash 4): macOS's /bin/bash is 3.2.
+deps=$("$PY" scripts/dependencies.py pyproject.toml tensorboard)
+DEPS=()
+while IFS= read -r dep; do
+    [ -n "$dep" ] && DEPS+=("$dep")
+done <<EOF
+$deps
+EOF
+[ ${#DEPS[@]} -gt 0 ] || { echo "make-wheelhouse: no dependencies in pyproject.toml" >&2; exit 2; }
 "$PIP" download --quiet --dest "$DIR" --only-binary=:all: \
     --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

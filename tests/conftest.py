@@ -18,6 +18,11 @@ DRIVER = Path(__file__).resolve().parent / "driver.py"
 SMALL = {"chains": 150, "length": 16, "dim": 64}
 FAST_TRAIN = ["--hidden", "32", "--batch-size", "16", "--k", "20", "--log-every", "5",
               "--eval-windows", "200", "--threads", "safe"]
+# What differs on a Mac (lnsp/system.py); each use says why. py-spy needs sudo there
+# in every mode and there is no /proc: a diagnosis, a native dump and an outside dump of
+# a frozen process read no stacks, so their verdict is `unknown` (README "macOS").
+MACOS = sys.platform == "darwin"
+NO_STACKS_ON_MACOS = "py-spy needs sudo on macOS and there is no /proc: no stacks to judge"
 
 
 def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -42,9 +47,12 @@ def read_json(path) -> dict | None:
 def env(**extra) -> dict:
     """The environment of a child `lnsp`: this process's, less the thread variables
     that importing lnsp here set (a user's shell has none of them)."""
+    from lnsp.system import gloo_loopback
     from lnsp.threads import user_environment
 
-    e = {**user_environment(), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **extra}
+    # gloo_loopback: macOS's ranks on loopback (torchrun started by a test directly).
+    e = {**user_environment(), **gloo_loopback(), "PYTHONUNBUFFERED": "1",
+         "PYTHONPATH": str(ROOT), **extra}
     return {k: str(v) for k, v in e.items()}
 
 

@@ -44,3 +44,30 @@ def test_a_trained_checkpoint_loads_with_weights_only(small_data, tmp_path):
     r = lnsp("generate", "--checkpoint", run / "checkpoints" / "last.pt", "--data", small_data,
              "--steps", "2", "--start", "0")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_mps_generator_is_saved_only_where_there_is_one(tmp_path, monkeypatch):
+    """A Mac's Metal device has a generator of its own (dropout on mps); it is saved
+    and restored there, and simply absent elsewhere. The Mac is faked: torch's own
+    answer that MPS is available, and its generator's state."""
+    from lnsp import checkpoint
+    from lnsp.config import TrainConfig
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    checkpoint.save(tmp_path / "linux.pt", model, optimizer, TrainConfig())
+    saved = checkpoint.load(tmp_path / "linux.pt")
+    assert "torch_rng" in saved and "mps_rng" not in saved
+    checkpoint.restore_rng(saved)  # no MPS device: the CPU's alone
+
+    metal = {"state": torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: metal["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: metal.update(state=s))
+    checkpoint.save(tmp_path / "mac.pt", model, optimizer, TrainConfig())
+    saved = checkpoint.load(tmp_path / "mac.pt")  # still weights_only: a tensor
+    assert torch.equal(saved["mps_rng"], torch.arange(8, dtype=torch.uint8))
+    metal["state"] = torch.zeros(8, dtype=torch.uint8)
+    checkpoint.restore_rng(saved)
+    assert torch.equal(metal["state"], torch.arange(8, dtype=torch.uint8))

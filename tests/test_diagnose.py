@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+from lnsp.hangs import KINDS
+from lnsp.system import FAKE_ENV as FAKE
 
 HANGS = Path(__file__).resolve().parent / "hangs"
 SAMPLES, INTERVAL = 3, 0.3
@@ -368,3 +370,61 @@ def test_a_training_run_is_running_then_its_supervisor_explains_the_freeze(small
     assert "SIGSTOP" in ended["cause"]
     assert (Path(ended["bundle"]) / "verdict.json").exists()
     assert "[SUPERVISOR] VERDICT stopped: " in (run / "training.log").read_text()
+
+
+def _interpreter_without_libpython() -> str:
+    """A real interpreter to copy: Debian's (not linked to a shared libpython, so only
+    its name can say it is Python), else this one."""
+    for candidate in ("/usr/bin/python3.11", "/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.skip("no interpreter binary to copy")
+
+
+def test_an_interpreter_named_Python_as_on_macOS_is_diagnosed(tmp_path, reap):
+    # A framework build (python.org, Homebrew) runs as .../Python.app/Contents/MacOS/Python.
+    real = _interpreter_without_libpython()
+    home = subprocess.run([real, "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    copy = tmp_path / "Python.app" / "Contents" / "MacOS" / "Python"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(Path(real).read_bytes())
+    copy.chmod(0o755)
+    fifo = tmp_path / "gate"
+    proc = subprocess.Popen([str(copy), str(HANGS / "fifo_open.py"), str(fifo)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env={**env(), "PYTHONHOME": home})
+    reap(proc.pid)
+    ready(proc)
+    settle(proc.pid)
+    r = lnsp("diagnose", proc.pid, "--samples", 2, "--interval", INTERVAL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not a Python process" not in r.stderr
+    assert r.stdout.startswith("VERDICT blocked-io: ") and str(fifo) in r.stdout, r.stdout
+
+
+def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judged(tmp_path,
+                                                                                   reap):
+    """Every /proc read goes through lnsp.system: faked as macOS, the diagnosis takes
+    psutil's view (state, CPU, environment), and a live child is not read as gone."""
+    from lnsp import diagnose as d
+
+    fifo = tmp_path / "gate"
+    proc = start("fifo_open.py", fifo, reap=reap)
+    ready(proc)
+    settle(proc.pid)
+    child = subprocess.Popen(["sleep", "60"])
+    reap(child.pid)
+    os.environ[FAKE] = "darwin"
+    try:
+        snap = d.proc_snapshot(proc.pid)
+        assert "proc_cpu_s" in snap and snap["state"] == "S" and snap["threads"] == {}
+        # Alive and asleep (read as "gone" before), once `sleep` has started.
+        wait_until(lambda: d._peek(child.pid)["state"] == "S", 10, what="sleep asleep")
+        assert d.environ(os.getpid())["PATH"] == os.environ["PATH"]
+        v = diagnose(proc.pid)
+    finally:
+        del os.environ[FAKE]
+    assert v["kind"] in KINDS and v["pid"] == proc.pid, v
+    # py-spy reads the stacks here (root); without /proc the blocking call is unknown.
+    assert "fifo_open.py" in v["summary"] or any("fifo_open.py" in e for e in v["evidence"]), v

@@ -9,8 +9,9 @@ import sys
 import psutil
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json, release, spawn, wait_until
-from lnsp import procs
+from conftest import (FAST_TRAIN, MACOS, NO_STACKS_ON_MACOS, env, lnsp, read_json, release,
+                      spawn, wait_until)
+from lnsp import procs, system
 from lnsp.config import TrainConfig
 from lnsp.launch.command import caffeinate_argv, trainer_argv
 
@@ -50,18 +51,20 @@ def test_nohup_run_outlives_its_shell_and_records_the_trainers_pid(small_data, t
            f"{' '.join(FAST_TRAIN)} --epochs 30")
     shell = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env(),
                            cwd=tmp_path, timeout=60)
-    assert shell.returncode == 0 and "caffeinate: not used" in shell.stdout, shell.stderr
+    said = "caffeinate -i -s -w PID" if MACOS else "caffeinate: not used"
+    assert shell.returncode == 0 and said in shell.stdout, shell.stdout + shell.stderr
     pid = trainer_pid(run)
     reap(pid)
     proc = psutil.Process(pid)
     assert proc.is_running() and proc.cmdline()[1:7] == ["-u", "-X", "faulthandler", "-m",
                                                           "lnsp", "train"]
-    assert proc.name().startswith("python")
+    assert system.is_python(proc.exe())  # macOS framework builds run as `Python`
     supervisor = psutil.Process(read_json(run / "run.json")["supervisor_pid"])
     assert supervisor.pid != pid and os.getsid(supervisor.pid) == supervisor.pid
     environ = proc.environ()
     assert environ["PYTHONUNBUFFERED"] == "1" and environ["OMP_NUM_THREADS"] == "1"
-    assert proc.rlimit(psutil.RLIMIT_NOFILE)[0] >= 4096
+    if hasattr(proc, "rlimit"):  # psutil reads another process's limits on Linux only
+        assert proc.rlimit(psutil.RLIMIT_NOFILE)[0] >= 4096
     assert state(run, tmp_path)["state"] in ("running", "starting")
     wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
                what="the run to finish")
@@ -174,6 +177,8 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(MACOS, reason="the frozen trainer's dump is py-spy's from outside: "
+                    + NO_STACKS_ON_MACOS)
 def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, tmp_path, reap):
     run = tmp_path / "run"
     launch("nohup", run, small_data, "--epochs", "15", "--stall-timeout", "2",

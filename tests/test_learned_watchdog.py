@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from conftest import FAST_TRAIN, finish, lnsp, read_json, spawn, wait_until
+from conftest import FAST_TRAIN, MACOS, finish, lnsp, read_json, spawn, wait_until
 
 
 def marker_run(small_data, tmp_path, *extra, fault, at_step, once=False, command="train"):
@@ -37,8 +37,9 @@ def test_a_mid_run_block_at_default_settings_is_caught_within_15_s(small_data, t
     assert "budgets learned" in log, log
     stall = [line for line in log.splitlines() if "[WATCHDOG] no progress" in line][0]
     assert "phase 'optimizer', learned" in stall and "blocked in native code" in stall, stall
-    assert read_json(run / "exit.json")["cause"].startswith("blocked-io"), \
-        read_json(run / "exit.json")  # the diagnosis of the stall
+    # The diagnosis of the stall (macOS: no stacks without sudo, so `unknown`).
+    assert read_json(run / "exit.json")["cause"].startswith(
+        "unknown" if MACOS else "blocked-io"), read_json(run / "exit.json")
 
 
 def test_python_that_makes_no_progress_is_told_from_native_code(small_data, tmp_path):

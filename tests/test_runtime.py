@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from conftest import FAST_TRAIN, finish, read_json, release, spawn, wait_until
+from conftest import FAST_TRAIN, MACOS, finish, read_json, release, spawn, wait_until
 
 STALL = ["--stall-timeout", "2", "--on-stall", "exit"]
 
@@ -47,7 +47,8 @@ def test_three_sigusr1_dumps_while_blocked_in_native_code_and_the_run_finishes(
     assert read_json(run / "exit.json")["state"] == "finished"
     text = dumps(run)[0].read_text()
     assert "blocked_read" in text and "faulty_step" in text, text  # the stuck frame
-    assert "Native stacks" in text
+    if not MACOS:  # py-spy needs sudo on macOS: the dump says it could not add them
+        assert "Native stacks" in text
     assert (run / "training.log").read_text().count("[DUMP] signal") == 3
 
 
@@ -66,9 +67,11 @@ def test_watchdog_names_the_stall_dumps_it_and_exits_3(small_data, tmp_path, fau
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 4
     assert f"main thread is {where}" in log, log
-    # The cause is the diagnosis (a sleep loop matches no known hang: `unknown`).
-    assert ended["cause"].startswith(f"{kind}: ") and ended["phase"] == "optimizer", ended
-    assert frame in ended["cause"] or kind == "blocked-io", ended["cause"]
+    # The cause is the diagnosis (a sleep loop matches no known hang: `unknown`); on
+    # macOS it reads no stacks (py-spy needs sudo, no /proc): `unknown` for every fault.
+    assert ended["cause"].startswith(f"{'unknown' if MACOS else kind}: ") and \
+        ended["phase"] == "optimizer", ended
+    assert frame in ended["cause"] or kind == "blocked-io" or MACOS, ended["cause"]
 
 
 def test_watchdog_in_dump_mode_keeps_waiting(small_data, tmp_path, reap):

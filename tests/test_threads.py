@@ -2,12 +2,13 @@
 fork-after-OpenMP hang unreachable from lnsp."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+from conftest import FAST_TRAIN, MACOS, env, lnsp, read_json, wait_until
 
 READ_POOLS = """
 import json, sys
@@ -158,6 +159,8 @@ def test_fast_spins_briefly_only_for_one_process_on_an_idle_machine():
                   policy_env("safe", load=0.0), policy_env("2", ranks=2, load=0.0)):
         assert "GOMP_SPINCOUNT" not in quiet and quiet["OMP_WAIT_POLICY"] == "PASSIVE", quiet
     assert machine_idle(8, 3.9) and not machine_idle(8, 4.0)
+    if MACOS:  # no procs_running there: the 1-minute load average needs a minute to rise
+        return
     # Measured here: a busy process of our own is seen wanting a core.
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -175,3 +178,31 @@ def test_a_spin_chosen_for_the_parent_is_not_inherited_but_the_users_is():
     assert run(GOMP_SPINCOUNT="10000", LNSP_THREAD_DEFAULTS="OMP_NUM_THREADS,GOMP_SPINCOUNT") \
         == "None"
     assert run(GOMP_SPINCOUNT="5") == "5"  # the user's own
+
+
+def test_on_macos_fast_sizes_accelerate_and_counts_performance_cores(tmp_path, monkeypatch):
+    """On a Mac (faked: LNSP_FAKE_PLATFORM, and a `sysctl` first on PATH that answers as
+    an M-series chip with 6 performance cores), `fast` takes the performance cores and
+    gives Accelerate's pool (VECLIB_MAXIMUM_THREADS) the same count."""
+    from lnsp import system
+    from lnsp.threads import cpu_count, policy_env
+
+    sysctl = tmp_path / "sysctl"
+    sysctl.write_text('#!/bin/sh\n[ "$2" = hw.perflevel0.physicalcpu ] && echo 6 || exit 1\n')
+    sysctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv(system.FAKE_ENV, "darwin")
+    assert cpu_count() == 6
+    fast = policy_env("fast", load=100.0)
+    assert fast["OMP_NUM_THREADS"] == fast["VECLIB_MAXIMUM_THREADS"] == "6", fast
+    assert policy_env("3", load=100.0)["VECLIB_MAXIMUM_THREADS"] == "3"
+    assert policy_env("safe")["VECLIB_MAXIMUM_THREADS"] == "1"
+    # The same in a real process, set at import as every lnsp command does.
+    code = "import os, lnsp; print(os.environ['VECLIB_MAXIMUM_THREADS'])"
+    r = subprocess.run([sys.executable, "-c", code, "--threads", "fast"], capture_output=True,
+                       text=True, env=env(PATH=os.environ["PATH"], LNSP_FAKE_PLATFORM="darwin"),
+                       timeout=60)
+    assert r.stdout.strip() == "6", r.stderr
+    # Linux keeps its pthreads BLAS pools at one thread (numpy's OpenBLAS).
+    monkeypatch.setenv(system.FAKE_ENV, "linux")
+    assert policy_env("3", load=100.0)["VECLIB_MAXIMUM_THREADS"] == "1"

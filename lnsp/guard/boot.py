@@ -25,7 +25,8 @@ def _paths(first: str) -> None:
     lnsp.guard` works in an interpreter that lacks lnsp, and never shadows the user's)."""
     if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
         sys.path.pop(0)
-    sys.path.insert(0, first)
+    if not sys.flags.safe_path:  # `python -P` (or -I) puts no script folder first
+        sys.path.insert(0, first)
     if PACKAGE_PARENT not in sys.path:
         sys.path.append(PACKAGE_PARENT)
 

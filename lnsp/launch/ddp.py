@@ -47,7 +47,11 @@ def start(config, info: dict) -> None:
 
     dumps = RunDir(config.run_dir).dumps
     dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout
-    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps)}
+    from lnsp.system import gloo_loopback
+
+    # One machine (--standalone): every rank talks over the loopback.
+    env = {**environment(config, "ddp", info["nproc"]), **nccl_environment(dumps),
+           **gloo_loopback()}
     if info.get("command"):  # a user's script: `lnsp run --nproc N`, each rank guarded
         from lnsp.launch.command import trainer_argv
 

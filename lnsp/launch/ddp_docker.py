@@ -142,13 +142,15 @@ trainer_alive = alive
 def send(run: dict, signum: int) -> None:
     """SIGKILL ends the containers; other signals go to every rank (a dump from each,
     or a stop all ranks agree on) through the engine, never to torchrun itself, whose
-    default action for SIGUSR1 would end the node."""
-    import signal as signals
+    default action for SIGUSR1 would end the node. By name, as in the docker backend:
+    this host's number may be another signal inside the Linux container."""
+    from lnsp.system import signal_name
 
+    name = signal_name(signum)
     live = [x for x in _containers(run) if x is not None and x.status == "running"]
     if not live:
         raise LaunchError(f"no node of {run.get('network', 'the job')} is running")
-    if signum == signals.SIGKILL:
+    if name == "SIGKILL":
         for x in live:
             x.kill()
         return
@@ -158,9 +160,15 @@ def send(run: dict, signum: int) -> None:
     for x in live:
         mine = pids.get(x.name, [])
         if mine:
-            code = "import os,sys; [os.kill(int(p), int(sys.argv[1])) for p in sys.argv[2:]]"
-            x.exec_run([PYTHON, "-c", code, str(int(signum)), *map(str, mine)],
-                       user=f"{os.getuid()}:{os.getgid()}")
+            x.exec_run(signal_argv(name, mine), user=f"{os.getuid()}:{os.getgid()}")
+
+
+def signal_argv(name: str, pids: list[int]) -> list[str]:
+    """The command that sends signal `name` to `pids` inside a node: the number is the
+    container's own (signal.Signals[name] there), never this host's."""
+    code = ("import os, signal, sys; "
+            "[os.kill(int(p), signal.Signals[sys.argv[1]]) for p in sys.argv[2:]]")
+    return [PYTHON, "-c", code, name, *map(str, pids)]
 
 
 def wait_gone(run: dict, timeout: float) -> bool:

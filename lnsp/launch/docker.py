@@ -155,11 +155,15 @@ trainer_alive = alive
 
 def send(run: dict, signum: int) -> None:
     """Through the engine: the init process passes the signal to the supervisor,
-    which passes it to the trainer."""
+    which passes it to the trainer. By name: the container is Linux, where this host's
+    number may mean another signal (macOS's SIGUSR1, 30, is Linux's SIGPWR, which ends
+    the process)."""
+    from lnsp.system import signal_name
+
     c = _container(run)
     if c is None:
         raise LaunchError(f"container {run.get('container_id', '?')[:12]} not found")
-    c.kill(signal=int(signum))
+    c.kill(signal=signal_name(signum))
 
 
 def wait_gone(run: dict, timeout: float) -> bool:

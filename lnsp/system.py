@@ -1,0 +1,244 @@
+"""What differs between macOS and Linux, in one place: the rest of lnsp asks here.
+Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
+
+Standard library only: lnsp's import (which sets the thread variables) reads it. Its
+name is the standard library's too: run nothing inside lnsp/ as a script without -P.
+Nothing in the macOS branches was run on a Mac: each is reasoned from upstream sources
+and exercised on Linux through the fake (README "macOS").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+FAKE_ENV = "LNSP_FAKE_PLATFORM"
+# Apple's BLAS (Accelerate/vecLib) reads this when it loads; numpy's macOS arm64 wheels
+# (numpy >= 2.0, macOS >= 14) and torch's macOS wheels do their BLAS there.
+ACCELERATE_THREADS = "VECLIB_MAXIMUM_THREADS"
+
+# Signal numbers that are not the same on both systems (signal(7) on Linux x86/arm,
+# <sys/signal.h> on Darwin). The others (HUP 1 ... TERM 15, TTIN 21, TTOU 22, XCPU 24 ...
+# WINCH 28) agree. SIGUSR1 is 30 on macOS and 30 is SIGPWR on Linux, whose default
+# action ends the process: across a boundary between the two a signal goes by name.
+_DIFFERENT = {
+    "linux": {"SIGBUS": 7, "SIGUSR1": 10, "SIGUSR2": 12, "SIGCHLD": 17, "SIGCONT": 18,
+              "SIGSTOP": 19, "SIGTSTP": 20, "SIGURG": 23, "SIGIO": 29, "SIGPWR": 30,
+              "SIGSYS": 31},
+    "darwin": {"SIGEMT": 7, "SIGBUS": 10, "SIGSYS": 12, "SIGURG": 16, "SIGSTOP": 17,
+               "SIGTSTP": 18, "SIGCONT": 19, "SIGCHLD": 20, "SIGIO": 23, "SIGINFO": 29,
+               "SIGUSR1": 30, "SIGUSR2": 31},
+}
+_SHARED = {"SIGHUP": 1, "SIGINT": 2, "SIGQUIT": 3, "SIGILL": 4, "SIGTRAP": 5, "SIGABRT": 6,
+           "SIGFPE": 8, "SIGKILL": 9, "SIGSEGV": 11, "SIGPIPE": 13, "SIGALRM": 14,
+           "SIGTERM": 15, "SIGTTIN": 21, "SIGTTOU": 22, "SIGXCPU": 24, "SIGXFSZ": 25,
+           "SIGVTALRM": 26, "SIGPROF": 27, "SIGWINCH": 28}
+
+
+def system(fake: str | None = None) -> str:
+    """sys.platform ('darwin', 'linux'), or the system a test asks for (`fake`, else
+    LNSP_FAKE_PLATFORM)."""
+    return fake or os.environ.get(FAKE_ENV) or sys.platform
+
+
+def is_macos(fake: str | None = None) -> bool:
+    return system(fake) == "darwin"
+
+
+def has_proc(fake: str | None = None) -> bool:
+    """Whether /proc/PID/... can be read (Linux; not macOS, which has no /proc)."""
+    return system(fake).startswith("linux") and os.path.isdir("/proc/self")
+
+
+# ---------------------------------------------------------------- signals
+
+def _table(name: str) -> dict[str, int]:
+    return {**_SHARED, **_DIFFERENT.get("darwin" if name == "darwin" else "linux", {})}
+
+
+def signal_name(signum: int, fake: str | None = None) -> str:
+    """'SIGUSR1' for this system's number of it (30 on macOS, 10 on Linux)."""
+    if system(fake) == sys.platform:
+        return signal.Signals(int(signum)).name
+    for name, number in _table(system(fake)).items():
+        if number == int(signum):
+            return name
+    raise ValueError(f"no signal {int(signum)} on {system(fake)}")
+
+
+def signal_number(name: str, fake: str | None = None) -> int:
+    """This system's number of a signal name ('SIGUSR1' or 'USR1')."""
+    name = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    if system(fake) == sys.platform:
+        return int(signal.Signals[name])
+    try:
+        return _table(system(fake))[name]
+    except KeyError:
+        raise ValueError(f"no signal {name} on {system(fake)}") from None
+
+
+# ---------------------------------------------------------------- processes
+
+# Interpreter file names: python, python3.11, pypy3, and a macOS framework build's
+# `.../Python.framework/.../Python.app/Contents/MacOS/Python` (python.org, Homebrew).
+_PYTHON_NAME = re.compile(r"(python|pypy)([0-9.]*[a-z]?)?(\.exe)?$", re.IGNORECASE)
+
+
+def is_python(exe_or_name: str) -> bool:
+    """Whether an executable path or process name is a Python interpreter's."""
+    return bool(_PYTHON_NAME.match(os.path.basename(exe_or_name or "")))
+
+
+def ptrace_problem(fake: str | None = None) -> str:
+    """Why py-spy may not read another process, in this system's words."""
+    if is_macos(fake):
+        return "py-spy needs sudo on macOS (in every mode)"
+    return ("no ptrace permission (run as the process's user with "
+            "/proc/sys/kernel/yama/ptrace_scope 0, or as root)")
+
+
+def caffeinate_held(pid: int) -> bool:
+    """Whether a live `caffeinate` holds a power assertion for `pid`: one started as
+    `caffeinate ... -w PID` (the supervisor starts it beside the trainer, a sibling), or
+    one that is the process's parent (`caffeinate python ...`)."""
+    import psutil
+
+    try:
+        if any(p.name() == "caffeinate" for p in psutil.Process(pid).parents()):
+            return True
+    except psutil.Error:
+        return False
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] != "caffeinate":
+            continue
+        argv = p.info["cmdline"] or []
+        if any(a == "-w" and b == str(pid) for a, b in zip(argv, argv[1:])):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                continue
+    return False
+
+
+# ---------------------------------------------------------------- memory and cores
+
+def peak_rss_bytes(maxrss: int | None = None, fake: str | None = None) -> int:
+    """Peak resident memory of this process from getrusage's ru_maxrss, which is in
+    kilobytes on Linux and in bytes on macOS (getrusage(2) on each)."""
+    if maxrss is None:
+        import resource
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if is_macos(fake) else int(maxrss) * 1024
+
+
+def performance_cores(fake: str | None = None) -> int | None:
+    """On macOS, the performance cores (`sysctl hw.perflevel0.physicalcpu`, Apple
+    silicon; macOS 12+): an OpenMP region split evenly waits for its slowest thread, so
+    threads on the efficiency cores slow every region down. None where the OS does not
+    say (Linux, an Intel Mac)."""
+    if not is_macos(fake):
+        return None
+    try:
+        out = subprocess.run(["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True,
+                             text=True, timeout=5, stdin=subprocess.DEVNULL)
+        n = int(out.stdout.strip()) if out.returncode == 0 else 0
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return n if n > 0 else None
+
+
+# ---------------------------------------------------------------- OpenMP runtimes
+
+def openmp_family(name: str) -> str | None:
+    """Which OpenMP runtime a library file is (libgomp.so.1, libgomp-a34b3233.so.1,
+    libomp.dylib, libiomp5.so)."""
+    name = os.path.basename(name)
+    if re.match(r"libgomp[.-]", name):
+        return "GNU libgomp"
+    if re.match(r"libiomp5", name):
+        return "Intel libiomp5"
+    if re.match(r"libomp[.-]", name):
+        return "LLVM libomp"
+    return None
+
+
+def openmp_conflict(paths: list[str], fake: str | None = None) -> tuple[str, str] | None:
+    """The hazard of the OpenMP runtimes loaded in one process (their file paths), as
+    (kind, one line), or None for one runtime or none:
+
+    - "mixed": different runtimes (libgomp + libiomp5, libgomp + libomp): they share no
+      threads or locks; reported to hang at 0% CPU in a barrier.
+    - "duplicate": two copies of LLVM libomp or Intel libiomp5 (macOS: torch's and
+      faiss-cpu's wheels each bundle a libomp.dylib): the second aborts with "OMP:
+      Error #15" unless KMP_DUPLICATE_LIB_OK hides it, and then can crash or hang
+      (pytorch#149201, faiss-wheels#73).
+    - "copies": two copies of GNU libgomp (torch's and faiss's Linux wheels): two pools
+      that each size themselves to the cores, and a fork after either has run hangs
+      the child.
+    """
+    families: dict[str, list[str]] = {}
+    for path in dict.fromkeys(paths):
+        family = openmp_family(path)
+        if family:
+            families.setdefault(family, []).append(path)
+    listed = "; ".join(f"{fam}: {', '.join(p)}" for fam, p in families.items())
+    if len(families) > 1:
+        return "mixed", (f"{len(families)} different OpenMP runtimes loaded ({listed}): they "
+                         "share no threads or locks and are reported to hang at 0% CPU")
+    if not families:
+        return None
+    (family, copies), = families.items()
+    if len(copies) < 2:
+        return None
+    if family != "GNU libgomp":
+        where = (" (torch's and faiss-cpu's macOS wheels each bundle one)"
+                 if is_macos(fake) else "")
+        return "duplicate", (f"{len(copies)} copies of {family} loaded{where} ({listed}): the "
+                             "second aborts with 'OMP: Error #15' unless KMP_DUPLICATE_LIB_OK "
+                             "hides it, and then they can crash or hang")
+    return "copies", (f"{len(copies)} copies of {family} loaded ({listed}): two pools that "
+                      "each size themselves to the cores, and a fork after either has run "
+                      "hangs the child")
+
+
+def mapped_files(pid: int, fake: str | None = None) -> list[str]:
+    """The files mapped into a process, in order, each once: /proc/PID/maps on Linux;
+    on macOS `lsof -p PID -Fn`, whose `txt` entries are the executable and the loaded
+    dylibs outside the shared cache (site-packages' libomp.dylib among them). Empty
+    when neither can be read."""
+    paths: list[str] = []
+    if has_proc(fake):
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                paths.append(parts[5].strip())
+    elif is_macos(fake):
+        try:
+            out = subprocess.run(["lsof", "-n", "-P", "-p", str(pid), "-Fn"], capture_output=True,
+                                 text=True, timeout=10, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        paths = [line[1:] for line in out.stdout.splitlines() if line.startswith("n/")]
+    return list(dict.fromkeys(paths))
+
+
+def gloo_loopback(environ=None, fake: str | None = None) -> dict[str, str]:
+    """For ranks that all run on this machine, on macOS: GLOO_SOCKET_IFNAME=lo0. gloo
+    picks its interface by resolving the host's name, and a Mac's `.local` name may
+    resolve to no address or to a LAN one (reported on GitHub's macOS runners: the
+    rendezvous fails or crawls). A user's own value wins; Linux resolves to loopback
+    already and is left alone."""
+    environ = os.environ if environ is None else environ
+    if not is_macos(fake) or environ.get("GLOO_SOCKET_IFNAME"):
+        return {}
+    return {"GLOO_SOCKET_IFNAME": "lo0"}
