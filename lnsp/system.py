@@ -1,8 +1,7 @@
 """What differs between macOS and Linux, in one place: the rest of lnsp asks here.
 Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
 
-Standard library only: lnsp's import (which sets the thread variables) reads it. Its
-name is the standard library's too: run nothing inside lnsp/ as a script without -P.
+Standard library only: lnsp's import (which sets the thread variables) reads it.
 Nothing in the macOS branches was run on a Mac: each is reasoned from upstream sources
 and exercised on Linux through the fake (README "macOS").
 """
