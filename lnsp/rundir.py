@@ -20,7 +20,7 @@ from lnsp import progress
 
 
 class ExitCode(IntEnum):
-    """The process exit codes of DESIGN.md."""
+    """The process exit codes of docs/design.md."""
     DONE = 0  # finished, or stopped on request
     INTERNAL = 1  # a crash, a non-finite loss, a rank that left
     BAD_INPUT = 2  # bad input or usage: one line, no traceback
