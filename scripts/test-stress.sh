@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the tests that signal, stall, kill and launch (runtime, learned watchdog, launch,
+# Run the tests that signal, stall, kill and launch (runtime, learned watchdog, launch, guard,
 # distributed, docker, nodes as containers) COUNT times in a row, on WORKERS xdist
 # workers as `make test` runs them; print the passed/failed/skipped counts of every
 # round and a total. Exit code 1 when any round had a failure.
@@ -8,7 +8,7 @@ set -uo pipefail
 COUNT=${1:-10}
 PY=${PY:-.venv/bin/python}
 WORKERS=${WORKERS:-2}
-TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_distributed.py
+TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_guard.py tests/test_distributed.py
        tests/test_docker.py tests/test_ddp_docker.py)
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/lnsp-stress-XXXXXX")
 trap 'rm -rf "$OUT"' EXIT

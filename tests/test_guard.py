@@ -19,7 +19,6 @@ import pytest
 from conftest import env, finish, lnsp, read_json, release, wait_until
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_train.py"
-pytestmark = pytest.mark.xdist_group("guard")
 
 
 def start_run(run: Path, *script_args, guard_args=(), cwd=None, command=None) -> subprocess.Popen:
