@@ -419,3 +419,19 @@ def test_lightning_and_hugging_face_trainers_beat_once_per_optimizer_step(tmp_pa
     assert code == 0 and words in out, out[-3000:]
     assert read_json(run / "heartbeat.json")["step"] == 120
     assert read_json(run / "exit.json")["state"] == "finished"
+
+
+def test_a_process_the_command_leaves_behind_does_not_hold_the_run_open(tmp_path, reap):
+    """The command ends; a process it started still holds its output pipe open: lnsp run
+    ends with it all the same (it waits for the command, not for the pipe)."""
+    run = tmp_path / "run"
+    marker = tmp_path / "left.pid"
+    command = ["sh", "-c", f"sleep 60 & echo $! > {marker}; echo left one behind"]
+    proc = start_run(run, command=command)
+    try:
+        code, out = finish(proc, 30)
+    finally:
+        if marker.exists():
+            reap(int(marker.read_text()))
+    assert code == 0 and "left one behind" in out
+    assert read_json(run / "exit.json")["state"] == "finished"

@@ -32,6 +32,7 @@ VALUE_OPTIONS = ("-X", "-W", "--check-hash-based-pycs")
 GUARD_FIELDS = ("run_dir", "threads", "stall_timeout", "startup_timeout", "slow_window",
                 "on_stall", "max_restarts", "log_every", "mem_margin_mb", "resume")
 CRASH_LOOP_ATTEMPTS = 3
+PUMP_DRAIN_S = 2.0  # output read after the child ended, while something else holds the pipe
 
 
 def _interpreter(argv0: str) -> str | None:
@@ -230,7 +231,7 @@ class Runner:
         board = threading.Thread(target=self._tensorboard, args=(proc, attempt), daemon=True,
                                  name="lnsp-tensorboard")
         board.start()
-        self._pump(proc.stdout.fileno())
+        self._pump(proc.stdout.fileno(), proc)
         code = proc.wait()
         board.join(30)
         if self.nproc:
@@ -324,12 +325,22 @@ class Runner:
                            if e.cause else None, rank=rank, **e.extra)
 
     # ------------------------------------------------------------ output
-    def _pump(self, fd: int) -> None:
+    def _pump(self, fd: int, proc: subprocess.Popen) -> None:
         """The child's output, as it comes: unchanged to our stdout, and line by line
-        (a carriage return ends a line too: progress bars) into training.log."""
-        pending = b""
+        (a carriage return ends a line too: progress bars) into training.log. Until the
+        pipe closes, or the child has ended and PUMP_DRAIN_S passed (a process it left
+        behind may hold the pipe open)."""
+        import select
+
+        pending, drain_until = b"", None
         while True:
+            if drain_until is None and proc.poll() is not None:
+                drain_until = time.monotonic() + PUMP_DRAIN_S
+            if drain_until is not None and time.monotonic() > drain_until:
+                break
             try:
+                if not select.select([fd], [], [], 0.5)[0]:
+                    continue
                 chunk = os.read(fd, 65536)
             except InterruptedError:
                 continue
