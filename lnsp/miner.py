@@ -7,6 +7,7 @@ codes), or a prebuilt index.faiss checked against the bank."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import faiss
@@ -141,14 +142,35 @@ def build(bank: np.ndarray, kind: str = "auto", nlist: int = 0, nprobe: int = 0,
     return index
 
 
+def fingerprint(bank: np.ndarray, rows: int = 257) -> str:
+    """What the bank holds, cheaply: its shape and a hash of rows spread over it (a new
+    bank of the same shape gets a new cached index, not the old one's lists)."""
+    import hashlib
+
+    n = bank.shape[0]
+    picked = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
+    h = hashlib.sha1(repr(bank.shape).encode())
+    h.update(np.ascontiguousarray(bank[picked], dtype=np.float32).tobytes())
+    return h.hexdigest()[:12]
+
+
+def cache_path(data_dir: Path, kind: str, nlist: int, bank: np.ndarray) -> Path:
+    """The cached IVF index of this bank: index.ivf1024-<fingerprint>.faiss, ..."""
+    return Path(data_dir) / f"index.{kind.replace('-', '')}{nlist}-{fingerprint(bank)}.faiss"
+
+
 def _ivf(bank: np.ndarray, kind: str, nlist: int, data_dir: Path | None, log, seed: int):
     n, d = bank.shape
     nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants ~39 training points per list
-    name = f"index.{kind.replace('-', '')}{nlist}.faiss"  # index.ivf1024.faiss, ...
-    cached = data_dir / name if data_dir is not None else None
+    cached = cache_path(data_dir, kind, nlist, bank) if data_dir is not None else None
     if cached is not None and cached.exists():
-        index = faiss.read_index(str(cached))
-        if index.ntotal == n and index.d == d:
+        try:
+            index = faiss.read_index(str(cached))
+        except (RuntimeError, OSError) as e:  # torn (a kill mid-write), or unreadable
+            log(f"Cached IVF index {cached} unreadable ({str(e).splitlines()[0][:80]}); "
+                "building it again")
+            index = None
+        if index is not None and index.ntotal == n and index.d == d:
             log(f"Loaded cached IVF index {cached}")
             return index
     quantizer = faiss.IndexFlatIP(d)
@@ -167,12 +189,15 @@ def _ivf(bank: np.ndarray, kind: str, nlist: int, data_dir: Path | None, log, se
         _reserve_lists(index, bank, bar)
         _add(index, bank, bar)
     if cached is not None:
+        # A temporary name of this process's own: ranks that build at once each write
+        # a whole file and the last rename wins (the same index: the same seed).
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
         try:
-            tmp = cached.with_suffix(".tmp")
             faiss.write_index(index, str(tmp))
             tmp.replace(cached)
             log(f"Saved IVF index to {cached} for the next run")
         except (OSError, RuntimeError) as e:  # read-only data directory: fine, build again
+            tmp.unlink(missing_ok=True)
             log(f"Could not save IVF index beside the data ({e}); continuing")
     return index
 

@@ -161,3 +161,51 @@ def test_recall_check_is_off_for_exact_search_and_at_zero(clustered):
     for check in (exact, off):
         assert check.observe(q, np.zeros((16, 20), dtype=np.int64)) is None
         assert check.state() == {} or check.exact is None
+
+
+# ---------------------------------------------------------------- the IVF cache
+CACHE_BUILD = """
+import sys
+import numpy as np
+from lnsp import miner
+bank = np.load(sys.argv[1])
+index = miner.build(bank, "ivf", nlist=16, nprobe=4, data_dir=sys.argv[2], log=lambda m: None)
+print(index.ntotal)
+"""
+
+
+def test_the_ivf_cache_survives_two_ranks_building_it_at_once(tmp_path):
+    """Two processes (two ranks of one job) build and save the same cache at once:
+    each writes a temporary file of its own, so the one that lands is whole."""
+    import subprocess
+    import sys
+
+    from conftest import env
+
+    rows = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    np.save(tmp_path / "bank.npy", rows)
+    script = tmp_path / "build.py"
+    script.write_text(CACHE_BUILD)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "bank.npy"),
+                               str(tmp_path)], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    cached = miner.cache_path(tmp_path, "ivf", 16, rows)
+    assert faiss.read_index(str(cached)).ntotal == 20000
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_a_torn_cache_is_built_again_and_a_new_bank_gets_its_own(tmp_path, bank):
+    said = []
+    cached = miner.cache_path(tmp_path, "ivf", 8, bank)
+    cached.write_bytes(b"IxFI torn off")  # a kill mid-write
+    index = miner.build(bank, "ivf", nlist=8, nprobe=2, data_dir=tmp_path, log=said.append)
+    assert index.ntotal == len(bank) and any("unreadable" in m for m in said), said
+    assert faiss.read_index(str(cached)).ntotal == len(bank)  # saved whole this time
+    other = np.roll(bank, 1, axis=0)  # the same shape, other rows
+    said.clear()
+    miner.build(other, "ivf", nlist=8, nprobe=2, data_dir=tmp_path, log=said.append)
+    assert not any("Loaded cached" in m for m in said), said
+    assert miner.cache_path(tmp_path, "ivf", 8, other) != cached

@@ -121,7 +121,7 @@ def test_ivf_index_is_built_once_and_saved_beside_the_data(small_data, tmp_path)
             "--max-steps", "3", *FAST_TRAIN]
     first = lnsp("train", "--run-dir", tmp_path / "a", *args)
     assert first.returncode == 0, first.stderr
-    assert "Saved IVF index" in first.stdout and list(data.glob("index.ivf16.faiss"))
+    assert "Saved IVF index" in first.stdout and list(data.glob("index.ivf16-*.faiss"))
     # nprobe calibrated, then checked on the model's own queries every 2 searches: the
     # latest measure goes in steps.jsonl, the check's state in the checkpoint.
     second = lnsp("train", "--run-dir", tmp_path / "b", *args[:6], "--recall-every", "2",
