@@ -100,8 +100,11 @@ status: $(STAMP) ## state of every run under runs/ (or RUN=; ARGS=--watch for a 
 watch: $(STAMP) ## live view of every run, redrawn every 2 s (Ctrl-C leaves)
 	$(LNSP) status --watch $(if $(filter command line environment,$(origin RUN)),$(RUN)) $(ARGS)
 
-tensorboard: $(STAMP) ## serve runs/ in TensorBoard (PORT=6006)
-	$(BIN)/tensorboard --logdir runs --port $(PORT) --bind_all
+# This machine only: the event files hold the config and the run's figures. HOST=0.0.0.0
+# (or an address of yours) serves them to the network, on purpose.
+HOST ?= 127.0.0.1
+tensorboard: $(STAMP) ## serve runs/ in TensorBoard on this machine only (PORT=6006, HOST=127.0.0.1)
+	$(BIN)/tensorboard --logdir runs --port $(PORT) --host $(HOST)
 
 dump: $(STAMP) ## all-thread stack dump of a live run (PID= or RUN=); it keeps running
 	@test -n "$(PID)$(filter command line environment,$(origin RUN))" || { echo "make dump PID=... or RUN=..."; exit 2; }
