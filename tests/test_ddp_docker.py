@@ -43,11 +43,13 @@ def nodes():
     """Removes the runs' containers and networks at the end, whatever happened."""
     runs = []
     yield runs.append
+    from lnsp.launch.ddp_docker import names
+
     for run in runs:
-        name = f"lnsp-{run.name}"
-        for i in range(2):
-            docker("rm", "-f", f"{name}-node{i}", check=False)
-        docker("network", "rm", f"{name}-net", check=False)
+        network, containers = names(str(run), 2)
+        for name in containers:
+            docker("rm", "-f", name, check=False)
+        docker("network", "rm", network, check=False)
 
 
 def launch(run, data, *extra, cwd):

@@ -196,3 +196,23 @@ def test_a_users_own_script_runs_to_finished_in_the_container(image, tmp_path, c
     info = read_json(run / "run.json")
     assert info["backend"] == "docker" and info["guard"] is True
     assert info["command"][0] == "python"  # the image's interpreter, not the host's path
+
+
+def test_containers_of_runs_with_one_name_in_two_folders_do_not_collide(image, tmp_path,
+                                                                        cleanup):
+    """runs/a/exp.1 and runs/b/exp.1 get containers of their own, and the engine's name
+    filter (a regular expression: `.` matches `-`) never picks a neighbour's."""
+    import docker as docker_py
+
+    from lnsp.launch.docker import container_name, existing
+
+    a, b = container_name(str(tmp_path / "a" / "exp.1")), container_name(str(tmp_path / "b" /
+                                                                               "exp.1"))
+    assert a != b and a.startswith("lnsp-exp-1-")
+    engine = docker_py.from_env(timeout=30)
+    created = engine.containers.create(image, command=["--help"], name=f"{a}x")
+    cleanup(created.name)
+    assert existing(engine, a) is None  # `{a}x` holds `a` as a substring: not it
+    mine = engine.containers.create(image, command=["--help"], name=a)
+    cleanup(mine.name)
+    assert existing(engine, a).id == mine.id

@@ -22,7 +22,7 @@ from lnsp import procs
 from lnsp.launch import LaunchError
 from lnsp.launch.command import detach, environment
 from lnsp.launch.ddp import run_id, torchrun_argv
-from lnsp.launch.docker import LABEL, client, require_image
+from lnsp.launch.docker import LABEL, client, make_room, require_image, run_tag
 from lnsp.rundir import RunDir, update_json
 
 RDZV_PORT = 29400
@@ -32,7 +32,7 @@ RUNNING = ("created", "running", "restarting")
 
 def names(run_dir: str, nodes: int) -> tuple[str, list[str]]:
     """The run's network and its node containers (also their host names)."""
-    base = f"lnsp-{run_id(run_dir)}"
+    base = f"lnsp-{run_tag(run_dir)}"
     return f"{base}-net", [f"{base}-node{i}" for i in range(nodes)]
 
 
@@ -45,11 +45,7 @@ def plan(config, options: dict) -> dict:
     image = require_image(c, options)
     network, containers = names(config.run_dir, nodes)
     for name in containers:  # an ended job of this run (stopped, lost): make room
-        old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
-        if old is not None and old.status == "running":
-            raise LaunchError(f"container {name} is already running")
-        if old is not None:
-            old.remove(force=True)
+        make_room(c, name)
     for old in c.networks.list(names=[network]):
         old.remove()
     return {"nodes": nodes, "nproc_per_node": per_node, "image": image, "network": network,

@@ -42,9 +42,35 @@ def client():
                           "start it (sudo dockerd, or Docker Desktop) and retry") from None
 
 
+def run_tag(run_dir: str) -> str:
+    """The run directory's name, made safe for a container name, and a hash of its
+    whole path: runs/a/exp1 and runs/b/exp1 get containers of their own."""
+    import hashlib
+
+    path = str(Path(run_dir).resolve())
+    name = "".join(c if c.isalnum() or c in "_-" else "-" for c in Path(run_dir).name)
+    return f"{name[:40]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
 def container_name(run_dir: str) -> str:
-    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in Path(run_dir).name)
-    return f"lnsp-{name}"
+    return f"lnsp-{run_tag(run_dir)}"
+
+
+def existing(c, name: str):
+    """The container of exactly this name, or None. The engine's name filter is a
+    regular expression and a substring match: the exact name is checked here."""
+    return next((x for x in c.containers.list(all=True, filters={"name": name})
+                 if x.name == name), None)
+
+
+def make_room(c, name: str) -> None:
+    """An ended container of this name (a stopped run, a lost node) is removed; a
+    running one is refused."""
+    old = existing(c, name)
+    if old is not None and old.status == "running":
+        raise LaunchError(f"container {name} is already running")
+    if old is not None:
+        old.remove(force=True)
 
 
 def require_image(c, options: dict) -> str:
@@ -63,11 +89,7 @@ def plan(config, options: dict) -> dict:
     c = client()
     image = require_image(c, options)
     name = container_name(config.run_dir)
-    old = next(iter(c.containers.list(all=True, filters={"name": f"^/{name}$"})), None)
-    if old is not None and old.status == "running":
-        raise LaunchError(f"container {name} is already running")
-    if old is not None:  # an ended container of this run (stopped, say): make room
-        old.remove()
+    make_room(c, name)
     return {"container_name": name, "image": image, "cpus": options.get("cpus"),
             "memory": options.get("memory")}
 
