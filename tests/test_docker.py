@@ -216,3 +216,14 @@ def test_containers_of_runs_with_one_name_in_two_folders_do_not_collide(image, t
     mine = engine.containers.create(image, command=["--help"], name=a)
     cleanup(mine.name)
     assert existing(engine, a).id == mine.id
+
+
+def test_a_container_that_cannot_start_leaves_no_run_behind(image, small_data, tmp_path):
+    """The engine refuses the container (a memory limit under its minimum): one line,
+    and the run directory is not stranded, so the same launch can be made again."""
+    run = tmp_path / f"refused-{TAG}"
+    r = lnsp("launch", "docker", "--image", image, "--memory", "1k", "--data", small_data,
+             "--run-dir", run, *FAST_TRAIN, cwd=tmp_path)
+    assert r.returncode == 1 and "could not be started" in r.stderr, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not run.exists()

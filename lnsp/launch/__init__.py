@@ -12,7 +12,7 @@ import importlib
 import time
 
 from lnsp.errors import LaunchError, RunDirError
-from lnsp.rundir import RunDir
+from lnsp.rundir import ExitCode, RunDir
 
 __all__ = ["LaunchError", "backend", "start"]
 
@@ -25,6 +25,21 @@ def backend(name: str):
     """The module that operates a backend's runs (nohup, tmux and foreground runs are
     plain processes on this machine)."""
     return importlib.import_module(f"lnsp.launch.{MODULES.get(name, 'native')}")
+
+
+def _undo(rd: RunDir, created: bool, before: dict | None) -> None:
+    """A launch that failed leaves no half-made run behind: a folder it made is removed,
+    an existing run's run.json is put back as it was."""
+    import shutil
+
+    if created:
+        shutil.rmtree(rd.root, ignore_errors=True)
+    elif before is None:
+        rd.run.unlink(missing_ok=True)
+    else:
+        from lnsp.rundir import write_json
+
+        write_json(rd.run, before)
 
 
 def start(name: str, config, options: dict) -> str:
@@ -49,9 +64,19 @@ def start(name: str, config, options: dict) -> str:
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)
+    created, before = not rd.root.exists(), rd.read_run() if rd.run.exists() else None
     rd.root.mkdir(parents=True, exist_ok=True)
     rd.update_run(backend=name, launch_time=time.time(), **info)
-    module.start(config, {**info, "command": command})
+    try:
+        module.start(config, {**info, "command": command})
+    except Exception as e:  # the run never started: leave the folder as it was
+        _undo(rd, created, before)
+        if isinstance(e, LaunchError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise LaunchError(f"lnsp launch {name}: the run could not be started "
+                          f"({type(e).__name__}: {first}); nothing was left in {rd.root}",
+                          ExitCode.INTERNAL) from None
     lines = [f"Started {name} run: {rd.root}"]
     lines += module.notes(config, info) if hasattr(module, "notes") else []
     lines += [f"  status: lnsp status {rd.root}      (make status)",
