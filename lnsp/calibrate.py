@@ -183,18 +183,34 @@ def load_model(state: dict, dim: int):
     return model, config
 
 
-def write_into_checkpoint(path: Path, calibration: dict) -> None:
-    """The checkpoint with its calibration stored beside the weights (plain types)."""
+def identity(path: Path) -> tuple[int, int, int]:
+    """Which file a checkpoint path holds now (inode, size, mtime): a live run replaces
+    best.pt with a new file when it improves."""
+    st = Path(path).stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def write_into_checkpoint(path: Path, calibration: dict,
+                          expect: tuple[int, int, int] | None = None) -> bool:
+    """The checkpoint with its calibration stored beside the weights (plain types).
+    With `expect` (the identity of the checkpoint that was calibrated): only if the
+    path still holds that file; False (nothing written) when a live run has replaced
+    it since, whose newer weights the thresholds were not measured on."""
     import torch
 
     from lnsp import checkpoint
     from lnsp.rundir import atomic_write
 
     state = checkpoint.load(path)
+    if expect is not None and identity(path) != expect:
+        return False
     state["calibration"] = calibration
     buf = io.BytesIO()
     torch.save(state, buf)
+    if expect is not None and identity(path) != expect:  # replaced while we serialised
+        return False
     atomic_write(path, buf.getvalue())
+    return True
 
 
 def run_dir_of(checkpoint_path: Path) -> Path | None:
@@ -211,6 +227,7 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     from lnsp.config import load as load_config
     from lnsp.rundir import RunDir, write_json
 
+    calibrated = identity(Path(checkpoint_path))
     state = checkpoint.load(Path(checkpoint_path))
     ds = data.load(data_dir, load_config(state["config"]).ctx_len)
     model, config = load_model(state, ds.dim)
@@ -220,9 +237,10 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     run_dir = run_dir_of(Path(checkpoint_path))
     target = Path(out) if out else (RunDir(run_dir).calibration if run_dir else
                                     Path(checkpoint_path).parent / "calibration.json")
+    if store and not write_into_checkpoint(Path(checkpoint_path), result, expect=calibrated):
+        # A live run wrote a newer checkpoint meanwhile: it is kept, not put back.
+        result["stored"] = False
     write_json(target, result)
-    if store:
-        write_into_checkpoint(Path(checkpoint_path), result)
     return result, target
 
 

@@ -511,7 +511,12 @@ def calibrate(checkpoint, data_dir, out, store):
 
     result, path = on_demand(checkpoint, data_dir, out, store)
     click.echo(table(result))
-    click.echo(f"wrote {path}" + (f" and the thresholds into {checkpoint}" if store else ""))
+    if store and result.get("stored") is False:
+        click.echo(f"wrote {path}; {checkpoint} was replaced by the run while it was being "
+                   "calibrated: the newer checkpoint is kept as it is (calibrate it again "
+                   "once the run has ended)")
+    else:
+        click.echo(f"wrote {path}" + (f" and the thresholds into {checkpoint}" if store else ""))
 
 
 @main.command()

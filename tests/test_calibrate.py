@@ -75,3 +75,28 @@ def test_a_repeated_sentence_is_the_same_vector():
     bank[3] = bank[0] + 0.01 * bank[1]
     bank[3] /= np.linalg.norm(bank[3])
     assert same(bank, [0, 2, 0, 1], [0, 0, 3, 0]).tolist() == [True, True, False, False]
+
+
+def test_thresholds_are_not_stored_into_a_checkpoint_the_run_replaced(tmp_path):
+    """`lnsp calibrate` on a live run: best.pt is replaced by a newer one while the older
+    is being calibrated; the newer is kept as it is, not overwritten by the older's
+    weights with thresholds measured on them."""
+    import os
+
+    import torch
+
+    from lnsp.calibrate import identity, write_into_checkpoint
+    from lnsp.rundir import atomic_write
+
+    best = tmp_path / "best.pt"
+    torch.save({"step": 100, "weights": torch.zeros(3)}, best)
+    calibrated = identity(best)  # the checkpoint calibration started from
+    newer = tmp_path / "newer.pt"
+    torch.save({"step": 200, "weights": torch.ones(3)}, newer)
+    atomic_write(best, newer.read_bytes())  # the run's next best, as the trainer writes it
+    assert write_into_checkpoint(best, {"lanes": {}}, expect=calibrated) is False
+    kept = torch.load(best, weights_only=False)
+    assert kept["step"] == 200 and "calibration" not in kept
+    assert write_into_checkpoint(best, {"lanes": {}}, expect=identity(best)) is True
+    assert torch.load(best, weights_only=False)["calibration"] == {"lanes": {}}
+    assert os.path.getsize(best) > 0
