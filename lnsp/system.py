@@ -241,3 +241,20 @@ def gloo_loopback(environ=None, fake: str | None = None) -> dict[str, str]:
     if not is_macos(fake) or environ.get("GLOO_SOCKET_IFNAME"):
         return {}
     return {"GLOO_SOCKET_IFNAME": "lo0"}
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two paths in one system call (Linux renameat2 RENAME_EXCHANGE, macOS
+    renamex_np RENAME_SWAP): no moment in which either name is missing. False where
+    the system or the file system cannot; the caller then renames in two steps."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    a, b = os.fsencode(a), os.fsencode(b)
+    if sys.platform == "darwin":
+        swap = getattr(libc, "renamex_np", None)
+        return swap is not None and swap(a, b, 0x00000002) == 0  # RENAME_SWAP
+    swap = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    return swap is not None and swap(at_fdcwd, a, at_fdcwd, b, rename_exchange) == 0

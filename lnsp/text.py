@@ -571,6 +571,13 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     check_out(out, force)
     old = None
     if out.is_dir() and any(out.iterdir()):
+        from lnsp.system import exchange
+
+        # One system call: a kill at any moment leaves the old data set or the new one
+        # at `out`, never neither (two renames left it hidden beside the output).
+        if exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old data set
+            return
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     try:

@@ -157,3 +157,28 @@ def test_ranks_on_one_mac_talk_over_lo0():
     assert system.gloo_loopback({}, "darwin") == {"GLOO_SOCKET_IFNAME": "lo0"}
     assert system.gloo_loopback({"GLOO_SOCKET_IFNAME": "en0"}, "darwin") == {}
     assert system.gloo_loopback({}, "linux") == {}
+
+
+def test_exchange_swaps_two_folders_in_one_call(tmp_path):
+    """What `lnsp data from-text --force` publishes with: the old data set and the new
+    change places at once (a kill between two renames used to leave neither at --out)."""
+    old, new = tmp_path / "out", tmp_path / ".out.tmp"
+    old.mkdir()
+    new.mkdir()
+    (old / "bank.npy").write_text("old")
+    (new / "bank.npy").write_text("new")
+    assert system.exchange(new, old) is True
+    assert (old / "bank.npy").read_text() == "new" and (new / "bank.npy").read_text() == "old"
+
+
+def test_publish_replaces_the_data_set_without_moving_it_aside(tmp_path):
+    from lnsp.text import publish
+
+    out, tmp = tmp_path / "docs", tmp_path / ".docs.tmp"
+    out.mkdir()
+    tmp.mkdir()
+    (out / "bank.npy").write_text("old")
+    (tmp / "bank.npy").write_text("new")
+    publish(tmp, out, force=True)
+    assert (out / "bank.npy").read_text() == "new" and not tmp.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["docs"]  # no .docs.old-PID beside it
