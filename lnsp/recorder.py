@@ -161,6 +161,7 @@ class Recorder:
                         miner=miner_state, bf16=bool(job.module.bf16), **state.as_dict())
         if path == self.rd.last_checkpoint():
             self.rd.write_checkpoint_record(state.step, state.epoch)
+        self.beat(state, "checkpoint")  # a large model's write takes a while: still alive
 
     # ------------------------------------------------------------ goodput
     def resumed(self, state, saved: dict | None) -> None:

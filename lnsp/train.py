@@ -323,7 +323,12 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         # the held-out windows; rank 0 records the figures and writes the checkpoints.
         watchdog.progress("evaluate")
         rec.beat(state, "evaluate")  # outside observers see the phase, not a silent step
-        metrics = held_out(job, val, dist, watchdog.progress)
+
+        def alive():  # each chunk: progress to the watchdog, life to the supervisor
+            watchdog.progress()
+            rec.beat(state, "evaluate")
+
+        metrics = held_out(job, val, dist, alive)
         epoch = state.end_interval(steps_per_epoch)
         watchdog.progress("checkpoint")
         rec.evaluated(epoch, metrics)
@@ -339,7 +344,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
     watchdog.stop()  # what follows (calibration, the plot) is not training
     if rec.main:  # the decider's thresholds for best.pt, measured on held-out windows
         from lnsp.calibrate import after_training
-        after_training(rd, job.ds, rec.say)
+        after_training(rd, job.ds, rec.say, tick=lambda: rec.beat(state, "calibrate"))
     return rec.finished()
 
 
