@@ -25,7 +25,10 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
         args = procs.cmdline(pid)
         if "--run-dir" in args[:-1]:
             rd = RunDir(args[args.index("--run-dir") + 1])
-            return rd, {**rd.read_run(), "pid": pid}
+            run = rd.read_run()
+            if run.get("pid") != pid:  # not the trainer run.json records: no identity yet
+                run = {**run, "pid": pid, "start_time": None}
+            return rd, run
         return None, {"pid": pid, "backend": "foreground"}
     rd = RunDir(target)
     run = read_json(rd.run)  # None, not {}: no run.json at all
@@ -52,6 +55,8 @@ def check_dumpable(run: dict) -> None:
     if procs.catches(pid, signal.SIGUSR1) is False:
         raise LaunchError(f"process {pid} has no SIGUSR1 handler installed yet; "
                           "SIGUSR1 would kill it, so no signal was sent")
+    if not run.get("start_time"):  # known by its command line just now: pin it to this
+        run["start_time"] = procs.start_time(pid)  # process, not a later one with its PID
 
 
 def dump(target: str, root: str = "runs", native: bool = False, timeout: float = 30.0) -> str:

@@ -284,7 +284,13 @@ class RunDir:
         return read_json(self.run) or {}
 
     def update_run(self, **fields) -> dict:
-        return update_json(self.run, **fields)
+        """Merge `fields` into run.json; a field given as None is removed (it does not
+        apply to this launch: a container's supervisor PID after a native resume)."""
+        obj = read_json(self.run) or {}
+        obj.update(fields)
+        obj = {k: v for k, v in obj.items() if v is not None}
+        write_json(self.run, obj)
+        return obj
 
     def checkpoint_step(self) -> int:
         """The step of last.pt (from its small record beside it: no torch needed)."""

@@ -152,15 +152,26 @@ def send(run: dict, signum: int) -> None:
         for x in live:
             x.kill()
         return
-    pids: dict[str, list[int]] = {}
-    for r in run.get("ranks", []):
-        pids.setdefault(r["host"], []).append(r["pid"])
+    pids: dict[str, list[str]] = {}
+    for r in run.get("ranks", []):  # each rank's PID with its start time, inside its node
+        pids.setdefault(r["host"], []).extend([str(r["pid"]), str(r.get("start"))])
     for x in live:
         mine = pids.get(x.name, [])
-        if mine:
-            code = "import os,sys; [os.kill(int(p), int(sys.argv[1])) for p in sys.argv[2:]]"
-            x.exec_run([PYTHON, "-c", code, str(int(signum)), *map(str, mine)],
+        if mine:  # lnsp.procs.send_signal inside the node: its PIDs are the node's own
+            x.exec_run([PYTHON, "-c", SEND, str(int(signum)), *mine],
                        user=f"{os.getuid()}:{os.getgid()}")
+
+
+# Each (pid, start) pair checked before its signal; a refused one is skipped, not fatal.
+SEND = """import sys
+from lnsp.errors import LaunchError
+from lnsp.procs import send_signal
+for pid, start in zip(sys.argv[2::2], sys.argv[3::2]):
+    try:
+        send_signal(int(pid), None if start == "None" else float(start), int(sys.argv[1]), "rank")
+    except LaunchError as e:
+        print(e)
+"""
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
