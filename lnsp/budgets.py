@@ -133,7 +133,8 @@ class SlowDetector:
 
 
 # Goodput: where the wall time of a run went. Categories sum to the wall time.
-CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "other")
+CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "paused",
+              "other")
 PHASE_CATEGORY = {
     "startup": "startup", "load data": "startup", "rendezvous": "startup", "index": "startup",
     "load": "training", "forward": "training", "retrieve": "training", "loss": "training",
@@ -141,6 +142,7 @@ PHASE_CATEGORY = {
     "step end": "training",
     "evaluate": "evaluation", "calibrate": "evaluation", "barrier": "evaluation",
     "checkpoint": "checkpoint", "stalled": "stalled",
+    "paused": "paused",  # the whole process stopped (SIGSTOP, Ctrl-Z, sleep): not a stall
 }
 
 

@@ -412,6 +412,13 @@ def run(config: TrainConfig) -> int:
     watchdog.progress("load data")
     ds = data.load(config.data, config.ctx_len)
     resolve_device(config.device)
+    # One trainer per run directory, before anything is written to it: rank 0 holds the
+    # lock for the job (the ranks share the directory and must not refuse each other).
+    lock = rd.lock_trainer() if rank == 0 else None
+    if rank == 0 and lock is None:
+        raise RunDirError(f"{rd.root}: a trainer is already running in this run directory "
+                          f"(pid {rd.trainer_lock_holder() or '?'}); stop it first "
+                          f"(lnsp stop {rd.root}) or choose another --run-dir")
     # Every rank has checked the run directory before any rank writes to it.
     watchdog.progress("rendezvous")
     dist = distributed.init(config.pg_timeout, rd.root, config.device)
