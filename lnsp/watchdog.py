@@ -142,8 +142,9 @@ class Watchdog(threading.Thread):
 
     def _resumed(self, since: float, now: float) -> None:
         """The process was paused from about `since` to `now`: restart the stall clock,
-        charge the gap to goodput as paused, keep it out of the learned budgets and out
-        of the slowdown window."""
+        charge the gap to goodput as paused and keep it out of the learned budgets. A long
+        pause (Ctrl-Z for minutes) is left out of the slowdown window too; short ones in
+        a row are what a throttled run looks like (a CPU quota, App Nap), so they count."""
         with self._events:
             since = max(since, self.clock.since)
             current = self.clock.phase
@@ -151,7 +152,7 @@ class Watchdog(threading.Thread):
             self.clock.phase = "paused"
             self.clock.enter(current, now)
             self.paused_interval = True
-            if self.slow:
+            if self.slow and now - since > PAUSE_GAP_S:
                 self.slow.skip(since, now)
             self.last = now
 
