@@ -62,27 +62,41 @@ class PhaseBudgets:
 
 @dataclass
 class SlowDetector:
-    """A run whose step rate over the last `window` seconds is below `ratio` of its
-    own best rate over any earlier window is slow (App Nap, a CPU quota, swapping, a
-    noisy neighbour): alive, so no watchdog fires, but crawling."""
+    """A run whose step rate over the last `window` seconds of training is below `ratio`
+    of its own best rate over any earlier window is slow (App Nap, a CPU quota,
+    swapping, a noisy neighbour): alive, so no watchdog fires, but crawling.
+
+    The window counts training time only: an evaluation or a checkpoint (a pause) is
+    left out of the elapsed time, not a reason to start the window again, so a run that
+    checkpoints every N steps is still judged (a window reset by every checkpoint never
+    filled at the defaults)."""
 
     window: float
     ratio: float = 1 / 3
     best: float = 0.0
     slow: bool = False
-    first: float | None = None  # start of the current measurement (a window needs one)
-    steps: deque = field(default_factory=deque)  # times of recent steps
+    first: float | None = None  # training time of the first step (a window needs one)
+    steps: deque = field(default_factory=deque)  # training times of recent steps
+    paused: float = 0.0  # seconds of pauses so far, not training time
+    paused_at: float | None = None  # when the current pause began
+
+    def training_time(self, now: float) -> float:
+        """`now` less the pauses: a clock that stands still during a pause."""
+        return (self.paused_at if self.paused_at is not None else now) - self.paused
 
     def step(self, now: float) -> None:
+        self.resume(now)  # a step ends any pause
+        t = self.training_time(now)
         if self.first is None:
-            self.first = now
-        self.steps.append(now)
+            self.first = t
+        self.steps.append(t)
 
     def rate(self, now: float) -> float | None:
         """Steps per second over the last window, None until a whole window is seen."""
-        while self.steps and self.steps[0] < now - self.window:
+        t = self.training_time(now)
+        while self.steps and self.steps[0] < t - self.window:
             self.steps.popleft()
-        if self.first is None or now - self.first < self.window:
+        if self.first is None or t - self.first < self.window:
             return None
         return len(self.steps) / self.window
 
@@ -102,13 +116,25 @@ class SlowDetector:
         return None
 
     def pause(self, now: float) -> None:
-        """An evaluation or a checkpoint is not a slowdown: start a new window after it."""
-        self.steps.clear()
-        self.first = None
+        """An evaluation or a checkpoint begins: not training time, until `resume`."""
+        if self.paused_at is None:
+            self.paused_at = now
+
+    def resume(self, now: float) -> None:
+        if self.paused_at is not None:
+            self.paused += max(0.0, now - self.paused_at)
+            self.paused_at = None
+
+    def skip(self, start: float, end: float) -> None:
+        """The process itself was paused from `start` to `end` (SIGSTOP, a laptop's
+        sleep): not training time either (inside a pause it is already left out)."""
+        if self.paused_at is None:
+            self.paused += max(0.0, end - start)
 
 
 # Goodput: where the wall time of a run went. Categories sum to the wall time.
-CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "other")
+CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "paused",
+              "other")
 PHASE_CATEGORY = {
     "startup": "startup", "load data": "startup", "rendezvous": "startup", "index": "startup",
     "load": "training", "forward": "training", "retrieve": "training", "loss": "training",
@@ -116,6 +142,7 @@ PHASE_CATEGORY = {
     "step end": "training",
     "evaluate": "evaluation", "calibrate": "evaluation", "barrier": "evaluation",
     "checkpoint": "checkpoint", "stalled": "stalled",
+    "paused": "paused",  # the whole process stopped (SIGSTOP, Ctrl-Z, sleep): not a stall
 }
 
 

@@ -117,10 +117,11 @@ def measure(c: np.ndarray, correct: np.ndarray, tau_snap: float, tau_novel: floa
                                 if (~snap & ~novel).any() else None)}
 
 
-def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512):
+def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512,
+            tick=lambda: None):
     """Per window: cosine c of the query to its nearest bank vector other than the
     context ids (as evaluation excludes them) and whether that vector is the true next
-    (or a repeat of it)."""
+    (or a repeat of it). `tick` after every batch: a sign of life to the supervisor."""
     import torch
 
     from lnsp import miner
@@ -134,6 +135,7 @@ def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512
             context, target = window_ids(ds, starts[i:i + batch], ctx_len)
             vectors = np.asarray(ds.bank[context.reshape(-1)]).reshape(*context.shape, -1)
             query = model(torch.from_numpy(vectors)).float().numpy()
+            tick()
             scores, ids = miner.search(index, query, 1 + ctx_len + REPEATS)
             # As evaluation ranks: repeats of the context are excluded with it.
             _, in_context = copies(ds.bank, ids, context, target)
@@ -148,7 +150,8 @@ def nearest(model, ds, index, starts: np.ndarray, ctx_len: int, batch: int = 512
     return np.concatenate(cs), np.concatenate(right)
 
 
-def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
+def calibrate(model, ds, config, index=None, hit1: float | None = None,
+              tick=lambda: None) -> dict:
     """The calibration of `model` on the held-out windows of `config`'s chain split."""
     from lnsp import data, miner
 
@@ -160,7 +163,7 @@ def calibrate(model, ds, config, index=None, hit1: float | None = None) -> dict:
     if len(held_out) > MAX_WINDOWS:
         held_out = np.sort(np.random.default_rng(config.seed + 2).choice(
             held_out, MAX_WINDOWS, replace=False))
-    c, correct = nearest(model, ds, index, held_out, config.ctx_len)
+    c, correct = nearest(model, ds, index, held_out, config.ctx_len, tick=tick)
     table = buckets(c, correct)
     lanes = thresholds(c, correct, table)
     hit1 = float(correct.mean())
@@ -244,9 +247,10 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     return result, target
 
 
-def after_training(rd, ds, log) -> None:
+def after_training(rd, ds, log, tick=lambda: None) -> None:
     """At the end of a finished run: calibrate best.pt on the held-out windows, write
-    calibration.json and store the thresholds in best.pt. It never fails the run."""
+    calibration.json and store the thresholds in best.pt. It never fails the run;
+    `tick` beats the heartbeat as it goes (the supervisor watches it till exit.json)."""
     try:
         from lnsp import checkpoint
         from lnsp.rundir import write_json
@@ -255,7 +259,7 @@ def after_training(rd, ds, log) -> None:
         if not best.exists():
             return
         model, config = load_model(checkpoint.load(best), ds.dim)
-        result = calibrate(model, ds, config)
+        result = calibrate(model, ds, config, tick=tick)
         result["checkpoint"] = str(best)
         result["data"] = str(ds.root)
         write_json(rd.calibration, result)

@@ -361,13 +361,16 @@ def diagnose(target, samples, interval, root, as_json):
 @click.option("--grace", default=30.0, show_default=True, help="seconds before SIGKILL")
 @user_errors
 def stop(run, grace):
-    """SIGTERM, wait for the checkpoint, SIGKILL after the grace period.
+    """SIGTERM, wait for the checkpoint, SIGKILL after the grace period. Exit code 0:
+    stopped (or not running); 3: it did not stop within the grace and was killed.
 
     Example: lnsp stop runs/20260101-120000 --grace 30
     """
     from lnsp.operate import stop as do_stop
 
-    click.echo(do_stop(run, grace))
+    text, code = do_stop(run, grace)
+    click.echo(text)
+    sys.exit(int(code))
 
 
 @main.command()

@@ -179,7 +179,10 @@ class Dist:
 
     def ranks(self) -> list[dict]:
         """Every rank's pid and host (a collective: all ranks call it)."""
-        me = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname()}
+        from lnsp.procs import start_time
+
+        me = {"rank": self.rank, "pid": os.getpid(), "start": start_time(),
+              "host": socket.gethostname()}
         if not self.active:
             return [me]
         import torch.distributed as dist
@@ -261,9 +264,26 @@ def post_mortem(error: Exception, d: Dist, dumper, log) -> CollectiveError:
         if stacks:
             dumper.write(f"stalled-pid{pid}", f"py-spy of stalled rank pid {pid}:\n{stacks}")
         if failure.exit_code == ExitCode.STALLED:  # frozen: nothing else ends it
-            log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
-            os.kill(pid, signal.SIGKILL)
+            _kill_rank(pid, d.root, log)
     return failure
+
+
+def _kill_rank(pid: int, root: Path | None, log) -> None:
+    """SIGKILL to a stalled rank, only while its PID is still the rank that rank 0
+    recorded in run.json (with its start time)."""
+    from lnsp.errors import LaunchError
+    from lnsp.procs import send_signal
+    from lnsp.rundir import read_json
+
+    ranks = (read_json(root / "run.json") or {}).get("ranks", []) if root else []
+    here = socket.gethostname()
+    started = next((r.get("start") for r in ranks
+                    if r.get("pid") == pid and r.get("host") == here), None)
+    log(f"[DISTRIBUTED] killing stalled rank pid {pid} (SIGKILL)")
+    try:
+        send_signal(pid, started, signal.SIGKILL, "stalled rank")
+    except LaunchError as e:
+        log(f"[DISTRIBUTED] not killing: {e}")
 
 
 def init(pg_timeout: float, root: Path, requested: str = "cpu") -> Dist:

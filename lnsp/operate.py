@@ -25,7 +25,10 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
         args = procs.cmdline(pid)
         if "--run-dir" in args[:-1]:
             rd = RunDir(args[args.index("--run-dir") + 1])
-            return rd, {**rd.read_run(), "pid": pid}
+            run = rd.read_run()
+            if run.get("pid") != pid:  # not the trainer run.json records: no identity yet
+                run = {**run, "pid": pid, "start_time": None}
+            return rd, run
         return None, {"pid": pid, "backend": "foreground"}
     rd = RunDir(target)
     run = read_json(rd.run)  # None, not {}: no run.json at all
@@ -52,6 +55,8 @@ def check_dumpable(run: dict) -> None:
     if procs.catches(pid, signal.SIGUSR1) is False:
         raise LaunchError(f"process {pid} has no SIGUSR1 handler installed yet; "
                           "SIGUSR1 would kill it, so no signal was sent")
+    if not run.get("start_time"):  # known by its command line just now: pin it to this
+        run["start_time"] = procs.start_time(pid)  # process, not a later one with its PID
 
 
 def dump(target: str, root: str = "runs", native: bool = False, timeout: float = 30.0) -> str:
@@ -77,21 +82,51 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
     return text
 
 
-def stop(target: str, grace: float = 30.0) -> str:
+def stop(target: str, grace: float = 30.0) -> tuple[str, int]:
+    """Stop a run: a request file its supervisor (or torchrun's restarts) obeys, then
+    SIGTERM (to the supervisor when there is one, which passes it on), then after the
+    grace SIGKILL. What happened and the exit code: 0 stopped (or not running), 3 killed
+    after the grace (it did not stop in time)."""
     rd, run = resolve_run(target)
+    if rd is None:
+        raise LaunchError(f"{target}: no run directory records this process; "
+                          "name the run directory")
     ops = backend(run.get("backend", "foreground"))
-    if not ops.alive(run):
+    if not ops.alive(run):  # its recorded processes (PID and start time) are gone
         ended = rd.read_exit()
-        return f"{rd.root}: not running ({ended.state if ended else 'no exit record'})"
+        return (f"{rd.root}: not running ({ended.state if ended else 'no exit record'})",
+                ExitCode.DONE)
+    rd.request_stop(grace)  # noted before any signal: nothing restarts after this
+    asked = time.time()
     ops.send(run, signal.SIGTERM)
     if ops.wait_gone(run, grace):
         ended = rd.read_exit()
         return (f"{rd.root}: {ended.state if ended else 'ended'} at step "
-                f"{ended.step if ended else '?'}; "
-                f"checkpoint {rd.last_checkpoint()}")
-    ops.send(run, signal.SIGKILL)
-    ops.wait_gone(run, 10)
-    return f"{rd.root}: did not stop within {grace:g}s; killed (SIGKILL)"
+                f"{ended.step if ended else '?'}; checkpoint {rd.last_checkpoint()}",
+                ExitCode.DONE)
+    run = rd.read_run() or run  # the trainer's PID changes on a restart
+    if hasattr(ops, "kill"):
+        ops.kill(run)
+    else:
+        ops.send(run, signal.SIGKILL)
+    if not ops.wait_gone(run, KILL_WAIT_S) and hasattr(ops, "kill_supervisor"):
+        ops.kill_supervisor(run)  # stopped itself (SIGSTOP), or not listening
+        ops.wait_gone(run, KILL_WAIT_S)
+    ended = rd.read_exit()
+    if ended is None or ended.time < asked:
+        rd.write_exit("stopped", 128 + signal.SIGKILL, ended.step if ended else _step(rd),
+                      cause=f"did not stop within {grace:g}s of SIGTERM: killed (SIGKILL) "
+                            "by lnsp stop", signal="SIGKILL")
+    return (f"{rd.root}: did not stop within {grace:g}s of SIGTERM; killed (SIGKILL); "
+            f"the last checkpoint is {rd.last_checkpoint()}", ExitCode.STALLED)
+
+
+KILL_WAIT_S = 10.0
+
+
+def _step(rd: RunDir) -> int:
+    beat = rd.read_heartbeat()
+    return beat.step if beat else 0
 
 
 def logs(target: str, follow: bool = False, out=sys.stdout) -> None:

@@ -1,4 +1,5 @@
-"""Questions about live processes: alive, an lnsp trainer, a SIGUSR1 handler installed."""
+"""Questions about live processes (alive, an lnsp trainer, a SIGUSR1 handler installed,
+stopped) and the one way lnsp signals one: only a process proven to be the recorded one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,71 @@ import time
 from pathlib import Path
 
 import psutil
+
+from lnsp.errors import LaunchError
+
+# psutil's create_time() adds the boot time of /proc/stat, whole seconds that the clock's
+# adjustments can move: a process is the recorded one within this much.
+START_TOLERANCE_S = 1.0
+
+
+def start_time(pid: int | None = None) -> float | None:
+    """When the process (this one by default) was created, Unix seconds: the start time
+    recorded next to every PID lnsp writes. None when it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int | None, started: float | None) -> bool:
+    """The process now at `pid` is the one recorded with `started`: its creation time,
+    or any moment it was seen alive (run.json's `start_time`). A process that reused the
+    PID was created after the recorded one ended, so after both; one created no later
+    than `started` is the recorded one."""
+    if not pid or started is None:
+        return False
+    created = start_time(pid)
+    return created is not None and created <= started + START_TOLERANCE_S
+
+
+def running(pid: int | None, started: float | None) -> bool:
+    """The recorded process still runs (not a zombie, not a later one with its PID)."""
+    return alive(pid) and same_process(pid, started)
+
+
+def send_signal(pid: int | None, started: float | None, signum: int,
+                what: str = "process") -> None:
+    """Every signal lnsp sends goes through here: to `pid` only while it is the process
+    recorded with `started` (see same_process). Otherwise a LaunchError (one line, exit
+    code 2) and no signal: a PID alone may by now name anyone's process."""
+    name = signal.Signals(signum).name
+    if not pid:
+        raise LaunchError(f"no {what} PID recorded; no {name} sent")
+    if started is None:
+        raise LaunchError(f"{what} {pid}: no start time recorded with its PID, so it "
+                          f"cannot be told from a later process; no {name} sent")
+    try:
+        proc = psutil.Process(pid)
+        created = proc.create_time()
+    except psutil.Error:
+        raise LaunchError(f"{what} {pid} is not running; no {name} sent") from None
+    if created > started + START_TOLERANCE_S:
+        raise LaunchError(f"{what} {pid} is not the recorded one (that PID now names a "
+                          f"process started {created - started:.0f}s later: "
+                          f"{' '.join(cmdline(pid))[:60]!r}); no {name} sent")
+    try:  # psutil checks once more that the PID still names the process it opened
+        proc.send_signal(signum)
+    except psutil.Error:
+        raise LaunchError(f"{what} {pid} ended before {name} could be sent") from None
+
+
+def stopped(pid: int | None) -> bool:
+    """The process is stopped (SIGSTOP, Ctrl-Z: state T): paused, not frozen."""
+    try:
+        return bool(pid) and psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
 
 
 def alive(pid: int | None) -> bool:
@@ -26,14 +92,11 @@ def cmdline(pid: int) -> list[str]:
 
 
 def is_trainer(pid: int, run: dict | None = None) -> bool:
-    """The process runs `lnsp train` (the lnsp script or `python -m lnsp`), or is the
-    trainer recorded in `run` (run.json) and not a later process that reused its PID."""
+    """The trainer recorded in `run` (run.json) and not a later process that reused its
+    PID; with no record of it, a process that runs `lnsp train` (the lnsp script or
+    `python -m lnsp`)."""
     if run and run.get("pid") == pid and run.get("start_time"):
-        try:
-            if psutil.Process(pid).create_time() <= run["start_time"] + 1:
-                return True
-        except psutil.Error:
-            return False
+        return same_process(pid, run["start_time"])
     args = cmdline(pid)
     for i, arg in enumerate(args[:-1]):
         if (arg == "lnsp" or arg.endswith("/lnsp")) and args[i + 1] == "train":

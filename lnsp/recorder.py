@@ -10,12 +10,23 @@ import socket
 import sys
 import time
 
-from lnsp import checkpoint, progress, tensorboard
+from lnsp import checkpoint, procs, progress, tensorboard
 from lnsp.rundir import ExitCode, RunDir, StepRecord
 from lnsp.watchdog import Heartbeat, process_started
 
 # The goodput record's figures charted in TensorBoard (not its pid, step or time).
 GOODPUT_FIGURES = ("goodput", "wall_s", "shares", "seconds")
+
+
+def supervisor(run: dict, world: int) -> dict:
+    """run.json's supervisor fields for this trainer: under torchrun, its agent (our
+    parent); alone, the supervisor recorded there if it is our parent, else none (a
+    run resumed in the foreground after a detached or container run must not keep that
+    run's supervisor PID, which by now may name any process). None clears a field."""
+    parent = os.getppid()
+    if world > 1 or run.get("supervisor_pid") == parent:
+        return {"supervisor_pid": parent, "supervisor_start": procs.start_time(parent)}
+    return {"supervisor_pid": None, "supervisor_start": None}
 
 
 class Recorder:
@@ -57,7 +68,8 @@ class Recorder:
 
         write_json(self.rd.config, self.config.to_json())
         self.rd.clear_exit()
-        extra = {"ranks": ranks, "supervisor_pid": os.getppid()} if self.world > 1 else {}
+        extra = {"ranks": ranks if self.world > 1 else None,
+                 **supervisor(self.rd.read_run(), self.world)}
         self.rd.update_run(pid=os.getpid(), backend=os.environ.get("LNSP_BACKEND", "foreground"),
                            host=socket.gethostname(), python=sys.executable, argv=sys.argv,
                            start_time=time.time(), stall_timeout=self.config.stall_timeout,
@@ -161,6 +173,7 @@ class Recorder:
                         miner=miner_state, bf16=bool(job.module.bf16), **state.as_dict())
         if path == self.rd.last_checkpoint():
             self.rd.write_checkpoint_record(state.step, state.epoch)
+        self.beat(state, "checkpoint")  # a large model's write takes a while: still alive
 
     # ------------------------------------------------------------ goodput
     def resumed(self, state, saved: dict | None) -> None:

@@ -217,6 +217,11 @@ class RunDir:
     calibration = property(lambda self: self.root / "calibration.json")  # decider thresholds
     goodput = property(lambda self: self.root / "goodput.json")
     last_checkpoint_record = property(lambda self: self.checkpoints / "last.json")
+    # `lnsp stop` writes it before any signal; a supervisor (or a torchrun restart) that
+    # finds it never starts another trainer. A launch removes it.
+    stop_request = property(lambda self: self.root / "stop.json")
+    # Held (flock) by the run's one trainer for its whole life: a second is refused.
+    trainer_lock = property(lambda self: self.root / "trainer.lock")
 
     def rank_heartbeat(self, rank: int) -> Path:
         return self.root / f"heartbeat-rank{rank}.json"
@@ -293,7 +298,13 @@ class RunDir:
         return read_json(self.run) or {}
 
     def update_run(self, **fields) -> dict:
-        return update_json(self.run, **fields)
+        """Merge `fields` into run.json; a field given as None is removed (it does not
+        apply to this launch: a container's supervisor PID after a native resume)."""
+        obj = read_json(self.run) or {}
+        obj.update(fields)
+        obj = {k: v for k, v in obj.items() if v is not None}
+        write_json(self.run, obj)
+        return obj
 
     def checkpoint_step(self) -> int:
         """The step of last.pt (from its small record beside it: no torch needed)."""
@@ -302,6 +313,51 @@ class RunDir:
     def write_checkpoint_record(self, step: int, epoch: int) -> None:
         write_json(self.last_checkpoint_record, {"step": step, "epoch": epoch,
                                                  "time": time.time()})
+
+    def request_stop(self, grace: float) -> None:
+        write_json(self.stop_request, {"time": time.time(), "grace_s": grace})
+
+    def stop_requested(self) -> bool:
+        return self.stop_request.exists()
+
+    def clear_stop(self) -> None:
+        self.stop_request.unlink(missing_ok=True)
+
+    def lock_trainer(self):
+        """Take the run's trainer lock (flock: released when the process ends, however it
+        ends) and write our PID into it. Returns the open file, to keep for the trainer's
+        life, or None when another process holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        held = self._flock()
+        if held is not None:
+            held.truncate(0)
+            held.write(f"{os.getpid()}\n")
+            held.flush()
+        return held
+
+    def trainer_lock_holder(self) -> int | None:
+        """None when no trainer holds the lock, else the PID it wrote (0 if not yet)."""
+        if not self.trainer_lock.exists():
+            return None
+        probe = self._flock()
+        if probe is not None:
+            probe.close()
+            return None
+        try:
+            return int(self.trainer_lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _flock(self):
+        import fcntl
+
+        f = open(self.trainer_lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        return f
 
     def read_goodput(self) -> dict:
         """goodput.json: where the run's wall time went, over every attempt."""

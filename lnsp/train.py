@@ -113,6 +113,8 @@ def train_step(job: Job, starts: np.ndarray, scale: float = 1.0, phases: dict | 
             watchdog.phase = name
         t = time.perf_counter()
         yield
+        if job.device.type == "mps":  # asynchronous: its GPU time belongs to this phase
+            torch.mps.synchronize()
         if phases is not None:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
@@ -269,7 +271,7 @@ def resume(job: Job, rec: Recorder) -> RunState:
     saved = checkpoint.load(rd.last_checkpoint())
     job.module.load_state_dict(saved["model"])
     job.optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["torch_rng"])
+    checkpoint.restore_rng(saved)  # the CPU generator, and MPS's where it was saved
     if job.recall is not None:
         job.recall.restore(saved.get("miner"))
     if saved.get("bf16") is not None:  # the precision auto chose when the run started
@@ -323,7 +325,12 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
         # the held-out windows; rank 0 records the figures and writes the checkpoints.
         watchdog.progress("evaluate")
         rec.beat(state, "evaluate")  # outside observers see the phase, not a silent step
-        metrics = held_out(job, val, dist, watchdog.progress)
+
+        def alive():  # each chunk: progress to the watchdog, life to the supervisor
+            watchdog.progress()
+            rec.beat(state, "evaluate")
+
+        metrics = held_out(job, val, dist, alive)
         epoch = state.end_interval(steps_per_epoch)
         watchdog.progress("checkpoint")
         rec.evaluated(epoch, metrics)
@@ -339,7 +346,7 @@ def fit(job: Job, state: RunState, rec: Recorder, watchdog, stop, dist) -> int:
     watchdog.stop()  # what follows (calibration, the plot) is not training
     if rec.main:  # the decider's thresholds for best.pt, measured on held-out windows
         from lnsp.calibrate import after_training
-        after_training(rd, job.ds, rec.say)
+        after_training(rd, job.ds, rec.say, tick=lambda: rec.beat(state, "calibrate"))
     return rec.finished()
 
 
@@ -407,6 +414,13 @@ def run(config: TrainConfig) -> int:
     watchdog.progress("load data")
     ds = data.load(config.data, config.ctx_len)
     resolve_device(config.device)
+    # One trainer per run directory, before anything is written to it: rank 0 holds the
+    # lock for the job (the ranks share the directory and must not refuse each other).
+    lock = rd.lock_trainer() if rank == 0 else None
+    if rank == 0 and lock is None:
+        raise RunDirError(f"{rd.root}: a trainer is already running in this run directory "
+                          f"(pid {rd.trainer_lock_holder() or '?'}); stop it first "
+                          f"(lnsp stop {rd.root}) or choose another --run-dir")
     # Every rank has checked the run directory before any rank writes to it.
     watchdog.progress("rendezvous")
     dist = distributed.init(config.pg_timeout, rd.root, config.device)

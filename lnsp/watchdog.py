@@ -2,7 +2,9 @@
 
 The watchdog starts before data loading: a loose budget for start-up and the first
 step, then `stall_timeout` between steps. On a stall it logs a [WATCHDOG] line, dumps
-every thread and either keeps waiting or exits with code 3.
+every thread and either keeps waiting or exits with code 3. A pause of the whole process
+(Ctrl-Z then fg, SIGSTOP then SIGCONT, a laptop's sleep) is not a stall: its clocks
+restart on SIGCONT, or when a tick arrives far later than due.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from lnsp.rundir import ExitCode, Heartbeat as HeartbeatRecord, RunDir, stalenes
 
 HOST = socket.gethostname()
 TICK_S = 0.25
+# A tick this much later than due: the whole process was paused (its threads all stopped),
+# not the main thread stuck.
+PAUSE_GAP_S = 5.0
 
 
 class Watchdog(threading.Thread):
@@ -53,6 +58,8 @@ class Watchdog(threading.Thread):
         self.slow = SlowDetector(window=slow_window) if slow_window > 0 else None
         self.slow_since: float | None = None
         self.stalled_interval = False  # the current interval was reported as a stall
+        self.paused_interval = False  # the process was paused during the current interval
+        self.continued = False  # set by the SIGCONT handler, cleared by the next tick
         self._phase = "startup"
         self._changed: dict = {}  # budgets changed since the last step, logged at its end
         self._events = threading.Lock()
@@ -93,17 +100,21 @@ class Watchdog(threading.Thread):
         now = time.monotonic()
         with self._events:
             previous, stalled = self._phase, self.stalled_interval
+            paused, self.paused_interval = self.paused_interval, False
             if stalled:  # the time of a reported stall is lost time
                 self.clock.phase = "stalled"
                 self.stalled_interval = False
             spent = self.clock.enter(phase, now)
-            # A stall is not a duration to learn from: its budget would grow to it.
-            if self.started_steps and previous != "startup" and not stalled:
+            # Neither a stall nor a pause is a duration to learn from: the budget would
+            # grow to it.
+            if self.started_steps and previous != "startup" and not stalled and not paused:
                 changed = self.budgets.observe(previous, spent)
                 if changed is not None:
                     self._changed[previous] = changed
             if self.slow and phase in PAUSES:
                 self.slow.pause(now)
+            elif self.slow:
+                self.slow.resume(now)
             self._phase = phase
             if reset:
                 self.last = now
@@ -121,40 +132,75 @@ class Watchdog(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
 
+    def start(self) -> None:
+        # SIGCONT ends a pause of the whole process; its handler only notes it (handlers
+        # are installed from the main thread, where the watchdog is started).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCONT, self._on_continue)
+        super().start()
+
+    def _on_continue(self, signum, frame) -> None:
+        self.continued = True
+
+    def _resumed(self, since: float, now: float) -> None:
+        """The process was paused from about `since` to `now`: restart the stall clock,
+        charge the gap to goodput as paused and keep it out of the learned budgets. A long
+        pause (Ctrl-Z for minutes) is left out of the slowdown window too; short ones in
+        a row are what a throttled run looks like (a CPU quota, App Nap), so they count."""
+        with self._events:
+            since = max(since, self.clock.since)
+            current = self.clock.phase
+            self.clock.enter(current, since)
+            self.clock.phase = "paused"
+            self.clock.enter(current, now)
+            self.paused_interval = True
+            if self.slow and now - since > PAUSE_GAP_S:
+                self.slow.skip(since, now)
+            self.last = now
+
     # ------------------------------------------------------------ the thread
     def run(self) -> None:
-        fired_at = None
+        self._fired_at = None
+        ticked = time.monotonic()
         while not self._stopping.wait(TICK_S):
-            for tick in self.on_tick:
-                tick()
             now = time.monotonic()
-            self._check_slow(now)
-            last, phase = self.last, self._phase
-            # The one staleness check, with this phase's learned budget as the stall one.
-            s = staleness(last, self.started_steps, self.budgets.budget(phase),
-                          self.startup_timeout, now)
-            idle, budget = s.idle, s.budget
-            if not s.stale:
-                fired_at = None
-                continue
-            if self.busy and self.started_steps and idle <= self.stall_timeout and \
-                    self.busy():
-                continue
-            if fired_at == last:
-                continue  # already reported this stall; wait for progress
-            fired_at = last
-            self.stalled_interval = True
-            self._report_stall(phase, idle, budget)
-            verdict = self._verdict()
-            if self.on_stall == "exit":
-                self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
-                         "(--on-stall exit)")
-                with self._events:
-                    self.clock.phase = "stalled"
-                    self.clock.flush()
-                if self.on_exit:
-                    self.on_exit(phase, verdict)
-                os._exit(ExitCode.STALLED)
+            # The wait alone came back far later than due: the whole process was paused.
+            if self.continued or now - ticked > PAUSE_GAP_S:  # a pause, not a stall
+                self.continued = False
+                self._resumed(ticked, now)
+            self._tick()
+            ticked = time.monotonic()  # after the tick's own work (a dump, a diagnosis)
+
+    def _tick(self) -> None:
+        for tick in self.on_tick:
+            tick()
+        now = time.monotonic()
+        self._check_slow(now)
+        last, phase = self.last, self._phase
+        # The one staleness check, with this phase's learned budget as the stall one.
+        s = staleness(last, self.started_steps, self.budgets.budget(phase),
+                      self.startup_timeout, now)
+        idle, budget = s.idle, s.budget
+        if not s.stale:
+            self._fired_at = None
+            return
+        if self.busy and self.started_steps and idle <= self.stall_timeout and self.busy():
+            return  # at work past the learned budget: judged at the stall timeout
+        if self._fired_at == last:
+            return  # already reported this stall; wait for progress
+        self._fired_at = last
+        self.stalled_interval = True
+        self._report_stall(phase, idle, budget)
+        verdict = self._verdict()
+        if self.on_stall == "exit":
+            self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
+                     "(--on-stall exit)")
+            with self._events:
+                self.clock.phase = "stalled"
+                self.clock.flush()
+            if self.on_exit:
+                self.on_exit(phase, verdict)
+            os._exit(ExitCode.STALLED)
 
     def _verdict(self) -> dict | None:
         """The diagnosis of this stall, logged as a [WATCHDOG] VERDICT line; before a
@@ -259,8 +305,6 @@ def _process_start_monotonic() -> float:
 def slow_context(window: float) -> str:
     """What can be seen from inside when a run crawls: this process's CPU share, CPU
     quota throttling, swapping, who else uses the CPU, and on macOS the power assertion."""
-    import sys
-
     try:
         import psutil
     except ImportError:  # the guard in a user's interpreter that lacks it
@@ -290,7 +334,11 @@ def slow_context(window: float) -> str:
             busy.append(f"{p.info['name']} (pid {p.info['pid']}) {p.info['cpu_percent']:.0f}%")
     if busy:
         parts.append("other busy processes: " + ", ".join(busy[:3]))
-    if sys.platform == "darwin" and "caffeinate" not in {a.name() for a in me.parents()}:
+    from lnsp import system
+
+    # caffeinate holds the assertion for this PID as a sibling (started by the
+    # supervisor or lnsp run with -w PID), not as a parent.
+    if system.is_macos() and not system.caffeinate_held(me.pid):
         parts.append("no caffeinate power assertion: App Nap throttles a background process "
                      "(start it with lnsp launch, which holds `caffeinate -i -s -w PID`)")
     return "; ".join(parts) or "nothing visible from inside"
@@ -359,8 +407,8 @@ class Heartbeat:
 
 
 class GracefulStop:
-    """SIGTERM or SIGINT asks for a stop at the next step boundary; a second SIGINT
-    exits at once. The handler only sets a flag (a write to the log from inside it
+    """SIGTERM, SIGINT or SIGHUP (the terminal went away: a closed window, a killed tmux
+    session) asks for a stop at the next step boundary; a second SIGINT exits at once. The handler only sets a flag (a write to the log from inside it
     could re-enter a write the main thread was making); `announce`, called from the
     loop and the watchdog's thread, logs the request once."""
 
@@ -371,8 +419,8 @@ class GracefulStop:
         self._lock = threading.Lock()
 
     def install(self) -> "GracefulStop":
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -9,6 +9,8 @@ which it strikes (start-up faults strike during data loading).
   startup       data loading that never ends
   crash         an exception at that step of every attempt (a crash loop)
   slow_eval     every evaluation chunk takes LNSP_TEST_EVAL_SECONDS (a long evaluation)
+  gil_held      native code that keeps the GIL forever: no thread of the trainer runs
+                Python (its watchdog neither), only an outside observer sees it frozen
 
 LNSP_TEST_FAULT_ONCE (a path): the fault strikes in the first attempt only (the file
 records that it did), so a restarted run can get past it. Under `lnsp supervise` the
@@ -62,6 +64,15 @@ def never_returns():
         time.sleep(0.5)
 
 
+def gil_held():
+    import ctypes
+
+    libc = ctypes.PyDLL(None)  # a PyDLL call keeps the GIL for its whole length
+    reached()
+    while True:
+        libc.sleep(3600)
+
+
 calls = {"n": 0}
 real_step, real_load = train.optimizer_step, data.load
 
@@ -86,6 +97,8 @@ def faulty_step(job, loss):
             deadlock()
         elif FAULT == "never_returns":
             never_returns()
+        elif FAULT == "gil_held":
+            gil_held()
         elif FAULT == "nan":
             loss = float("nan")
         elif FAULT == "crash":

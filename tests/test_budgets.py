@@ -59,13 +59,41 @@ def test_a_pause_for_evaluation_is_not_a_slowdown():
         t += 0.1
         d.step(t)
         d.check(t)
-    t += 30.0  # an evaluation: no steps
-    d.pause(t)
-    assert d.check(t + 1.0) is None
+    d.pause(t)  # an evaluation begins (the watchdog's phase change): no steps for 30 s
+    t += 30.0
+    assert d.check(t) is None
     for _ in range(100):
         t += 0.1
         d.step(t)
         assert d.check(t) != "slow"
+
+
+def test_a_slowdown_is_flagged_within_a_window_despite_a_checkpoint_every_few_steps():
+    """At the defaults (a 60 s window, a checkpoint every 100 steps) a run stepping faster
+    than ~2 steps/s was never judged: every checkpoint started the window again. Only
+    training time counts now: a checkpoint is left out of the window, not a reset."""
+    d = SlowDetector(window=10.0)
+    t, steps, flagged = 0.0, 0, []
+
+    def run(seconds, rate):
+        nonlocal t, steps
+        end = t + seconds
+        while t < end:
+            t += 1 / rate
+            d.step(t)
+            steps += 1
+            if d.check(t) == "slow":
+                flagged.append(t)
+            if steps % 20 == 0:  # a checkpoint every 20 steps, 0.5 s each
+                d.pause(t)
+                t += 0.5
+
+    run(30, 10.0)  # 10 steps/s: a checkpoint every 2 s of training
+    assert not flagged and d.best >= 9.0, d.best
+    throttled = t
+    run(30, 2.0)  # a 5x slowdown, still checkpointing every 20 steps
+    assert flagged, "the slowdown was never flagged"
+    assert flagged[0] - throttled < 10.0 + 1.0, flagged[0] - throttled  # about one window
 
 
 def test_goodput_shares_add_up_to_the_wall_time():

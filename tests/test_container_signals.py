@@ -57,12 +57,13 @@ def test_docker_dump_sends_the_name_from_linux(monkeypatch):
 def test_ddp_docker_dump_names_the_signal_inside_each_node(monkeypatch, on_a_mac):
     nodes = [Container("job-0"), Container("job-1")]
     monkeypatch.setattr(ddp_docker, "_containers", lambda run: nodes)
-    run = {"ranks": [{"host": "job-0", "pid": 7}, {"host": "job-1", "pid": 8},
-                     {"host": "job-1", "pid": 9}]}
+    run = {"ranks": [{"host": "job-0", "pid": 7, "start": 1.5},
+                     {"host": "job-1", "pid": 8, "start": 2.5},
+                     {"host": "job-1", "pid": 9, "start": 3.5}]}
     ddp_docker.send(run, 30)
     (kind, argv), = nodes[1].calls
     assert kind == "exec" and argv[0] == ddp_docker.PYTHON
-    assert argv[3:] == ["SIGUSR1", "8", "9"] and "30" not in argv
+    assert argv[3:] == ["SIGUSR1", "8", "2.5", "9", "3.5"] and "30" not in argv
     ddp_docker.send(run, 9)  # SIGKILL ends the containers themselves
     assert nodes[0].calls[-1] == ("kill", None)
 
@@ -78,7 +79,9 @@ def test_the_command_run_inside_a_node_delivers_the_named_signal(reap):
          "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
     reap(target.pid)
     assert select.select([target.stdout], [], [], 30)[0] and target.stdout.readline() == "ready\n"
-    argv = ddp_docker.signal_argv("SIGUSR1", [target.pid])
+    from lnsp.procs import start_time
+
+    argv = ddp_docker.signal_argv("SIGUSR1", [target.pid, start_time(target.pid)])
     subprocess.run([sys.executable, *argv[1:]], check=True, timeout=30)
     wait_until(lambda: target.poll() is not None, 10, what="the handler")
     assert target.stdout.read() == "got USR1\n" and target.returncode == 0

@@ -9,8 +9,8 @@ import sys
 import psutil
 import pytest
 
-from conftest import (FAST_TRAIN, MACOS, NO_STACKS_ON_MACOS, env, lnsp, read_json, release,
-                      spawn, wait_until)
+from conftest import (FAST_TRAIN, MACOS, NO_STACKS_ON_MACOS, env, finish, lnsp, read_json,
+                      release, spawn, wait_until)
 from lnsp import procs, system
 from lnsp.config import TrainConfig
 from lnsp.launch.command import caffeinate_argv, trainer_argv
@@ -180,20 +180,23 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
 @pytest.mark.skipif(MACOS, reason="the frozen trainer's dump is py-spy's from outside: "
                     + NO_STACKS_ON_MACOS)
 def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, tmp_path, reap):
-    run = tmp_path / "run"
-    launch("nohup", run, small_data, "--epochs", "15", "--stall-timeout", "2",
-           "--max-restarts", "1", "--checkpoint-every", "10", cwd=tmp_path)
+    # Frozen: native code that keeps the GIL, so its own watchdog cannot run either (a
+    # SIGSTOP'd trainer is paused, not frozen: tests/test_control.py).
+    run, marker = tmp_path / "run", tmp_path / "frozen"
+    proc = spawn("supervise", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+                 "--epochs", "15", "--stall-timeout", "2", "--max-restarts", "1",
+                 "--checkpoint-every", "10", fault="gil_held", at_step=31, marker=marker,
+                 extra_env={"LNSP_TEST_FAULT_ONCE": tmp_path / "struck"}, cwd=tmp_path)
+    reap(proc.pid)
     first = trainer_pid(run)
     reap(first)
-    reap(read_json(run / "run.json")["supervisor_pid"])
-    wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 30, 60,
-               what="step 30")
-    os.kill(first, signal.SIGSTOP)  # frozen: its own watchdog cannot run
-    wait_until(lambda: (read_json(run / "run.json") or {}).get("restarts") == 1, 60,
-               what="the restart")
-    assert not procs.alive(first)  # gone, or a zombie: ended
-    ended = wait_until(lambda: (lambda e: e if e and e["state"] == "finished" else None)(
-        read_json(run / "exit.json")), 180, what="the restarted run to finish")
+    wait_until(lambda: marker.exists() or proc.poll() is not None, 60, what="the freeze")
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    code, out = finish(proc, timeout=240)  # the supervisor's output read as it comes
+    assert code == 0, out[-3000:]
+    assert read_json(run / "run.json")["restarts"] == 1 and not procs.alive(first)
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "finished", ended
     frozen_dump = next((run / "dumps").glob("dump-frozen-*.txt")).read_text()
     assert f"Process {first}" in frozen_dump and "fit" in frozen_dump, frozen_dump
     log = (run / "training.log").read_text()

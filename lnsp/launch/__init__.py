@@ -60,12 +60,17 @@ def start(name: str, config, options: dict) -> str:
     if rd.exists() and not config.resume:
         raise RunDirError(f"{rd.root}: run directory already holds a run; "
                           "pass --resume to continue it or choose another --run-dir")
+    holder = rd.trainer_lock_holder()
+    if holder is not None:  # --resume of a run that is still running
+        raise RunDirError(f"{rd.root}: a trainer is already running in this run directory "
+                          f"(pid {holder or '?'}); stop it first (lnsp stop {rd.root})")
     module = importlib.import_module(f"lnsp.launch.{MODULES.get(name, name)}")
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)
     created, before = not rd.root.exists(), rd.read_run() if rd.run.exists() else None
     rd.root.mkdir(parents=True, exist_ok=True)
+    rd.clear_stop()  # an earlier stop of this run is not a stop of this launch
     rd.update_run(backend=name, launch_time=time.time(), **info)
     try:
         module.start(config, {**info, "command": command})

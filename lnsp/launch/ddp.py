@@ -3,7 +3,6 @@ torchrun's elastic agent (--max-restarts); every rank resumes from last.pt."""
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 
@@ -66,15 +65,26 @@ def notes(config, info: dict) -> list[str]:
             f"{RunDir(config.run_dir).console}"]
 
 
+def ranks_here(run: dict) -> list[dict]:
+    """The job's live ranks on this host, each still the process rank 0 recorded in
+    run.json (its PID and start time)."""
+    here = socket.gethostname()
+    return [r for r in run.get("ranks", [])
+            if r.get("host") == here and procs.running(r["pid"], r.get("start"))]
+
+
 def rank_pids(run: dict) -> list[int]:
     """Live PIDs of the job's ranks on this host (rank 0 records them in run.json)."""
-    here = socket.gethostname()
-    return [r["pid"] for r in run.get("ranks", [])
-            if r.get("host") == here and procs.alive(r["pid"])]
+    return [r["pid"] for r in ranks_here(run)]
+
+
+def agent_alive(run: dict) -> bool:
+    """torchrun's agent (rank 0's parent, recorded with its start time)."""
+    return procs.running(run.get("supervisor_pid"), run.get("supervisor_start"))
 
 
 def alive(run: dict) -> bool:
-    return procs.alive(run.get("supervisor_pid")) or bool(rank_pids(run))
+    return agent_alive(run) or bool(rank_pids(run))
 
 
 def trainer_alive(run: dict) -> bool:
@@ -83,9 +93,19 @@ def trainer_alive(run: dict) -> bool:
 
 def send(run: dict, signum: int) -> None:
     """To every rank: a dump from each, or a stop that all ranks agree on."""
-    for pid in rank_pids(run):
-        os.kill(pid, signum)
+    for r in ranks_here(run):
+        procs.send_signal(r["pid"], r.get("start"), signum, f"rank {r['rank']}")
+
+
+def kill(run: dict) -> None:
+    """The agent first, so that it cannot restart what is killed next, then the ranks."""
+    import signal
+
+    if agent_alive(run):
+        procs.send_signal(run["supervisor_pid"], run.get("supervisor_start"),
+                          signal.SIGKILL, "torchrun agent")
+    send(run, signal.SIGKILL)
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
-    return procs.wait_gone(run.get("supervisor_pid") or run["pid"], timeout)
+    return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)

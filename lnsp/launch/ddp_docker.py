@@ -150,21 +150,34 @@ def send(run: dict, signum: int) -> None:
         for x in live:
             x.kill()
         return
-    pids: dict[str, list[int]] = {}
-    for r in run.get("ranks", []):
-        pids.setdefault(r["host"], []).append(r["pid"])
+    pids: dict[str, list[str]] = {}
+    for r in run.get("ranks", []):  # each rank's PID with its start time, inside its node
+        pids.setdefault(r["host"], []).extend([str(r["pid"]), str(r.get("start"))])
     for x in live:
         mine = pids.get(x.name, [])
-        if mine:
+        if mine:  # lnsp.procs.send_signal inside the node: its PIDs are the node's own
             x.exec_run(signal_argv(name, mine), user=f"{os.getuid()}:{os.getgid()}")
 
 
-def signal_argv(name: str, pids: list[int]) -> list[str]:
-    """The command that sends signal `name` to `pids` inside a node: the number is the
-    container's own (signal.Signals[name] there), never this host's."""
-    code = ("import os, signal, sys; "
-            "[os.kill(int(p), signal.Signals[sys.argv[1]]) for p in sys.argv[2:]]")
-    return [PYTHON, "-c", code, name, *map(str, pids)]
+def signal_argv(name: str, pairs: list) -> list[str]:
+    """The command that sends signal `name` inside a node to each (pid, start) of
+    `pairs` (flat: pid, start, pid, start ...): the number is the container's own
+    (signal.Signals[name] there), never this host's, and each process is checked to be
+    the recorded one before its signal."""
+    return [PYTHON, "-c", SEND, name, *map(str, pairs)]
+
+
+# Each (pid, start) pair checked before its signal; a refused one is skipped, not fatal.
+SEND = """import signal, sys
+from lnsp.errors import LaunchError
+from lnsp.procs import send_signal
+signum = signal.Signals[sys.argv[1]]
+for pid, start in zip(sys.argv[2::2], sys.argv[3::2]):
+    try:
+        send_signal(int(pid), None if start == "None" else float(start), signum, "rank")
+    except LaunchError as e:
+        print(e)
+"""
 
 
 def wait_gone(run: dict, timeout: float) -> bool:

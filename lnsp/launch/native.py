@@ -1,28 +1,58 @@
-"""Runs that are processes on this machine (foreground, nohup, tmux): by PID."""
+"""Runs that are processes on this machine (foreground, nohup, tmux): by PID, each PID
+checked against its recorded start time before it is believed or signalled."""
 
 from __future__ import annotations
 
-import os
+import signal
 
 from lnsp import procs
+
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def trainer_alive(run: dict) -> bool:
     """The recorded trainer runs (not a later process that reused its PID)."""
-    return procs.alive(run.get("pid")) and procs.is_trainer(run["pid"], run)
+    return procs.running(run.get("pid"), run.get("start_time"))
+
+
+def supervisor_alive(run: dict) -> bool:
+    return procs.running(run.get("supervisor_pid"), run.get("supervisor_start"))
 
 
 def alive(run: dict) -> bool:
-    return trainer_alive(run) or procs.alive(run.get("supervisor_pid"))
+    return trainer_alive(run) or supervisor_alive(run)
 
 
 def send(run: dict, signum: int) -> None:
-    """To the trainer; between two trainers (a restart), to the supervisor, which
-    passes it on."""
-    os.kill(run["pid"] if trainer_alive(run) else run["supervisor_pid"], signum)
+    """A stop goes to the supervisor when there is one: it notes the stop (so it never
+    restarts after it) and passes it on. Other signals (a dump, SIGKILL) go to the
+    trainer; between two trainers (a restart), to the supervisor, which passes them on."""
+    to_supervisor = supervisor_alive(run) and (signum in STOPS or not trainer_alive(run))
+    if to_supervisor:
+        procs.send_signal(run["supervisor_pid"], run.get("supervisor_start"), signum,
+                          "supervisor")
+    else:
+        procs.send_signal(run.get("pid"), run.get("start_time"), signum, "trainer")
+
+
+def kill(run: dict) -> None:
+    """SIGKILL to the trainer; the supervisor, told of the stop, then ends without a
+    restart (operate.stop kills it too if it does not)."""
+    if trainer_alive(run):
+        procs.send_signal(run["pid"], run.get("start_time"), signal.SIGKILL, "trainer")
+    elif supervisor_alive(run):
+        procs.send_signal(run["supervisor_pid"], run.get("supervisor_start"),
+                          signal.SIGKILL, "supervisor")
+
+
+def kill_supervisor(run: dict) -> None:
+    if supervisor_alive(run):
+        procs.send_signal(run["supervisor_pid"], run.get("supervisor_start"),
+                          signal.SIGKILL, "supervisor")
 
 
 def wait_gone(run: dict, timeout: float) -> bool:
     """The trainer and its supervisor have both ended (a supervisor may restart it)."""
     trainer = run.get("pid") if trainer_alive(run) else None
-    return procs.wait_gone([trainer, run.get("supervisor_pid")], timeout) and not alive(run)
+    supervisor = run.get("supervisor_pid") if supervisor_alive(run) else None
+    return procs.wait_gone([trainer, supervisor], timeout) and not alive(run)
