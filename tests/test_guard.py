@@ -435,3 +435,40 @@ def test_a_process_the_command_leaves_behind_does_not_hold_the_run_open(tmp_path
             reap(int(marker.read_text()))
     assert code == 0 and "left one behind" in out
     assert read_json(run / "exit.json")["state"] == "finished"
+
+
+def test_a_second_run_on_a_live_run_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 50)
+    proc = start_run(run, "--steps", 100, *args, guard_args=["--on-stall", "dump"])
+    try:
+        wait_until(marker.exists, 90, what="the first run to reach its gate")
+        r = lnsp("run", "--run-dir", run, "--resume", "--", sys.executable, SCRIPT,
+                 "--steps", 10, cwd=tmp_path)
+        assert r.returncode == 2 and "already live" in r.stderr, r.stdout + r.stderr
+        release(gate)
+        code, out = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out[-2000:]
+
+
+def test_stop_of_a_frozen_command_ends_the_run_with_no_restart(tmp_path, reap):
+    """The command is frozen (SIGSTOP) under --max-restarts: `lnsp stop` kills it after
+    the grace, and lnsp run does not restart what was stopped."""
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, 60)
+    proc = start_run(run, "--steps", 3000, *args,
+                     guard_args=["--max-restarts", 3, "--on-stall", "dump"])
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        child = read_json(run / "run.json")["pid"]
+        os.kill(child, signal.SIGSTOP)
+        r = lnsp("stop", run, "--grace", 3, timeout=60)
+        code, out = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert r.returncode == 3 and "killed" in r.stdout, r.stdout + r.stderr
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stopped" and read_json(run / "run.json").get("restarts", 0) == 0
+    assert "restart 1/3" not in log_of(run)

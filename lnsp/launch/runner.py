@@ -144,7 +144,15 @@ class Runner:
         if rd.config.exists() and not config.resume:  # run.json alone: a launcher's
             raise RunDirError(f"{rd.root}: run directory already holds a run; "
                               "pass --resume to continue it or choose another --run-dir")
-        rd.root.mkdir(parents=True, exist_ok=True)
+        # One run per run directory: held for this process's life (a second `lnsp run`,
+        # or a trainer, on a live directory is refused).
+        self.lock = rd.lock_trainer()
+        if self.lock is None:
+            raise RunDirError(f"{rd.root}: a run is already live in this run directory "
+                              f"(pid {rd.trainer_lock_holder() or '?'}); stop it first "
+                              f"(lnsp stop {rd.root}) or choose another --run-dir")
+        if not os.environ.get("LNSP_BACKEND"):  # a launcher cleared it when it started us
+            rd.clear_stop()  # a stop of an earlier life of the run is not for this one
         from lnsp.rundir import write_json
         from lnsp.watchdog import process_age
 
@@ -165,8 +173,8 @@ class Runner:
             code, record = self._attempt(argv, guard, attempt)
             endings.append((code, record.step if record else 0,
                             record.cause if record else None))
-            if self.stop_requested or code == 0:
-                return code
+            if self.stop_requested or rd.stop_requested() or code == 0:
+                return code  # never restarted after a stop (`lnsp stop` writes stop.json)
             from lnsp.budgets import RESTARTABLE, classify_ending
 
             kind = classify_ending(code, _record_dict(record))
@@ -243,9 +251,9 @@ class Runner:
             return (code if code >= 0 else 128 - code), record
         if code < 0:  # ended by a signal, nothing written: SIGKILL, a segfault, an OOM kill
             name = signal.Signals(-code).name
-            if self.stop_requested:
+            if self.stop_requested or rd.stop_requested():  # killed after the stop's grace
                 return ExitCode.DONE, rd.write_exit("stopped", ExitCode.DONE, _step(rd),
-                                                    signal=self.stop_requested)
+                                                    signal=name)
             return 128 - code, rd.write_exit("failed", 128 - code, _step(rd),
                                              cause=f"killed by {name}")
         if code == 0:
@@ -300,7 +308,10 @@ class Runner:
         while time.monotonic() < deadline and self.proc.poll() is None:
             beats = {r: b for r, b in self.rd.rank_heartbeats().items() if b.time >= started}
             if len(beats) == self.nproc:
-                self.rd.update_run(ranks=[{"rank": r, "pid": b.pid, "host": b.host}
+                from lnsp.procs import start_time
+
+                self.rd.update_run(ranks=[{"rank": r, "pid": b.pid, "host": b.host,
+                                           "start": start_time(b.pid)}
                                           for r, b in sorted(beats.items())])
                 return
             time.sleep(0.2)
