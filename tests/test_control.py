@@ -237,3 +237,25 @@ def test_a_supervised_evaluation_longer_than_the_stall_timeout_is_not_killed(sma
     log = (run / "training.log").read_text()
     assert "[SUPERVISOR]" not in log and "Eval epoch 1" in log, log
     assert read_json(run / "goodput.json")["seconds"]["evaluation"] > 4.0
+
+
+def test_the_supervisor_judges_on_its_own_clock_not_the_wall_clock(reap):
+    """A laptop's sleep on macOS: time.monotonic() does not advance while asleep and the
+    wall clock does, so on waking every heartbeat looks hours old by the wall clock. The
+    supervisor ages a heartbeat by when it saw it change, on its monotonic clock: the
+    trainer is not frozen for the sleep (the old wall-clock age said it was)."""
+    import time
+
+    from lnsp.config import TrainConfig
+    from lnsp.rundir import Heartbeat
+    from lnsp.supervise import Liveness
+
+    child = subprocess.Popen(["sleep", "60"])
+    reap(child.pid)
+    alive = Liveness(child.pid)
+    config = TrainConfig(stall_timeout=5, startup_timeout=5)
+    slept = Heartbeat(pid=child.pid, time=time.time() - 3600, step=40)  # an hour by the wall
+    assert not alive.judge(slept, config).stale
+    assert not alive.judge(slept, config).stale  # the same beat, seconds later: still alive
+    alive.changed -= 30  # 30 s on the supervisor's own clock with no new beat: frozen
+    assert alive.judge(slept, config).stale

@@ -182,3 +182,27 @@ def test_publish_replaces_the_data_set_without_moving_it_aside(tmp_path):
     publish(tmp, out, force=True)
     assert (out / "bank.npy").read_text() == "new" and not tmp.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["docs"]  # no .docs.old-PID beside it
+
+
+def test_slow_line_names_caffeinate_only_when_none_holds_this_process(tmp_path, monkeypatch,
+                                                                      reap):
+    """[SLOW]'s words on a Mac (faked): with `caffeinate -w <this pid>` running beside the
+    process (as lnsp's launchers start it) the line does not blame App Nap; without it,
+    it does. It looked among the parents before, and blamed App Nap every time."""
+    from lnsp.watchdog import slow_context
+
+    monkeypatch.setenv(system.FAKE_ENV, "darwin")
+    assert "no caffeinate power assertion" in slow_context(60)
+    env = _caffeinate_path(tmp_path, "sleep 60 & wait\n")
+    power = subprocess.Popen(["caffeinate", "-i", "-s", "-w", str(os.getpid())], env=env,
+                             start_new_session=True)
+    reap(power.pid)
+    import psutil
+
+    wait_until(lambda: psutil.Process(power.pid).name() == "caffeinate", 10,
+               what="a process named caffeinate")
+    try:
+        assert "no caffeinate power assertion" not in slow_context(60)
+    finally:
+        os.killpg(power.pid, signal.SIGKILL)
+        power.wait()
