@@ -12,6 +12,10 @@ which it strikes (start-up faults strike during data loading).
   gil_held      native code that keeps the GIL forever: no thread of the trainer runs
                 Python (its watchdog neither), only an outside observer sees it frozen
 
+LNSP_TEST_TRIGGER (a path): the fault strikes only once the test has created that file
+(at the first step from LNSP_TEST_FAULT_STEP on), so a test can look at the healthy run
+before it.
+
 LNSP_TEST_FAULT_ONCE (a path): the fault strikes in the first attempt only (the file
 records that it did), so a restarted run can get past it. Under `lnsp supervise` the
 trainers it starts run through this driver too.
@@ -88,9 +92,18 @@ def strikes() -> bool:
         return False
 
 
+def triggered() -> bool:
+    """LNSP_TEST_TRIGGER (a path): the fault waits for the test to create that file,
+    striking at the first step from AT_STEP on after it exists; until then the run
+    trains as it would (a test can look at a healthy run first)."""
+    trigger = os.environ.get("LNSP_TEST_TRIGGER")
+    return not trigger or os.path.exists(trigger)
+
+
 def faulty_step(job, loss):
     calls["n"] += 1
-    if calls["n"] == AT_STEP and strikes():
+    if calls["n"] >= AT_STEP and "struck" not in calls and triggered() and strikes():
+        calls["struck"] = True
         if FAULT == "blocked_read":
             blocked_read(os.environ["LNSP_TEST_GATE"])
         elif FAULT == "deadlock":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
+from conftest import FAST_TRAIN, env, lnsp, read_json, spawn, wait_until
 from lnsp.hangs import KINDS
 from lnsp.system import FAKE_ENV as FAKE
 
@@ -349,27 +349,31 @@ def test_watchdog_verdict_in_the_log_exit_json_bundle_and_status(small_data, tmp
 
 
 def test_a_training_run_is_running_then_its_supervisor_explains_the_freeze(small_data, tmp_path, reap):
-    run = tmp_path / "run"
-    r = lnsp("launch", "nohup", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
-             "--epochs", "50", "--stall-timeout", "2", "--max-restarts", "0", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # Frozen: native code that keeps the GIL, so its own watchdog cannot run either (a
+    # SIGSTOP'd trainer is paused, not frozen: tests/test_control.py). It strikes once
+    # the test, having seen the healthy run, creates the trigger file.
+    run, trigger, marker = tmp_path / "run", tmp_path / "trigger", tmp_path / "frozen"
+    proc = spawn("supervise", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
+                 "--epochs", "50", "--stall-timeout", "2", "--max-restarts", "0",
+                 fault="gil_held", at_step=3, marker=marker,
+                 extra_env={"LNSP_TEST_TRIGGER": trigger}, cwd=tmp_path)
+    reap(proc.pid)
     first = wait_until(lambda: (read_json(run / "run.json") or {}).get("pid"), 60,
                        what="the trainer's pid")
     reap(first)
-    reap(read_json(run / "run.json")["supervisor_pid"])
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 3, 60,
                what="step 3")
     # A run that just trains is `running`, never a hang.
     healthy = diagnose(run)
     assert healthy["kind"] == "running", healthy
     assert "heartbeat step" in healthy["evidence"][0]
-    os.kill(first, signal.SIGSTOP)  # frozen: its own watchdog cannot run
+    trigger.touch()
+    wait_until(marker.exists, 60, what="the freeze")
     ended = wait_until(lambda: (lambda e: e if e and e.get("state") == "stalled" else None)(
         read_json(run / "exit.json")), 60, what="the supervisor's stall record")
-    assert ended["frozen"] and ended["verdict"] == "stopped", ended
-    assert "SIGSTOP" in ended["cause"]
+    assert ended["frozen"] and ended.get("verdict"), ended
     assert (Path(ended["bundle"]) / "verdict.json").exists()
-    assert "[SUPERVISOR] VERDICT stopped: " in (run / "training.log").read_text()
+    assert f"[SUPERVISOR] VERDICT {ended['verdict']}: " in (run / "training.log").read_text()
 
 
 def _interpreter_without_libpython() -> str:

@@ -68,14 +68,17 @@ def test_image_bakes_the_thread_environment(image):
 
 
 def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, cleanup):
+    from lnsp.launch.docker import container_name
+
     run = tmp_path / f"crun-{TAG}"
-    cleanup(f"lnsp-crun-{TAG}")
+    cleanup(container_name(str(run)))
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
              "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     info = read_json(run / "run.json")
     attrs = json.loads(docker_cli("inspect", info["container_id"]))[0]
-    assert attrs["Name"] == f"/lnsp-crun-{TAG}"
+    assert attrs["Name"] == "/" + container_name(str(run))
+    assert attrs["Name"].startswith(f"/lnsp-crun-{TAG}-")  # the run's name, then its path's hash
     assert attrs["Config"]["Labels"]["lnsp.run"] == f"crun-{TAG}"
     host = attrs["HostConfig"]
     assert host["Init"] is True and "SYS_PTRACE" in host["CapAdd"]
@@ -111,13 +114,15 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
 
 def test_a_killed_container_is_reported_failed_with_its_exit_code(image, small_data, tmp_path,
                                                                    cleanup):
+    from lnsp.launch.docker import container_name
+
     run = tmp_path / f"killed-{TAG}"
-    cleanup(f"lnsp-killed-{TAG}")
+    cleanup(container_name(str(run)))
     r = lnsp("launch", "docker", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
              "--epochs", "200", "--image", image, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     wait_until(lambda: read_json(run / "heartbeat.json"), 120, what="a heartbeat")
-    docker_cli("kill", f"lnsp-killed-{TAG}")
+    docker_cli("kill", container_name(str(run)))
     row = wait_until(lambda: (lambda s: s if s["state"] == "failed" else None)(
         status(run, tmp_path)), 30, what="status failed")
     assert row["container_state"] == "exited" and row["container_exit_code"] == 137

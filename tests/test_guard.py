@@ -4,6 +4,7 @@ signals, a real FIFO gate for the stall, real tmux; the script does not import l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,21 @@ def gate_args(tmp_path: Path, at: int) -> tuple[list, Path, Path]:
     return ["--block-at", at, "--gate", gate, "--marker", marker], gate, marker
 
 
+@contextlib.contextmanager
+def at_gate(tmp_path: Path, at: int, *script_args, guard_args=("--on-stall", "dump")):
+    """`lnsp run -- python plain_train.py` blocked before step `at` in a real system
+    call (opening the FIFO gate): yields the run, the `lnsp run` process and the gate,
+    once the script is there; the process is killed at the end, whatever happened."""
+    run = tmp_path / "run"
+    args, gate, marker = gate_args(tmp_path, at)
+    proc = start_run(run, *script_args, *args, guard_args=guard_args)
+    try:
+        wait_until(marker.exists, 90, what="the script to reach its gate")
+        yield run, proc, gate
+    finally:
+        proc.kill()
+
+
 def log_of(run: Path) -> str:
     return (run / "training.log").read_text()
 
@@ -63,11 +79,7 @@ def test_a_plain_script_finishes_with_a_heartbeat_per_optimizer_step(tmp_path):
 
 
 def test_status_dump_of_a_live_script_which_goes_on(tmp_path):
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 400)
-    proc = start_run(run, "--steps", 600, *args, guard_args=["--on-stall", "dump"])
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
+    with at_gate(tmp_path, 400, "--steps", 600) as (run, proc, gate):
         wait_until(lambda: read_json(run / "heartbeat.json")["step"] == 399, 10,
                    what="the heartbeat of the last step before the gate")
         st = json.loads(lnsp("status", run, "--json").stdout)[0]
@@ -79,26 +91,18 @@ def test_status_dump_of_a_live_script_which_goes_on(tmp_path):
         assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", r.stdout)
         release(gate)
         code, out = finish(proc, 90)
-    finally:
-        proc.kill()
     assert code == 0, out[-3000:]
     assert read_json(run / "exit.json")["state"] == "finished"
     assert read_json(run / "heartbeat.json")["step"] == 600
 
 
 def test_a_script_blocked_in_a_system_call_is_caught_within_15s(tmp_path):
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 300)
-    proc = start_run(run, "--steps", 3000, *args)
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
+    with at_gate(tmp_path, 300, "--steps", 3000, guard_args=()) as (run, proc, gate):
         blocked = time.monotonic()
         wait_until(lambda: "[WATCHDOG] no progress" in log_of(run), 15,
                    what="the [WATCHDOG] line within 15 s of the block")
         seen = time.monotonic() - blocked
         code, out = finish(proc, 60)
-    finally:
-        proc.kill()
     assert seen <= 15 and code == 3, out[-3000:]
     log = log_of(run)
     assert "[WATCHDOG] VERDICT blocked-io" in log, log[-3000:]
@@ -109,15 +113,9 @@ def test_a_script_blocked_in_a_system_call_is_caught_within_15s(tmp_path):
 
 
 def test_lnsp_stop_ends_a_script_as_stopped(tmp_path):
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 200)
-    proc = start_run(run, "--steps", 3000, *args, guard_args=["--on-stall", "dump"])
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
+    with at_gate(tmp_path, 200, "--steps", 3000) as (run, proc, gate):
         r = lnsp("stop", run, "--grace", 30, timeout=60)
         code, out = finish(proc, 60)
-    finally:
-        proc.kill()
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
     assert code == 0, out[-3000:]
     ended = read_json(run / "exit.json")
@@ -125,17 +123,11 @@ def test_lnsp_stop_ends_a_script_as_stopped(tmp_path):
 
 
 def test_a_script_that_asks_should_stop_stops_at_its_own_boundary(tmp_path):
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 150)
-    proc = start_run(run, "--steps", 3000, "--poll", *args, guard_args=["--on-stall", "dump"])
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
+    with at_gate(tmp_path, 150, "--steps", 3000, "--poll") as (run, proc, gate):
         proc.send_signal(signal.SIGTERM)  # to lnsp run, which passes it on
         wait_until(lambda: "SIGTERM received" in log_of(run), 30, what="the stop request")
         release(gate)  # the script asks should_stop() after this step, and returns
         code, out = finish(proc, 60)
-    finally:
-        proc.kill()
     assert code == 0 and "stopping at step 150" in out, out[-3000:]
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and ended["step"] == 150
@@ -438,36 +430,24 @@ def test_a_process_the_command_leaves_behind_does_not_hold_the_run_open(tmp_path
 
 
 def test_a_second_run_on_a_live_run_directory_is_refused(tmp_path):
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 50)
-    proc = start_run(run, "--steps", 100, *args, guard_args=["--on-stall", "dump"])
-    try:
-        wait_until(marker.exists, 90, what="the first run to reach its gate")
+    with at_gate(tmp_path, 50, "--steps", 100) as (run, proc, gate):
         r = lnsp("run", "--run-dir", run, "--resume", "--", sys.executable, SCRIPT,
                  "--steps", 10, cwd=tmp_path)
         assert r.returncode == 2 and "already live" in r.stderr, r.stdout + r.stderr
         release(gate)
         code, out = finish(proc, 60)
-    finally:
-        proc.kill()
     assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out[-2000:]
 
 
 def test_stop_of_a_frozen_command_ends_the_run_with_no_restart(tmp_path, reap):
     """The command is frozen (SIGSTOP) under --max-restarts: `lnsp stop` kills it after
     the grace, and lnsp run does not restart what was stopped."""
-    run = tmp_path / "run"
-    args, gate, marker = gate_args(tmp_path, 60)
-    proc = start_run(run, "--steps", 3000, *args,
-                     guard_args=["--max-restarts", 3, "--on-stall", "dump"])
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
+    guard_args = ["--max-restarts", 3, "--on-stall", "dump"]
+    with at_gate(tmp_path, 60, "--steps", 3000, guard_args=guard_args) as (run, proc, gate):
         child = read_json(run / "run.json")["pid"]
         os.kill(child, signal.SIGSTOP)
         r = lnsp("stop", run, "--grace", 3, timeout=60)
         code, out = finish(proc, 60)
-    finally:
-        proc.kill()
     assert r.returncode == 3 and "killed" in r.stdout, r.stdout + r.stderr
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and read_json(run / "run.json").get("restarts", 0) == 0
