@@ -71,8 +71,9 @@ test: $(STAMP) ## run the test suite (WORKERS=2 pytest-xdist workers; WORKERS=0 
 	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
 COUNT ?= 10
-test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in a row (COUNT=10, WORKERS=2)
-	WORKERS=$(WORKERS) scripts/test-stress.sh $(COUNT)
+TESTS ?=
+test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in a row (COUNT=10, WORKERS=2, TESTS=files)
+	WORKERS=$(WORKERS) TESTS="$(TESTS)" scripts/test-stress.sh $(COUNT)
 
 probe: $(STAMP) ## one training step with per-phase timings (PROBE RESULT)
 	$(LNSP) probe $(ARGS)

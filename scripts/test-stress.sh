@@ -3,13 +3,17 @@
 # distributed, docker, nodes as containers) COUNT times in a row, on WORKERS xdist
 # workers as `make test` runs them; print the passed/failed/skipped counts of every
 # round and a total. Exit code 1 when any round had a failure.
-# Usage: scripts/test-stress.sh [COUNT]   (default 10; WORKERS default 2; ARGS are passed to pytest)
+# Usage: scripts/test-stress.sh [COUNT]   (default 10; WORKERS default 2; ARGS are passed to pytest;
+# TESTS= the files, default all of the above)
 set -uo pipefail
 COUNT=${1:-10}
 PY=${PY:-.venv/bin/python}
 WORKERS=${WORKERS:-2}
-TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_guard.py tests/test_distributed.py
-       tests/test_docker.py tests/test_ddp_docker.py)
+# TESTS="tests/test_guard.py tests/test_control.py" narrows the rounds to those files.
+if [ -n "${TESTS:-}" ]; then read -r -a TESTS <<< "$TESTS"; else
+TESTS=(tests/test_runtime.py tests/test_learned_watchdog.py tests/test_launch.py tests/test_guard.py
+       tests/test_control.py tests/test_distributed.py tests/test_docker.py tests/test_ddp_docker.py)
+fi
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/lnsp-stress-XXXXXX")
 trap 'rm -rf "$OUT"' EXIT
 bad=0

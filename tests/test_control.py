@@ -259,3 +259,90 @@ def test_the_supervisor_judges_on_its_own_clock_not_the_wall_clock(reap):
     assert not alive.judge(slept, config).stale  # the same beat, seconds later: still alive
     alive.changed -= 30  # 30 s on the supervisor's own clock with no new beat: frozen
     assert alive.judge(slept, config).stale
+
+
+# ------------------------------------------------------------------ a person at a terminal
+class Pane:
+    """A shell in a tmux pane on a private server: keys typed as a person types them,
+    the screen read back."""
+
+    def __init__(self, socket: str, cwd):
+        import shutil
+
+        if not shutil.which("tmux"):
+            pytest.skip("tmux is not installed")
+        self.socket = socket
+        self.tmux("new-session", "-d", "-s", "pane", "-x", "200", "-y", "50", "-c", str(cwd),
+                  "bash --norc --noprofile")
+
+    def tmux(self, *args) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, timeout=30,
+                              capture_output=True, text=True).stdout
+
+    def type(self, *keys) -> None:
+        self.tmux("send-keys", "-t", "pane", *keys)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "pane", "-S", "-200")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+def _train_line(small_data, run, *extra) -> str:
+    from conftest import env
+
+    environ = " ".join(f"{k}='{v}'" for k, v in env().items()
+                       if k.startswith(("PYTHON", "PATH", "LNSP_")))
+    return (f"env {environ} {sys.executable} -m lnsp train --data {small_data} --run-dir {run} "
+            + " ".join(FAST_TRAIN) + " " + " ".join(map(str, extra)) + "; echo EXIT=$?")
+
+
+def test_one_ctrl_c_in_a_tmux_pane_stops_with_a_checkpoint_and_resume_continues(
+        small_data, tmp_path):
+    run = tmp_path / "run"
+    pane = Pane(f"lnsp-ctrlc-{os.getpid()}", tmp_path)
+    try:
+        pane.type(_train_line(small_data, run, "--epochs", 50), "Enter")
+        wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 5, 90,
+                   what="step 5")
+        pane.type("C-c")  # the terminal sends SIGINT to the foreground job
+        wait_until(lambda: "EXIT=" in pane.screen(), 60, what="the run to end")
+        assert "EXIT=0" in pane.screen(), pane.screen()
+    finally:
+        pane.close()
+    ended = read_json(run / "exit.json")
+    assert ended["state"] == "stopped" and ended["signal"] == "SIGINT", ended
+    assert (run / "checkpoints" / "last.pt").exists()
+    r = lnsp("train", "--run-dir", run, "--resume", "--epochs", 1, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    log = (run / "training.log").read_text()
+    assert f"step {ended['step']}" in log.split("Resumed from")[1].splitlines()[0], log
+    assert read_json(run / "exit.json")["state"] == "finished"
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_z_in_a_tmux_shell_a_wait_and_fg_is_a_pause_not_a_stall(small_data, tmp_path):
+    """Ctrl-Z (SIGTSTP to the job), PAUSE_S stopped (past the stall timeout of 4 s and
+    the watchdog's pause gap), then `fg`: the run finishes, no stall line, no restart."""
+    run = tmp_path / "run"
+    pane = Pane(f"lnsp-ctrlz-{os.getpid()}", tmp_path)
+    try:
+        pane.type(_train_line(small_data, run, "--epochs", 2, "--stall-timeout", 4,
+                              "--on-stall", "exit"), "Enter")
+        wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 10, 90,
+                   what="step 10")
+        trainer = read_json(run / "run.json")["pid"]
+        pane.type("C-z")
+        wait_until(lambda: psutil.Process(trainer).status() == psutil.STATUS_STOPPED, 10,
+                   what="the job stopped")
+        time.sleep(PAUSE_S)  # the pause itself: the test's own action
+        pane.type("fg", "Enter")
+        wait_until(lambda: "EXIT=" in pane.screen(), 180, what="the run to end")
+        assert "EXIT=0" in pane.screen(), pane.screen()
+    finally:
+        pane.close()
+    log = (run / "training.log").read_text()
+    assert "[WATCHDOG] no progress" not in log, log
+    assert read_json(run / "exit.json")["state"] == "finished"
+    assert read_json(run / "goodput.json")["seconds"]["paused"] >= PAUSE_S - 1

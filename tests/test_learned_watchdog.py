@@ -116,6 +116,46 @@ def test_a_throttled_run_is_shown_slow(tmp_path, reap):
     assert code == 0, out
 
 
+@pytest.mark.timeout(420)
+def test_a_run_at_the_defaults_throttled_to_a_fifth_is_slow_within_two_minutes(tmp_path,
+                                                                               reap):
+    """The slowdown window (60 s) and the checkpoint cadence (every 100 steps) at their
+    defaults, an evaluation every epoch (~150 steps): checkpoints and evaluations used to
+    restart the window, so a run this fast was never judged."""
+    from lnsp import synth
+
+    data = synth.write(tmp_path / "data", chains=400, length=16, dim=64)
+    run = tmp_path / "run"
+    proc = spawn("train", "--data", data, "--run-dir", run, *FAST_TRAIN, "--epochs", "2000")
+    reap(proc.pid)
+    wait_until(lambda: ((read_json(run / "heartbeat.json") or {}).get("best_steps_per_s")),
+               150, interval=0.5, what="a measured best rate (one whole 60 s window)")
+    throttle, done = threading.Event(), threading.Event()
+
+    def duty_cycle():  # a fifth of its speed, from outside, as a CPU quota would
+        while not throttle.is_set():
+            os.kill(proc.pid, signal.SIGSTOP)
+            time.sleep(0.4)
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.1)
+        done.set()
+
+    threading.Thread(target=duty_cycle, daemon=True).start()
+    try:
+        row = wait_until(lambda: next((r for r in json.loads(
+            lnsp("status", run, "--json").stdout) if r["state"] == "slow"), None), 120,
+            interval=1.0, what="status slow within two minutes")
+    finally:
+        throttle.set()
+        done.wait(5)
+        os.kill(proc.pid, signal.SIGCONT)
+    assert row["state"] == "slow"
+    assert "[SLOW]" in (run / "training.log").read_text()
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=60)
+    assert code == 0, out
+
+
 def test_a_crash_loop_is_stopped_with_its_cause(small_data, tmp_path):
     run = tmp_path / "run"
     proc = spawn("supervise", "--data", small_data, "--run-dir", run, *FAST_TRAIN,
