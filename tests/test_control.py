@@ -285,6 +285,14 @@ class Pane:
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", "pane", "-S", "-200")
 
+    def exit_code(self) -> int | None:
+        """The `EXIT=<code>` line the command line echoes when it ends (the typed line
+        holds `EXIT=$?` too, never followed by digits alone)."""
+        import re
+
+        found = re.findall(r"^EXIT=(\d+)\s*$", self.screen(), re.M)
+        return int(found[-1]) if found else None
+
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
@@ -294,8 +302,10 @@ def _train_line(small_data, run, *extra) -> str:
 
     environ = " ".join(f"{k}='{v}'" for k, v in env().items()
                        if k.startswith(("PYTHON", "PATH", "LNSP_")))
-    return (f"env {environ} {sys.executable} -m lnsp train --data {small_data} --run-dir {run} "
-            + " ".join(FAST_TRAIN) + " " + " ".join(map(str, extra)) + "; echo EXIT=$?")
+    # A subshell is the job: Ctrl-Z stops it whole, and its EXIT line is the run's end.
+    return (f"( env {environ} {sys.executable} -m lnsp train --data {small_data} --run-dir "
+            f"{run} " + " ".join(FAST_TRAIN) + " " + " ".join(map(str, extra))
+            + "; echo EXIT=$? )")
 
 
 def test_one_ctrl_c_in_a_tmux_pane_stops_with_a_checkpoint_and_resume_continues(
@@ -307,8 +317,8 @@ def test_one_ctrl_c_in_a_tmux_pane_stops_with_a_checkpoint_and_resume_continues(
         wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 5, 90,
                    what="step 5")
         pane.type("C-c")  # the terminal sends SIGINT to the foreground job
-        wait_until(lambda: "EXIT=" in pane.screen(), 60, what="the run to end")
-        assert "EXIT=0" in pane.screen(), pane.screen()
+        wait_until(lambda: pane.exit_code() is not None, 60, what="the run to end")
+        assert pane.exit_code() == 0, pane.screen()
     finally:
         pane.close()
     ended = read_json(run / "exit.json")
@@ -338,8 +348,8 @@ def test_ctrl_z_in_a_tmux_shell_a_wait_and_fg_is_a_pause_not_a_stall(small_data,
                    what="the job stopped")
         time.sleep(PAUSE_S)  # the pause itself: the test's own action
         pane.type("fg", "Enter")
-        wait_until(lambda: "EXIT=" in pane.screen(), 180, what="the run to end")
-        assert "EXIT=0" in pane.screen(), pane.screen()
+        wait_until(lambda: pane.exit_code() is not None, 180, what="the run to end")
+        assert pane.exit_code() == 0, pane.screen()
     finally:
         pane.close()
     log = (run / "training.log").read_text()

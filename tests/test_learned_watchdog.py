@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from conftest import FAST_TRAIN, MACOS, finish, lnsp, read_json, spawn, wait_until
 
 
@@ -120,13 +122,15 @@ def test_a_throttled_run_is_shown_slow(tmp_path, reap):
 def test_a_run_at_the_defaults_throttled_to_a_fifth_is_slow_within_two_minutes(tmp_path,
                                                                                reap):
     """The slowdown window (60 s) and the checkpoint cadence (every 100 steps) at their
-    defaults, an evaluation every epoch (~150 steps): checkpoints and evaluations used to
-    restart the window, so a run this fast was never judged."""
+    defaults, an evaluation every epoch (~680 steps, ~6 s): checkpoints and evaluations
+    used to restart the window, so a run this fast (~120 steps/s) was never judged."""
     from lnsp import synth
 
-    data = synth.write(tmp_path / "data", chains=400, length=16, dim=64)
+    data = synth.write(tmp_path / "data", chains=2000, length=16, dim=64)
     run = tmp_path / "run"
-    proc = spawn("train", "--data", data, "--run-dir", run, *FAST_TRAIN, "--epochs", "2000")
+    # --log-every 1000: few lines, so the pipe this test reads only at the end never fills
+    proc = spawn("train", "--data", data, "--run-dir", run, *FAST_TRAIN, "--epochs", "2000",
+                 "--log-every", "1000")
     reap(proc.pid)
     wait_until(lambda: ((read_json(run / "heartbeat.json") or {}).get("best_steps_per_s")),
                150, interval=0.5, what="a measured best rate (one whole 60 s window)")
