@@ -32,8 +32,9 @@ class ExitCode(IntEnum):
 # ---------------------------------------------------------------- atomic files
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:
     """Write to a temporary file beside `path`, then os.replace it into place, so a
-    reader never sees half a file. `durable` also fsyncs (checkpoints, not heartbeats:
-    a reader needs a whole file, not one that survives a power cut). The temporary
+    reader never sees half a file. `durable` also fsyncs the file and then its folder,
+    which holds the rename (checkpoints, not heartbeats: a reader needs a whole file,
+    not one that survives a power cut). The temporary
     name is unique per process and thread: a heartbeat is written after every step,
     so it takes four system calls, not a random name's search."""
     path = Path(path)
@@ -53,6 +54,21 @@ def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:  # the rename itself lives in the directory: a power cut could undo it
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse a directory's fsync: the file's was done
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: dict, durable: bool = True) -> None:

@@ -56,6 +56,8 @@ def _supervise(config) -> int:
         # killed after the grace), no restart follows a stop.
         child["stop"] |= signum in STOPS
         proc = child["proc"]
+        if signum == signal.SIGUSR1 and not dumpable(proc):
+            return  # a dump asked for before the trainer's handler is in would kill it
         if proc is not None and proc.poll() is None:  # our child, not yet reaped
             try:
                 procs.send_signal(proc.pid, child["start"], signum, "trainer")
@@ -119,6 +121,13 @@ def _supervise(config) -> int:
         rd.update_run(restarts=restarts)
         log(f"[SUPERVISOR] trainer ended: {kind} (exit code {code}); restart {restarts}/"
             f"{config.max_restarts} from {rd.last_checkpoint()}")
+
+
+def dumpable(proc) -> bool:
+    """The trainer has its SIGUSR1 dump handler installed (in its first second it has
+    not, and SIGUSR1's default action ends a process). Where /proc cannot tell (macOS),
+    the trainer is trusted: it installs the handler before anything else."""
+    return proc is not None and procs.catches(proc.pid, signal.SIGUSR1) is not False
 
 
 def trainer_argv(config, resume: bool) -> list[str]:

@@ -356,3 +356,20 @@ def test_ctrl_z_in_a_tmux_shell_a_wait_and_fg_is_a_pause_not_a_stall(small_data,
     assert "[WATCHDOG] no progress" not in log, log
     assert read_json(run / "exit.json")["state"] == "finished"
     assert read_json(run / "goodput.json")["seconds"]["paused"] >= PAUSE_S - 1
+
+
+def test_a_dump_request_before_the_trainers_handler_is_in_is_not_passed_on(reap):
+    """In a container the engine's SIGUSR1 reaches the supervisor, which passes it on:
+    not to a trainer whose dump handler is not installed yet (it would end it)."""
+    from lnsp.supervise import dumpable
+
+    bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reap(bare.pid)
+    ready = subprocess.Popen([sys.executable, "-c",
+                              "import faulthandler, signal, sys, time\n"
+                              "faulthandler.register(signal.SIGUSR1)\n"
+                              "print('in', flush=True)\ntime.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    reap(ready.pid)
+    assert ready.stdout.readline() == "in\n"
+    assert not dumpable(bare) and dumpable(ready)

@@ -121,3 +121,25 @@ def test_status_time_is_a_fresh_clock_by_default(tmp_path):
     rd = RunDir(tmp_path)
     rd.update_run(backend="foreground", pid=None, launch_time=time.time())
     assert state(rd)["state"] == "starting"
+
+
+def test_a_durable_write_fsyncs_the_file_and_then_its_folder(tmp_path):
+    """The rename that puts a checkpoint in place is an entry of its folder: without the
+    folder's fsync a power cut can bring back the old file (or none). Seen with strace,
+    the system calls a real process makes."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import env
+
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed (.ci/run installs it)")
+    target = tmp_path / "ckpt" / "last.json"
+    code = f"from lnsp.rundir import write_json; write_json({str(target)!r}, {{'step': 1}})"
+    r = subprocess.run(["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", sys.executable,
+                        "-c", code], capture_output=True, text=True, env=env(), timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = [line for line in r.stderr.splitlines() if line.startswith(("fsync(", "fdatasync("))]
+    assert any(f"<{target.parent}/.last.json." in c for c in calls), calls  # the file
+    assert any(c.startswith("fsync(") and f"<{target.parent}>" in c for c in calls), calls
