@@ -44,6 +44,8 @@ $(STAMP): pyproject.toml constraints.txt $(if $(OLD_VENV),FORCE)
 	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,plot,text,tensorboard]'
+	@# macOS: faiss loads torch's libomp, one OpenMP runtime per process (a no-op elsewhere)
+	$(BIN)/python -c "from lnsp.system import share_openmp; [print('linked', x) for x in share_openmp()]"
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the pinned dependencies

@@ -258,3 +258,29 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     swap = getattr(libc, "renameat2", None)
     at_fdcwd, rename_exchange = -100, 2
     return swap is not None and swap(at_fdcwd, a, at_fdcwd, b, rename_exchange) == 0
+
+
+def share_openmp(site_packages: str | os.PathLike | None = None,
+                 fake: str | None = None) -> list[str]:
+    """macOS: one OpenMP runtime per process. torch's and faiss-cpu's wheels each bundle
+    a libomp.dylib, and a process that imports both loads two (above); faiss's copy is
+    replaced by a link to torch's, so both load the same file and dyld maps it once.
+    Run by `make setup` after the install; nothing to do elsewhere (Linux wheels use
+    GNU libgomp, which tolerates its copies). Returns what was linked."""
+    import sysconfig
+    from pathlib import Path
+
+    if not is_macos(fake):
+        return []
+    root = Path(site_packages or sysconfig.get_paths()["purelib"])
+    torch_omp = root / "torch" / "lib" / "libomp.dylib"
+    if not torch_omp.is_file():
+        return []
+    linked = []
+    for copy in sorted((root / "faiss").glob("**/libomp*.dylib")):
+        if copy.is_symlink() and copy.resolve() == torch_omp.resolve():
+            continue
+        copy.unlink()
+        copy.symlink_to(torch_omp)
+        linked.append(f"{copy} -> {torch_omp}")
+    return linked

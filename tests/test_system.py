@@ -206,3 +206,22 @@ def test_slow_line_names_caffeinate_only_when_none_holds_this_process(tmp_path, 
     finally:
         os.killpg(power.pid, signal.SIGKILL)
         power.wait()
+
+
+def test_faiss_uses_torchs_libomp_on_a_mac_after_setup(tmp_path):
+    """The wheels' layout on macOS (faiss/.dylibs/libomp.dylib beside
+    torch/lib/libomp.dylib), faked: after `make setup` faiss's copy is a link to
+    torch's, so a process that imports both maps one OpenMP runtime. Linux is left as
+    it is."""
+    faiss_copy = tmp_path / "faiss" / ".dylibs" / "libomp.dylib"
+    torch_copy = tmp_path / "torch" / "lib" / "libomp.dylib"
+    for path, body in ((faiss_copy, b"faiss's libomp"), (torch_copy, b"torch's libomp")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(body)
+    assert system.share_openmp(tmp_path, fake="linux") == []
+    assert not faiss_copy.is_symlink()
+    linked = system.share_openmp(tmp_path, fake="darwin")
+    assert linked and faiss_copy.is_symlink() and faiss_copy.read_bytes() == b"torch's libomp"
+    assert system.share_openmp(tmp_path, fake="darwin") == []  # once is enough
+    assert system.openmp_conflict([str(faiss_copy.resolve()), str(torch_copy.resolve())],
+                                  fake="darwin") is None  # one file: one runtime

@@ -157,3 +157,19 @@ def test_logs_prints_the_run_log(small_data, tmp_path):
     assert r.returncode == 0 and "Finished: 5 steps" in r.stdout
     r = lnsp("logs", tmp_path / "nothing")
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(),
+                    reason="no MPS device: Apple silicon only (the macOS CI job runs it)")
+def test_a_run_on_mps_times_its_phases_and_resumes_with_its_rng(small_data, tmp_path):
+    """--device mps: phase timings wait for the GPU, and last.pt carries MPS's RNG
+    state beside the CPU's, so a stopped run resumes where it was."""
+    run = tmp_path / "run"
+    r = lnsp("train", "--data", small_data, "--run-dir", run, *FAST_TRAIN, "--device", "mps",
+             "--epochs", "1", "--max-steps", "20", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_json(run / "exit.json")["state"] == "finished"
+    saved = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert "mps_rng" in saved and saved["step"] == 20
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert steps and all(s["phases"].get("retrieve", 0) > 0 for s in steps)
