@@ -297,13 +297,16 @@ class Pane:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
 
-def _train_line(small_data, run, *extra) -> str:
-    from conftest import env
+def _train_line(small_data, run, *extra, fault: dict | None = None) -> str:
+    """`lnsp train ...` as typed at the prompt (through the fault driver, with its
+    variables, when `fault` is given)."""
+    from conftest import DRIVER, env
 
-    environ = " ".join(f"{k}='{v}'" for k, v in env().items()
+    environ = " ".join(f"{k}='{v}'" for k, v in {**env(), **(fault or {})}.items()
                        if k.startswith(("PYTHON", "PATH", "LNSP_")))
+    entry = f"{DRIVER}" if fault else "-m lnsp"
     # A subshell is the job: Ctrl-Z stops it whole, and its EXIT line is the run's end.
-    return (f"( env {environ} {sys.executable} -m lnsp train --data {small_data} --run-dir "
+    return (f"( env {environ} {sys.executable} {entry} train --data {small_data} --run-dir "
             f"{run} " + " ".join(FAST_TRAIN) + " " + " ".join(map(str, extra))
             + "; echo EXIT=$? )")
 
@@ -335,19 +338,29 @@ def test_one_ctrl_c_in_a_tmux_pane_stops_with_a_checkpoint_and_resume_continues(
 def test_ctrl_z_in_a_tmux_shell_a_wait_and_fg_is_a_pause_not_a_stall(small_data, tmp_path):
     """Ctrl-Z (SIGTSTP to the job), PAUSE_S stopped (past the stall timeout of 4 s and
     the watchdog's pause gap), then `fg`: the run finishes, no stall line, no restart."""
-    run = tmp_path / "run"
+    run, gate, marker = tmp_path / "run", tmp_path / "gate", tmp_path / "at-gate"
+    os.mkfifo(gate)
+    # The trainer waits at step 5 on a gate the test holds: Ctrl-Z lands mid-training,
+    # not after the last step (a short run can end before the keys arrive).
+    fault = {"LNSP_TEST_FAULT": "blocked_read", "LNSP_TEST_FAULT_STEP": "5",
+             "LNSP_TEST_GATE": gate, "LNSP_TEST_MARKER": marker}
     pane = Pane(f"lnsp-ctrlz-{os.getpid()}", tmp_path)
     try:
-        pane.type(_train_line(small_data, run, "--epochs", 2, "--stall-timeout", 4,
-                              "--on-stall", "exit"), "Enter")
-        wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 10, 90,
-                   what="step 10")
+        pane.type(_train_line(small_data, run, "--epochs", 1, "--stall-timeout", 4,
+                              "--on-stall", "exit", fault=fault), "Enter")
+        wait_until(marker.exists, 90, what="the trainer at its gate")
         trainer = read_json(run / "run.json")["pid"]
         pane.type("C-z")
         wait_until(lambda: psutil.Process(trainer).status() == psutil.STATUS_STOPPED, 10,
                    what="the job stopped")
         time.sleep(PAUSE_S)  # the pause itself: the test's own action
         pane.type("fg", "Enter")
+        # As in the pause tests above: the gate stays shut a moment after the job goes
+        # on, so clocks the pause moved would judge the trainer (within 4 s) at once.
+        wait_until(lambda: psutil.Process(trainer).status() != psutil.STATUS_STOPPED, 10,
+                   what="the job going on")
+        time.sleep(1.0)
+        release(gate)
         wait_until(lambda: pane.exit_code() is not None, 180, what="the run to end")
         assert pane.exit_code() == 0, pane.screen()
     finally:
