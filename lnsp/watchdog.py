@@ -408,12 +408,19 @@ class Heartbeat:
 
 class GracefulStop:
     """SIGTERM, SIGINT or SIGHUP (the terminal went away: a closed window, a killed tmux
-    session) asks for a stop at the next step boundary; a second SIGINT exits at once. The handler only sets a flag (a write to the log from inside it
-    could re-enter a write the main thread was making); `announce`, called from the
-    loop and the watchdog's thread, logs the request once."""
+    session) asks for a stop at the next step boundary; a second SIGINT exits at once.
+    The handler only sets a flag (a write to the log from inside it could re-enter a
+    write the main thread was making); `announce`, called from the loop and the
+    watchdog's thread, logs the request once.
 
-    def __init__(self, log):
+    `asks`: whether the program looks at `requested` at its boundaries. lnsp's trainer
+    does; a user's script under the guard may never ask (lnsp.guard.should_stop()), and
+    then the signal ends it as plain Python would: KeyboardInterrupt on SIGINT,
+    SystemExit otherwise, with `requested` set, so its ending is recorded as stopped."""
+
+    def __init__(self, log, asks: bool = True):
         self.log = log
+        self.asks = asks
         self.requested: str | None = None
         self._announced = False
         self._lock = threading.Lock()
@@ -428,8 +435,12 @@ class GracefulStop:
             os.write(2, b"second SIGINT: exiting now\n")  # async-signal-safe
             os._exit(ExitCode.INTERRUPTED)
         self.requested = signal.Signals(signum).name
+        if not self.asks:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
 
-    def announce(self) -> None:
+    def announce(self, words: str = "stopping after the current step") -> None:
         """Log a pending request, once (never from the signal handler)."""
         if not self.requested or self._announced:
             return
@@ -437,4 +448,4 @@ class GracefulStop:
             if self._announced:
                 return
             self._announced = True
-        self.log(f"{self.requested} received: stopping after the current step")
+        self.log(f"{self.requested} received: {words}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -64,8 +63,7 @@ class Runtime:
         self.hooked = False  # an optimizer hook counted a step: guard.step() only adds figures
         self.loss: float | None = None
         self.scalars: dict = {}
-        self.stop_requested: str | None = None
-        self.polled = False  # the script asks should_stop(): a signal only sets the flag
+        self.stop = None  # lnsp.watchdog.GracefulStop, installed with the rest
         self.log_every = int(settings.get("log_every", 20))
         self._last_beat = 0.0
         self._window: tuple[float, int] | None = None  # the step rate's: start, steps
@@ -84,7 +82,7 @@ class Runtime:
         import faulthandler
 
         from lnsp.dumps import Dumper
-        from lnsp.watchdog import Heartbeat, Watchdog
+        from lnsp.watchdog import GracefulStop, Heartbeat, Watchdog
 
         global current
         s = self.settings
@@ -104,8 +102,9 @@ class Runtime:
             self.dumper, self.log, on_exit=self._stalled, on_tick=[self._tick],
             slow_window=float(s.get("slow_window", 0)), diagnose=self._diagnose,
             busy=self.busy, describe=self._ranks if self.world > 1 else None)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        # The script has not asked should_stop() (yet): a stop signal ends it as plain
+        # Python would; once it asks, the signal only sets the flag it reads.
+        self.stop = GracefulStop(self.log, asks=False).install()
         current = self
         if self.world > 1:  # the rank is known (its PID) before its first step
             self.beats[0].beat(0, 0, "startup", None, 0.0, {"guard": True})
@@ -222,10 +221,8 @@ class Runtime:
             self.watchdog.progress()
         if self._beaten != self.step:  # steps the throttle left unwritten: now
             self.beat("train", at=self._step_time)
-        if self.stop_requested and not getattr(self, "_announced", False):
-            self._announced = True
-            self.log(f"{self.stop_requested} received: stopping"
-                     + (" at the script's next should_stop()" if self.polled else ""))
+        self.stop.announce("stopping at the script's next should_stop()" if self.stop.asks
+                           else "stopping")
 
     def _diagnose(self):
         return OutsideDiagnosis(self.rd, os.getpid(), self.settings.get("python"),
@@ -262,23 +259,12 @@ class Runtime:
 
     # ------------------------------------------------------------ stopping
     def should_stop(self) -> bool:
-        self.polled = True
-        return self.stop_requested is not None
+        self.stop.asks = True
+        return self.stop.requested is not None
 
-    def _on_signal(self, signum, frame) -> None:
-        """A stop: a flag for a script that asks should_stop(); for one that never asks,
-        the signal ends it as plain Python would (KeyboardInterrupt on SIGINT), recorded
-        as stopped. A second Ctrl-C is the hard exit."""
-        from lnsp.rundir import ExitCode
-
-        if self.stop_requested and signum == signal.SIGINT:
-            os.write(2, b"second SIGINT: exiting now\n")  # async-signal-safe
-            os._exit(ExitCode.INTERRUPTED)
-        self.stop_requested = signal.Signals(signum).name
-        if not self.polled:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+    @property
+    def stop_requested(self) -> str | None:
+        return self.stop.requested if self.stop is not None else None
 
     def finish(self, code: int, error: BaseException | None = None) -> int:
         """The script has ended: the last heartbeat, the records, exit.json; returns the
