@@ -22,14 +22,33 @@ from conftest import env, finish, lnsp, read_json, release, wait_until
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_train.py"
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _end_every_run():
+    """Whatever a test leaves running (a failed one kills `lnsp run`, whose script would
+    stay blocked at its gate) ends with it: each run is a process group of its own."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+
+
 def start_run(run: Path, *script_args, guard_args=(), cwd=None, command=None) -> subprocess.Popen:
     """`lnsp run --run-dir RUN [guard_args] -- python plain_train.py ARGS` in the
-    background, its output (the script's, echoed) on a pipe."""
+    background (a process group of its own), its output (the script's, echoed) on a pipe."""
     command = [str(c) for c in command or [sys.executable, SCRIPT, *script_args]]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "lnsp", "run", "--run-dir", str(run), *map(str, guard_args),
          "--", *command], cwd=cwd or run.parent, env=env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    STARTED.append(proc)
+    return proc
 
 
 def gate_args(tmp_path: Path, at: int) -> tuple[list, Path, Path]:
@@ -46,11 +65,8 @@ def at_gate(tmp_path: Path, at: int, *script_args, guard_args=("--on-stall", "du
     run = tmp_path / "run"
     args, gate, marker = gate_args(tmp_path, at)
     proc = start_run(run, *script_args, *args, guard_args=guard_args)
-    try:
-        wait_until(marker.exists, 90, what="the script to reach its gate")
-        yield run, proc, gate
-    finally:
-        proc.kill()
+    wait_until(marker.exists, 90, what="the script to reach its gate")
+    yield run, proc, gate  # _end_every_run ends the group, whatever happened
 
 
 def log_of(run: Path) -> str:
