@@ -211,8 +211,11 @@ RESTARTABLE = {"stall": True, "crash": True, "bad-input": False, "non-finite": F
                "out-of-memory": False, "stopped": False, "finished": False}
 
 
-def classify_ending(exit_code: int, record: dict | None) -> str:
-    """The kind of an ending from the trainer's exit code and its exit.json."""
+def classify_ending(exit_code: int, record) -> str:
+    """The kind of an ending from the trainer's exit code and its exit.json (a dict, a
+    lnsp.rundir.ExitRecord, or None)."""
+    if hasattr(record, "state"):  # an ExitRecord: its fields and extras as one dict
+        record = {"state": record.state, "cause": record.cause or "", **record.extra}
     record = record or {}
     text = f"{record.get('error', '')} {record.get('cause', '')}".lower()
     if exit_code == 0:

@@ -96,7 +96,7 @@ def _supervise(config) -> int:
                     "not restarting")
             return code
         record = rd.read_exit()
-        kind = classify_ending(code, _record_dict(record))
+        kind = classify_ending(code, record)
         if not RESTARTABLE.get(kind, True):
             if config.max_restarts:
                 log(f"[SUPERVISOR] trainer ended: {kind} (exit code {code}); a restart "
@@ -138,11 +138,6 @@ def trainer_argv(config, resume: bool) -> list[str]:
 
 CRASH_LOOP_ATTEMPTS = 3  # the first attempt and two restarts
 
-
-def _record_dict(record) -> dict:
-    if record is None:
-        return {}
-    return {"state": record.state, "cause": record.cause or "", **record.extra}
 
 
 def _watch(proc: subprocess.Popen, rd: RunDir, config, log, stopping) -> int:
@@ -276,7 +271,7 @@ def restart_refused(rd: RunDir) -> tuple[str, int] | None:
     record = rd.read_exit()
     if record is None:
         return None
-    kind = classify_ending(record.exit_code, _record_dict(record))
+    kind = classify_ending(record.exit_code, record)
     if not RESTARTABLE.get(kind, True):
         return (f"the last attempt ended: {kind} ({record.cause or record.state}); a restart "
                 "would repeat it: not running", int(record.exit_code) or 1)

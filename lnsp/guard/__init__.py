@@ -19,7 +19,6 @@ this module lives in the user's interpreter.
 from __future__ import annotations
 
 import contextlib
-import os
 
 from lnsp.guard import runtime as _runtime
 
@@ -66,7 +65,4 @@ def should_stop() -> bool:
 def attempt() -> int:
     """0 on the first start, n after n restarts (`--max-restarts`): a script resumes from
     its own checkpoint when this is not 0."""
-    try:
-        return int(os.environ.get(_runtime.ENV_ATTEMPT, "0"))
-    except ValueError:
-        return 0
+    return _runtime.attempt()

@@ -177,7 +177,7 @@ class Runner:
                 return code  # never restarted after a stop (`lnsp stop` writes stop.json)
             from lnsp.budgets import RESTARTABLE, classify_ending
 
-            kind = classify_ending(code, _record_dict(record))
+            kind = classify_ending(code, record)
             if not RESTARTABLE.get(kind, True) or restarts >= config.max_restarts:
                 if config.max_restarts:
                     self._log(f"[SUPERVISOR] command ended: {kind} (exit code {code}); "
@@ -414,11 +414,6 @@ def _step(rd: RunDir) -> int:
     beat = rd.read_heartbeat()
     return beat.step if beat else 0
 
-
-def _record_dict(record) -> dict:
-    if record is None:
-        return {}
-    return {"state": record.state, "cause": record.cause or "", **record.extra}
 
 
 def _waits_on_peers(record) -> bool:
