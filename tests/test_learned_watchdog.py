@@ -75,6 +75,31 @@ def test_a_long_evaluation_is_work_not_a_stall(small_data, tmp_path):
     assert time.monotonic() - started > 4.0
 
 
+def slow_while_throttled(proc, run, timeout: float, interval: float) -> dict:
+    """Throttle the trainer from outside to a fifth of its speed, as a CPU quota or App
+    Nap would (stopped 0.4 s of every 0.5 s), until `lnsp status` says slow (its row),
+    within `timeout` seconds; it runs freely again afterwards, whatever happened."""
+    throttle, done = threading.Event(), threading.Event()
+
+    def duty_cycle():
+        while not throttle.is_set():
+            os.kill(proc.pid, signal.SIGSTOP)
+            time.sleep(0.4)
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.1)
+        done.set()
+
+    threading.Thread(target=duty_cycle, daemon=True).start()
+    try:
+        return wait_until(lambda: next((r for r in json.loads(
+            lnsp("status", run, "--json").stdout) if r["state"] == "slow"), None), timeout,
+            interval=interval, what=f"status slow within {timeout:g} s")
+    finally:
+        throttle.set()
+        done.wait(5)
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def test_a_throttled_run_is_shown_slow(tmp_path, reap):
     from lnsp import synth
 
@@ -89,26 +114,7 @@ def test_a_throttled_run_is_shown_slow(tmp_path, reap):
     # The detector has the run's best rate once a whole window was seen.
     wait_until(lambda: ((read_json(run / "heartbeat.json") or {}).get("best_steps_per_s")),
                90, what="a measured best rate")
-    throttle, done = threading.Event(), threading.Event()
-
-    def duty_cycle():  # from outside, as a CPU quota or App Nap would: 20% of the time
-        while not throttle.is_set():
-            os.kill(proc.pid, signal.SIGSTOP)
-            time.sleep(0.4)
-            os.kill(proc.pid, signal.SIGCONT)
-            time.sleep(0.1)
-        done.set()
-
-    t = threading.Thread(target=duty_cycle, daemon=True)
-    t.start()
-    try:
-        row = wait_until(lambda: next((r for r in json.loads(
-            lnsp("status", run, "--json").stdout) if r["state"] == "slow"), None), 60,
-            interval=0.5, what="status slow")
-    finally:
-        throttle.set()
-        done.wait(5)
-        os.kill(proc.pid, signal.SIGCONT)
+    row = slow_while_throttled(proc, run, 60, interval=0.5)
     assert row["state"] == "slow"
     log = (run / "training.log").read_text()
     slow = [line for line in log.splitlines() if "[SLOW]" in line][0]
@@ -134,25 +140,7 @@ def test_a_run_at_the_defaults_throttled_to_a_fifth_is_slow_within_two_minutes(t
     reap(proc.pid)
     wait_until(lambda: ((read_json(run / "heartbeat.json") or {}).get("best_steps_per_s")),
                150, interval=0.5, what="a measured best rate (one whole 60 s window)")
-    throttle, done = threading.Event(), threading.Event()
-
-    def duty_cycle():  # a fifth of its speed, from outside, as a CPU quota would
-        while not throttle.is_set():
-            os.kill(proc.pid, signal.SIGSTOP)
-            time.sleep(0.4)
-            os.kill(proc.pid, signal.SIGCONT)
-            time.sleep(0.1)
-        done.set()
-
-    threading.Thread(target=duty_cycle, daemon=True).start()
-    try:
-        row = wait_until(lambda: next((r for r in json.loads(
-            lnsp("status", run, "--json").stdout) if r["state"] == "slow"), None), 120,
-            interval=1.0, what="status slow within two minutes")
-    finally:
-        throttle.set()
-        done.wait(5)
-        os.kill(proc.pid, signal.SIGCONT)
+    row = slow_while_throttled(proc, run, 120, interval=1.0)
     assert row["state"] == "slow"
     assert "[SLOW]" in (run / "training.log").read_text()
     proc.send_signal(signal.SIGTERM)
