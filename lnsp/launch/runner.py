@@ -23,9 +23,9 @@ from pathlib import Path
 
 from lnsp.errors import LaunchError, RunDirError
 from lnsp.rundir import ExitCode, RunDir
+from lnsp.system import is_python
 
 BOOT = Path(__file__).resolve().parent.parent / "guard" / "boot.py"
-PYTHON_NAME = re.compile(r"^(python|pypy)[0-9.]*$", re.IGNORECASE)
 # The interpreter's own options that take a value (`python -X dev -W error train.py`).
 VALUE_OPTIONS = ("-X", "-W", "--check-hash-based-pycs")
 # Settings of lnsp.config.TrainConfig that a guarded command uses.
@@ -38,7 +38,7 @@ PUMP_DRAIN_S = 2.0  # output read after the child ended, while something else ho
 def _interpreter(argv0: str) -> str | None:
     """The Python interpreter a command starts: argv[0] itself (python, python3.11,
     a framework build's Python, pypy), or a script's `#!...python` line."""
-    if PYTHON_NAME.match(os.path.basename(argv0)):
+    if is_python(argv0):
         return argv0
     path = shutil.which(argv0) if os.sep not in argv0 else argv0
     try:
@@ -50,7 +50,7 @@ def _interpreter(argv0: str) -> str | None:
         words = first[2:].split()
         if words and words[0].endswith("/env") and len(words) > 1:
             words = words[1:]
-        if words and PYTHON_NAME.match(os.path.basename(words[0])):
+        if words and is_python(words[0]):
             return words[0]
     return None
 
@@ -73,7 +73,7 @@ def prepare(command: list[str], nproc: int = 0) -> tuple[list[str], bool]:
             raise LaunchError(f"{exe}: --nproc runs a Python script as torchrun ranks; "
                               "this command is not Python")
         return list(command), False
-    if not PYTHON_NAME.match(os.path.basename(exe)):  # ./train.py with a python shebang
+    if not is_python(exe):  # ./train.py with a python shebang
         command = [python, exe, *command[1:]]
         if not shutil.which(python) and not os.path.exists(python):
             raise LaunchError(f"{exe}: its interpreter {python} was not found")
