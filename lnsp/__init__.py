@@ -9,7 +9,7 @@ lnsp's dependencies (the policy's .env reader among them).
 import os as _os
 
 if "LNSP_GUARD" not in _os.environ:
-    from lnsp import threads as _threads
+    from lnsp.guard import threads as _threads
 
     _threads.set_env_defaults()
 

@@ -91,7 +91,7 @@ def data_synth(out, chains, length, dim, seed):
 
     Example: lnsp data synth --out data/demo
     """
-    from lnsp import synth
+    from lnsp.data import synth
 
     path = synth.write(out, chains=chains, length=length, dim=dim, seed=seed)
     click.echo(f"wrote {chains * length} x {dim} bank and {chains} chains to {path}")
@@ -111,7 +111,7 @@ def data_corpus(kind, out, limit, max_chars, modules):
 
     Example: lnsp data corpus docstrings --out data/numpy.jsonl --modules numpy
     """
-    from lnsp import corpora
+    from lnsp.data import corpora
 
     chosen = tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else \
         corpora.DEFAULT_MODULES
@@ -145,8 +145,8 @@ def data_from_text(src, out, encoder, unit, batch_size, min_chain, threads, forc
 
     Example: lnsp data from-text docs/ --out data/docs
     """
-    from lnsp import text
-    from lnsp.threads import parse_policy
+    from lnsp.data import text
+    from lnsp.guard.threads import parse_policy
 
     try:
         parse_policy(threads)  # the policy itself was applied when lnsp was imported
@@ -165,7 +165,7 @@ def train(**values):
 
     Example: lnsp train --data data/demo --run-dir runs/demo --epochs 4
     """
-    from lnsp.train import run
+    from lnsp.train.loop import run
 
     code = run(config_from(values))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -180,7 +180,7 @@ def train(**values):
 
 
 def guard_options(f):
-    from lnsp.launch.runner import GUARD_FIELDS
+    from lnsp.config import GUARD_FIELDS
 
     return train_options(f, GUARD_FIELDS)
 
@@ -217,7 +217,7 @@ def explain(run_dir, pid, ignore):
     """
     import json
 
-    from lnsp import hangbundle
+    from lnsp.diagnose import hangbundle
     from lnsp.rundir import RunDir
 
     job = hangbundle.Explanation(RunDir(run_dir), pid, ignore={
@@ -236,7 +236,7 @@ def supervise(**values):
 
     Example: lnsp supervise --data data/demo --max-restarts 2
     """
-    from lnsp.supervise import supervise as run_supervised
+    from lnsp.launch.supervise import supervise as run_supervised
 
     sys.exit(run_supervised(config_from(values)))
 
@@ -259,7 +259,7 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
 
     Example: lnsp probe --batch 4 --k 100 --timeout 60
     """
-    from lnsp.probe import probe as run_probe
+    from lnsp.bench.probe import probe as run_probe
 
     sys.exit(run_probe(batch=batch, k=k, dim=dim, ctx_len=ctx_len, timeout=timeout,
                        data_dir=data_dir, threads=threads, as_json=as_json, device=device))
@@ -312,13 +312,15 @@ def status(runs, root, as_json, live, interval):
     """
     if live and as_json:
         raise Fail("--watch and --json do not mix: --json is for scripts, --watch for people")
+    from lnsp.launch import backend
+
     if live:
-        from lnsp.watch import watch
+        from lnsp.observe.watch import watch
 
-        sys.exit(watch(runs, root, interval))
-    from lnsp.status import show
+        sys.exit(watch(runs, backend, root, interval))
+    from lnsp.observe.status import show
 
-    click.echo(show(runs, root, as_json))
+    click.echo(show(runs, backend, root, as_json))
 
 
 @main.command()
@@ -332,7 +334,7 @@ def dump(target, native, root, timeout):
 
     Example: lnsp dump runs/20260101-120000
     """
-    from lnsp.operate import dump as do_dump
+    from lnsp.launch.operate import dump as do_dump
 
     click.echo(do_dump(target, root, native, timeout))
 
@@ -351,7 +353,7 @@ def diagnose(target, samples, interval, root, as_json):
 
     Example: lnsp diagnose 12345 --samples 3 --interval 0.5
     """
-    from lnsp.diagnose import report
+    from lnsp.diagnose.diagnosis import report
 
     click.echo(report(target, samples, interval, as_json, root))
 
@@ -366,7 +368,7 @@ def stop(run, grace):
 
     Example: lnsp stop runs/20260101-120000 --grace 30
     """
-    from lnsp.operate import stop as do_stop
+    from lnsp.launch.operate import stop as do_stop
 
     text, code = do_stop(run, grace)
     click.echo(text)
@@ -382,7 +384,7 @@ def logs(run, follow):
 
     Example: lnsp logs runs/20260101-120000 -f
     """
-    from lnsp.operate import logs as do_logs
+    from lnsp.launch.operate import logs as do_logs
 
     do_logs(run, follow)
 
@@ -394,7 +396,7 @@ def doctor(as_json):
 
     Example: lnsp doctor --json
     """
-    from lnsp.doctor import report
+    from lnsp.diagnose.doctor import report
 
     click.echo(report(as_json))
 
@@ -413,7 +415,7 @@ def image_build(base_image, tag):
 
     Example: lnsp image build --base-image lnsp-base:bookworm
     """
-    from lnsp.image import build
+    from lnsp.launch.image import build
 
     build(base_image, tag, echo=click.echo)
 
@@ -429,7 +431,7 @@ def image_ensure(tag, rebuild):
 
     Example: lnsp image ensure
     """
-    from lnsp.image import ensure
+    from lnsp.launch.image import ensure
 
     ensure(tag, echo=click.echo, rebuild=rebuild)
 
@@ -446,7 +448,7 @@ def compare(image, threads, batch, k, timeout):
 
     Example: lnsp compare --threads safe
     """
-    from lnsp.compare import compare as run_compare
+    from lnsp.bench.compare import compare as run_compare
 
     args = ["--batch", str(batch), "--k", str(k), "--timeout", str(timeout)]
     click.echo(run_compare(args, image, threads, timeout))
@@ -481,7 +483,7 @@ def generate(checkpoint, data_dir, start, chains, context_ids, steps, lane, tau_
     """
     import json
 
-    from lnsp.generate import generate as run_generate
+    from lnsp.generate.generation import generate as run_generate
 
     try:
         ids = [int(x) for x in context_ids.split(",")] if context_ids else None
@@ -510,7 +512,7 @@ def calibrate(checkpoint, data_dir, out, store):
 
     Example: lnsp calibrate --checkpoint runs/x/checkpoints/best.pt --data data/demo
     """
-    from lnsp.calibrate import on_demand, table
+    from lnsp.train.calibrate import on_demand, table
 
     result, path = on_demand(checkpoint, data_dir, out, store)
     click.echo(table(result))
@@ -536,7 +538,7 @@ def plot(run):
     if not rd.exists():
         raise Fail(f"{run}: not a run directory")
     try:
-        from lnsp.plot import draw
+        from lnsp.observe.plot import draw
         click.echo(f"wrote {draw(rd)}")
     except ImportError:
         raise Fail("matplotlib is not installed: pip install 'lnsp[plot]' "
@@ -556,7 +558,7 @@ def bench(seconds, seed_scale, out, tb_dir):
 
     Example: lnsp bench --seconds 8
     """
-    from lnsp import bench as b
+    from lnsp.bench import suite as b
 
     import time
 

@@ -11,21 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lnsp.errors import ConfigError
-from lnsp.threads import parse_policy
+from lnsp.guard.threads import parse_policy, read_env_file
 
 __all__ = ["ConfigError", "TrainConfig", "env_name", "read_env_file", "resolve", "load",
            "env_example"]
 
-
-def read_env_file(path: str | Path = ".env") -> dict[str, str]:
-    """The KEY=VALUE pairs of a .env file ({} when there is none), read by python-dotenv:
-    quotes, `export`, escapes and `#` comments as a shell would take them. The one reader
-    of .env in lnsp."""
-    from dotenv import dotenv_values
-
-    if not Path(path).is_file():
-        return {}
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+# The settings that a guarded command uses.
+GUARD_FIELDS = ("run_dir", "threads", "stall_timeout", "startup_timeout", "slow_window",
+                "on_stall", "max_restarts", "log_every", "mem_margin_mb", "resume")
 
 
 def _f(default, help: str, choices: tuple | None = None):

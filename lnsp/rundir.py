@@ -264,7 +264,7 @@ class RunDir:
         return self.dumps / dump_name(reason, count, prefix)
 
     def bundle_path(self, kind: str, prefix: str = "") -> Path:
-        """A hang bundle's folder: `[rankN-]hang-STAMP-KIND/` (lnsp.hangbundle)."""
+        """A hang bundle's folder: `[rankN-]hang-STAMP-KIND/` (lnsp.diagnose.hangbundle)."""
         return self.dumps / f"{prefix}hang-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
 
     def bundles(self) -> list[Path]:

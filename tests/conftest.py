@@ -48,7 +48,7 @@ def env(**extra) -> dict:
     """The environment of a child `lnsp`: this process's, less the thread variables
     that importing lnsp here set (a user's shell has none of them)."""
     from lnsp.system import gloo_loopback
-    from lnsp.threads import user_environment
+    from lnsp.guard.threads import user_environment
 
     # gloo_loopback: macOS's ranks on loopback (torchrun started by a test directly).
     e = {**user_environment(), **gloo_loopback(), "PYTHONUNBUFFERED": "1",
@@ -99,7 +99,7 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
-    from lnsp import synth
+    from lnsp.data import synth
 
     return synth.write(tmp_path_factory.mktemp("data") / "small", **SMALL)
 
@@ -141,7 +141,7 @@ def lnsp_image():
         if os.environ.get("LNSP_REQUIRE_DOCKER") == "1":
             pytest.fail(problem + " and LNSP_REQUIRE_DOCKER=1")
         pytest.skip(problem)
-    from lnsp.image import SOURCE_LABEL, source_hash
+    from lnsp.launch.image import SOURCE_LABEL, source_hash
 
     r = lnsp("image", "ensure", "--tag", TEST_IMAGE, timeout=850)  # within the 900 s
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

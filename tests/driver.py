@@ -35,7 +35,11 @@ import threading
 import time
 
 import lnsp  # noqa: F401  (thread policy first, as in the real entry point)
-from lnsp import cli, data, evaluate, supervise, train
+from lnsp import cli
+from lnsp.data import dataset as data
+from lnsp.train import evaluate
+from lnsp.launch import supervise
+from lnsp.train import loop as train
 
 FAULT = os.environ.get("LNSP_TEST_FAULT", "")
 AT_STEP = int(os.environ.get("LNSP_TEST_FAULT_STEP", "3"))

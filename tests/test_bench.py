@@ -1,4 +1,4 @@
-"""`lnsp bench`'s parts: a worker runs as `python -m lnsp.bench`, not through hidden
+"""`lnsp bench`'s parts: a worker runs as `python -m lnsp.bench.suite`, not through hidden
 flags of the user's command, and leaves no temporary directory behind."""
 
 import json
@@ -20,7 +20,7 @@ def test_the_user_command_has_no_worker_flags():
 
 
 def test_a_worker_measures_and_cleans_up(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lnsp.bench", "worker", "--batch", "8",
+    r = subprocess.run([sys.executable, "-m", "lnsp.bench.suite", "worker", "--batch", "8",
                         "--seconds", "0.1", "--threads", "safe"], capture_output=True,
                        text=True, timeout=120, env=env(TMPDIR=tmp_path),
                        stdin=subprocess.DEVNULL)
@@ -34,7 +34,7 @@ def test_a_worker_measures_and_cleans_up(tmp_path):
 
 def test_lnsp_against_a_plain_loop_that_loads_no_lnsp_code():
     """Both loops run warm, in turns; the plain one sees none of lnsp's variables."""
-    from lnsp import versus
+    from lnsp.bench import versus
 
     r = versus.compare(4, hidden=16, ctx=3, k=5, bank_rows=300, dim=32, blocks=2, block_s=0.05)
     assert r["plain_ready"] == {"ready": True, "lnsp_loaded": False, "omp_wait_policy": None}
@@ -49,7 +49,8 @@ def test_seed_scale_chains_stay_within_a_topic(tmp_path):
     near the data, as a trained model's do."""
     import numpy as np
 
-    from lnsp import bench, synth
+    from lnsp.bench import suite as bench
+    from lnsp.data import synth
 
     info = synth.write_topic_bank(tmp_path / "bank.npy", 6000, 96, topics=15,
                                   labels=tmp_path / "bank.topics.npy")

@@ -1,8 +1,8 @@
 """Fast unit tests of what the watchdog learns: phase budgets, slowdowns, goodput and
 which endings a restart can fix."""
 
-from lnsp.budgets import (Goodput, PhaseBudgets, PhaseClock, SlowDetector, classify_ending,
-                          crash_loop)
+from lnsp.guard.budgets import Goodput, PhaseBudgets, PhaseClock, SlowDetector
+from lnsp.guard.restarts import classify_ending, crash_loop
 
 
 def test_a_phase_is_guarded_by_the_ceiling_until_seen_then_by_its_longest_times_factor():

@@ -4,7 +4,7 @@ thresholds follow precision within their share bounds."""
 import numpy as np
 import pytest
 
-from lnsp.calibrate import POLICY, buckets, isotonic, measure, same, thresholds, uninformative
+from lnsp.train.calibrate import POLICY, buckets, isotonic, measure, same, thresholds, uninformative
 
 
 def test_isotonic_pools_adjacent_violators():
@@ -85,7 +85,7 @@ def test_thresholds_are_not_stored_into_a_checkpoint_the_run_replaced(tmp_path):
 
     import torch
 
-    from lnsp.calibrate import identity, write_into_checkpoint
+    from lnsp.train.calibrate import identity, write_into_checkpoint
     from lnsp.rundir import atomic_write
 
     best = tmp_path / "best.pt"

@@ -30,7 +30,7 @@ def test_generate_refuses_a_checkpoint_that_carries_code(small_data, tmp_path):
 
 
 def test_a_trained_checkpoint_loads_with_weights_only(small_data, tmp_path):
-    from lnsp import checkpoint
+    from lnsp.train import checkpoint
 
     run = tmp_path / "run"
     r = lnsp("train", "--data", small_data, "--run-dir", run, "--max-steps", "3", *FAST_TRAIN)
@@ -50,7 +50,7 @@ def test_the_mps_generator_is_saved_only_where_there_is_one(tmp_path, monkeypatc
     """A Mac's Metal device has a generator of its own (dropout on mps); it is saved
     and restored there, and simply absent elsewhere. The Mac is faked: torch's own
     answer that MPS is available, and its generator's state."""
-    from lnsp import checkpoint
+    from lnsp.train import checkpoint
     from lnsp.config import TrainConfig
 
     model = torch.nn.Linear(2, 2)

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from lnsp.cli import main
-from lnsp.config import ConfigError, TrainConfig, env_example, env_name, read_env_file, resolve
+from lnsp.config import ConfigError, TrainConfig, env_example, env_name, resolve
+from lnsp.guard.threads import read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]

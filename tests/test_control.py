@@ -75,7 +75,7 @@ def test_a_finished_run_whose_pids_now_name_other_processes_is_not_signalled(tmp
 
 def test_a_foreground_resume_after_a_container_run_drops_its_supervisor(tmp_path, reap):
     from lnsp.config import TrainConfig
-    from lnsp.recorder import Recorder
+    from lnsp.train.recorder import Recorder
 
     stale = impostor()  # what the container's supervisor PID names on this host now
     reap(stale.pid)
@@ -248,7 +248,7 @@ def test_the_supervisor_judges_on_its_own_clock_not_the_wall_clock(reap):
 
     from lnsp.config import TrainConfig
     from lnsp.rundir import Heartbeat
-    from lnsp.supervise import Liveness
+    from lnsp.launch.supervise import Liveness
 
     child = subprocess.Popen(["sleep", "60"])
     reap(child.pid)
@@ -374,7 +374,7 @@ def test_ctrl_z_in_a_tmux_shell_a_wait_and_fg_is_a_pause_not_a_stall(small_data,
 def test_a_dump_request_before_the_trainers_handler_is_in_is_not_passed_on(reap):
     """In a container the engine's SIGUSR1 reaches the supervisor, which passes it on:
     not to a trainer whose dump handler is not installed yet (it would end it)."""
-    from lnsp.supervise import dumpable
+    from lnsp.launch.supervise import dumpable
 
     bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     reap(bare.pid)

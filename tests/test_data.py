@@ -84,7 +84,7 @@ def test_every_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def test_float64_bank_is_converted_with_a_warning(tmp_path):
-    from lnsp import data
+    from lnsp.data import dataset as data
 
     _bank(tmp_path)
     np.save(tmp_path / "bank.npy", np.load(tmp_path / "bank.npy").astype(np.float64))
@@ -95,14 +95,14 @@ def test_float64_bank_is_converted_with_a_warning(tmp_path):
 
 
 def test_bank_is_memory_mapped(small_data):
-    from lnsp import data
+    from lnsp.data import dataset as data
 
     ds = data.load(small_data, ctx_len=10)
     assert isinstance(ds.bank, np.memmap)
 
 
 def test_split_is_by_chain(small_data):
-    from lnsp import data
+    from lnsp.data import dataset as data
 
     ds = data.load(small_data, ctx_len=10)
     train, val = data.windows(ds, 10, 0.2, seed=0)

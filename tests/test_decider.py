@@ -7,8 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from lnsp.decider import LANES, blend_weight, decide, lane
-from lnsp.generate import Retriever
+from lnsp.generate.decider import LANES, blend_weight, decide, lane
+from lnsp.generate.generation import Retriever
 
 NEUTRAL = LANES["neutral"]
 D = 16

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_TRAIN, env, lnsp, read_json, spawn, wait_until
-from lnsp.hangs import KINDS
+from lnsp.diagnose.hangs import KINDS
 from lnsp.system import FAKE_ENV as FAKE
 
 HANGS = Path(__file__).resolve().parent / "hangs"
@@ -49,7 +49,7 @@ def ready(proc: subprocess.Popen, timeout: float = 60.0) -> list[str]:
 
 
 def diagnose(pid: int, **kw) -> dict:
-    from lnsp.diagnose import diagnose as run
+    from lnsp.diagnose.diagnosis import diagnose as run
 
     started = time.monotonic()
     verdict = run(str(pid), samples=SAMPLES, interval=INTERVAL, **kw)
@@ -252,7 +252,7 @@ MPS_REPORT = """
 
 
 def test_mps_sync_from_a_public_report():
-    from lnsp.diagnose import judge_stack_text
+    from lnsp.diagnose.diagnosis import judge_stack_text
 
     v = judge_stack_text(MPS_REPORT)
     assert v["kind"] == "mps-sync", v
@@ -411,7 +411,7 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
                                                                                    reap):
     """Every /proc read goes through lnsp.system: faked as macOS, the diagnosis takes
     psutil's view (state, CPU, environment), and a live child is not read as gone."""
-    from lnsp import diagnose as d
+    from lnsp.diagnose import diagnosis as d
 
     fifo = tmp_path / "gate"
     proc = start("fifo_open.py", fifo, reap=reap)

@@ -158,8 +158,11 @@ def test_two_ranks_learn_as_well_as_one_and_share_the_evaluation(tmp_path):
     import numpy as np
     import torch
 
-    from lnsp import data as lnsp_data, evaluate, miner, synth
-    from lnsp.model import QueryTower
+    from lnsp.data import dataset as lnsp_data
+    from lnsp.train import evaluate
+    from lnsp.model import miner
+    from lnsp.data import synth
+    from lnsp.model.tower import QueryTower
 
     data = synth.write(tmp_path / "data", chains=400, length=16, dim=256)
     config = TrainConfig(data=str(data), epochs=2, hidden=64, k=50, batch_size=32,

@@ -5,9 +5,10 @@ excluded with the context, for the model and the baselines alike."""
 import numpy as np
 import torch
 
-from lnsp import evaluate, miner
-from lnsp.data import Dataset
-from lnsp.model import QueryTower
+from lnsp.train import evaluate
+from lnsp.model import miner
+from lnsp.data.dataset import Dataset
+from lnsp.model.tower import QueryTower
 
 
 def unit(x):
@@ -65,8 +66,8 @@ def test_a_next_sentence_that_repeats_its_context_stays_findable():
 def test_training_masks_repeats_of_the_positive_out_of_the_negatives():
     """The same rule in training: a mined or in-batch vector that repeats the true next
     one is not a negative (it would fight the positive), nor one repeating the context."""
-    from lnsp.loss import info_nce
-    from lnsp.train import repeats
+    from lnsp.model.loss import info_nce
+    from lnsp.train.loop import repeats
 
     bank = torch.from_numpy(bank_with_repeats())
     positive, context = bank[[2, 30]], bank[torch.tensor([[0, 1], [0, 1]])]  # 30 repeats 2
@@ -90,7 +91,8 @@ def test_the_blend_decay_is_chosen_a_batch_at_a_time(tmp_path):
     time the peak follows the batch, and the choice is the same."""
     import tracemalloc
 
-    from lnsp import data, synth
+    from lnsp.data import dataset as data
+    from lnsp.data import synth
 
     ds = data.load(synth.write(tmp_path / "d", chains=250, length=20, dim=128), 10)
     train, _ = data.windows(ds, 10, 0.1, 0)

@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     data at its default generation settings (its noise and angle), made smaller in
     dimension and chain count, for one epoch: its held-out Hit@1 (~0.58) is that of
     the six-epoch run on the full demo data."""
-    from lnsp import synth
+    from lnsp.data import synth
 
     root = tmp_path_factory.mktemp("gen")
     data = synth.write(root / "data", chains=300, length=24, dim=256)
@@ -127,7 +127,7 @@ def test_text_out_with_texts_jsonl(trained, tmp_path):
     words = ["river", "stone", "lamp", "cloud", "field", "glass", "bread", "wire"]
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    from lnsp.data import load
+    from lnsp.data.dataset import load
 
     ds = load(copy, 10)
     where = {int(i): (c, p) for c in range(len(ds.offsets) - 1)

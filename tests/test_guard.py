@@ -88,7 +88,7 @@ def test_a_plain_script_finishes_with_a_heartbeat_per_optimizer_step(tmp_path):
                                     (run / "steps.jsonl").read_text().splitlines())]
     assert steps[:3] == [20, 40, 60] and steps[-1] == 700
     assert read_json(run / "goodput.json")["step"] == 700
-    from lnsp import tensorboard
+    from lnsp.observe import tensorboard
 
     board = tensorboard.read(run / "tb")  # from steps.jsonl, by lnsp run
     assert [s for s, _ in board["scalars"]["train/steps_per_s"]][-1] == 700

@@ -100,7 +100,8 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
 
 def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap):
     from lnsp.rundir import RunDir
-    from lnsp.status import state as status_of
+    from lnsp.launch import backend
+    from lnsp.observe.status import state as status_of
 
     gate, marker = tmp_path / "gate", tmp_path / "blocked"
     os.mkfifo(gate)
@@ -114,8 +115,8 @@ def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap)
     # The live process and its real records, judged at two moments of our choosing:
     # just after the last heartbeat, and past the stall timeout.
     last = read_json(run / "heartbeat.json")["time"]
-    assert status_of(RunDir(run), now=last + 0.1)["state"] == "running"
-    assert status_of(RunDir(run), now=last + 1.6)["state"] == "stalled"
+    assert status_of(RunDir(run), backend, now=last + 0.1)["state"] == "running"
+    assert status_of(RunDir(run), backend, now=last + 1.6)["state"] == "stalled"
     # And from the command line, once the clock has really passed the budget.
     row = wait_until(lambda: (lambda r: r if r["state"] == "stalled" else None)(
         state(run, tmp_path)), 30, what="status stalled")
@@ -152,7 +153,7 @@ def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
 
 
 def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
-    from lnsp import data
+    from lnsp.data import dataset as data
 
     run = tmp_path / "run"
     # Far more epochs than the test waits for: the stop lands mid-run wherever it lands.

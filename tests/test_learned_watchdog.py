@@ -101,7 +101,7 @@ def slow_while_throttled(proc, run, timeout: float, interval: float) -> dict:
 
 
 def test_a_throttled_run_is_shown_slow(tmp_path, reap):
-    from lnsp import synth
+    from lnsp.data import synth
 
     # Epochs of ~1,600 steps: a 2 s window fits between two evaluations however fast
     # the steps are (an evaluation pauses the detector).
@@ -130,7 +130,7 @@ def test_a_run_at_the_defaults_throttled_to_a_fifth_is_slow_within_two_minutes(t
     """The slowdown window (60 s) and the checkpoint cadence (every 100 steps) at their
     defaults, an evaluation every epoch (~680 steps, ~6 s): checkpoints and evaluations
     used to restart the window, so a run this fast (~120 steps/s) was never judged."""
-    from lnsp import synth
+    from lnsp.data import synth
 
     data = synth.write(tmp_path / "data", chains=2000, length=16, dim=64)
     run = tmp_path / "run"

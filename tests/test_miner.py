@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from lnsp import miner
+from lnsp.model import miner
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_recall_check_is_off_for_exact_search_and_at_zero(clustered):
 CACHE_BUILD = """
 import sys
 import numpy as np
-from lnsp import miner
+from lnsp.model import miner
 bank = np.load(sys.argv[1])
 index = miner.build(bank, "ivf", nlist=16, nprobe=4, data_dir=sys.argv[2], log=lambda m: None)
 print(index.ntotal)

@@ -14,7 +14,9 @@ import pytest
 
 from conftest import lnsp
 
-from lnsp import doctor, hangs, system
+from lnsp import system
+from lnsp.diagnose import doctor
+from lnsp.diagnose import hangs
 
 TORCH_MAC = "/Users/me/.venv/lib/python3.12/site-packages/torch/lib/libomp.dylib"
 FAISS_MAC = "/Users/me/.venv/lib/python3.12/site-packages/faiss/.dylibs/libomp.dylib"
@@ -88,7 +90,7 @@ def stuck_in_openmp(runtimes: list[str], environ=None) -> hangs.Facts:
                         "tpgid": -1, "majflt": 0, "pswpin": 0, "pswpout": 0,
                         "threads": {1: thread}, "throttle": None, "pyspy": True,
                         "stacks": {1: {"name": "main", "owns_gil": None, "frames": frames}}})
-    from lnsp.diagnose import fold, openmp_family
+    from lnsp.diagnose.diagnosis import fold, openmp_family
 
     ctx = {"runtimes": [{"path": p, "api": "openmp", "family": openmp_family(p)}
                         for p in runtimes], "environ": environ or {}}
@@ -120,7 +122,7 @@ def test_mapped_files_on_macos_come_from_lsof(tmp_path, monkeypatch):
     lsof.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setenv(system.FAKE_ENV, "darwin")
-    from lnsp.diagnose import runtimes
+    from lnsp.diagnose.diagnosis import runtimes
 
     assert [r["path"] for r in runtimes(42)] == [TORCH_MAC, FAISS_MAC]
     monkeypatch.delenv(system.FAKE_ENV)

@@ -5,7 +5,7 @@ the launchers set, the straggler report and the torchrun command of a node."""
 
 import pytest
 
-from lnsp import distributed as d
+from lnsp.train import distributed as d
 from lnsp.config import ConfigError, TrainConfig
 from lnsp.launch.ddp import torchrun_argv
 

@@ -3,8 +3,8 @@ float32 out either way, and close to the float32 tower."""
 
 import torch
 
-from lnsp import precision
-from lnsp.model import QueryTower
+from lnsp.model import precision
+from lnsp.model.tower import QueryTower
 
 
 def test_auto_takes_bf16_only_where_it_is_measured_faster(monkeypatch):
@@ -43,7 +43,7 @@ def test_a_bf16_tower_gives_float32_queries_close_to_the_fp32_tower():
 def test_the_step_by_step_gru_is_torchs_gru():
     """The bf16 path runs nn.GRU's own parameters through an explicit recurrence; in
     float32 it must give nn.GRU's answer (and so share its checkpoints)."""
-    from lnsp.model import _gru_last
+    from lnsp.model.tower import _gru_last
 
     torch.manual_seed(1)
     tower = QueryTower(64, 48)

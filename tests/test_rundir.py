@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from lnsp.distributed import classify as classify_failure, laggards, stalled_pid
+from lnsp.train.distributed import classify as classify_failure, laggards, stalled_pid
 from lnsp.errors import (ConfigError, DataError, LaunchError, LnspError, RunDirError,
                          TrainingError)
 from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, StepRecord, run_staleness,
                          staleness)
-from lnsp.status import classify
+from lnsp.observe.status import classify
 
 
 def test_records_round_trip_and_keep_unknown_fields(tmp_path):
@@ -104,7 +104,7 @@ def test_error_types_carry_their_exit_codes():
 
 
 def test_run_state_round_trips_through_a_checkpoint_and_ends_epochs():
-    from lnsp.train import RunState
+    from lnsp.train.loop import RunState
 
     state = RunState(epoch=1, position=9, step=29, best=0.5)
     assert RunState.from_checkpoint({**state.as_dict(), "model": {}}) == state
@@ -116,11 +116,12 @@ def test_run_state_round_trips_through_a_checkpoint_and_ends_epochs():
 
 
 def test_status_time_is_a_fresh_clock_by_default(tmp_path):
-    from lnsp.status import state
+    from lnsp.launch import backend
+    from lnsp.observe.status import state
 
     rd = RunDir(tmp_path)
     rd.update_run(backend="foreground", pid=None, launch_time=time.time())
-    assert state(rd)["state"] == "starting"
+    assert state(rd, backend)["state"] == "starting"
 
 
 def test_a_durable_write_fsyncs_the_file_and_then_its_folder(tmp_path):

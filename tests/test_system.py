@@ -172,7 +172,7 @@ def test_exchange_swaps_two_folders_in_one_call(tmp_path):
 
 
 def test_publish_replaces_the_data_set_without_moving_it_aside(tmp_path):
-    from lnsp.text import publish
+    from lnsp.data.text import publish
 
     out, tmp = tmp_path / "docs", tmp_path / ".docs.tmp"
     out.mkdir()
@@ -189,7 +189,7 @@ def test_slow_line_names_caffeinate_only_when_none_holds_this_process(tmp_path, 
     """[SLOW]'s words on a Mac (faked): with `caffeinate -w <this pid>` running beside the
     process (as lnsp's launchers start it) the line does not blame App Nap; without it,
     it does. It looked among the parents before, and blamed App Nap every time."""
-    from lnsp.watchdog import slow_context
+    from lnsp.guard.watchdog import slow_context
 
     monkeypatch.setenv(system.FAKE_ENV, "darwin")
     assert "no caffeinate power assertion" in slow_context(60)

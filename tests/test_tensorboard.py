@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import FAST_TRAIN, lnsp
-from lnsp import tensorboard
+from lnsp.observe import tensorboard
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 

@@ -91,7 +91,7 @@ def built(corpus, tmp_path_factory) -> Path:
 
 
 def test_folder_in_reading_order(built, corpus):
-    from lnsp import data
+    from lnsp.data import dataset as data
 
     texts = rows(built)
     expected = [("a/deep/c.rst", C_RST), ("a/z.md", Z_MD), ("b.txt", B_TXT)]
@@ -114,7 +114,7 @@ def test_folder_in_reading_order(built, corpus):
 
 
 def test_bank_rows_are_the_embeddings_of_their_texts(built):
-    from lnsp import text
+    from lnsp.data import text
 
     model, _ = text.load_encoder(text.DEFAULT_ENCODER)
     texts = rows(built)
@@ -161,7 +161,7 @@ def test_paragraph_unit(tmp_path):
 
 
 def test_splitter_on_man_page_and_markdown_layout():
-    from lnsp.text import split
+    from lnsp.data.text import split
 
     page = ("NOTE\n       This manpage is a short description of GNU tar.  For a detailed discus\u2010\n"
             "       sion, see the manual, e.g. with info tar.  Use ~/.ssh/config and\n"
@@ -328,7 +328,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
-    from lnsp.text import Progress
+    from lnsp.data.text import Progress
 
     log = io.StringIO()
     p = Progress(100, stream=log, interval=0)

@@ -13,7 +13,7 @@ from conftest import FAST_TRAIN, MACOS, env, lnsp, read_json, wait_until
 READ_POOLS = """
 import json, sys
 import lnsp
-from lnsp import threads
+from lnsp.guard import threads
 import numpy, torch, faiss
 threads.enforce()
 print(json.dumps({"pools": threads.pools(), "torch": torch.get_num_threads(),
@@ -30,7 +30,7 @@ def pools(*argv, **extra_env):
 
 @pytest.fixture(autouse=True)
 def no_user_thread_vars(monkeypatch):
-    from lnsp.threads import THREAD_VARS
+    from lnsp.guard.threads import THREAD_VARS
 
     for name in (*THREAD_VARS, "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT",
                  "LNSP_THREADS", "LNSP_THREAD_DEFAULTS"):
@@ -82,7 +82,7 @@ def test_a_resumed_run_keeps_its_stored_policy(tmp_path):
 
 
 def test_fast_shares_the_cores_between_the_ranks_of_a_machine():
-    from lnsp.threads import cpu_count, parse_policy
+    from lnsp.guard.threads import cpu_count, parse_policy
 
     assert parse_policy("fast", ranks=1)[1] == cpu_count()
     assert parse_policy("fast", ranks=cpu_count())[1] == 1
@@ -94,7 +94,7 @@ LAUNCH_ENV = """
 import lnsp  # chooses this process's own thread variables, as every lnsp command does
 from lnsp.config import TrainConfig
 from lnsp.launch.command import environment
-from lnsp.threads import cpu_count
+from lnsp.guard.threads import cpu_count
 print(environment(TrainConfig(threads="safe"), "nohup")["OMP_NUM_THREADS"],
       environment(TrainConfig(threads="fast"), "ddp", cpu_count())["OMP_NUM_THREADS"])
 """
@@ -116,7 +116,7 @@ BLAS_SEARCH = """
 import glob, json
 import lnsp
 import numpy as np, faiss
-from lnsp import threads
+from lnsp.guard import threads
 threads.enforce()
 def ticks():
     out = {}
@@ -152,7 +152,7 @@ def test_fast_spins_briefly_only_for_one_process_on_an_idle_machine():
     was measured to pay: `fast`, more than one thread, one process, fewer other
     processes wanting a core than half the threads. Everywhere else they sleep at once
     (PASSIVE)."""
-    from lnsp.threads import SPIN_COUNT, machine_idle, policy_env, runnable_others
+    from lnsp.guard.threads import SPIN_COUNT, machine_idle, policy_env, runnable_others
 
     assert policy_env("2", load=0.3)["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
     for quiet in (policy_env("2", load=1.0), policy_env("2", load=6.0),
@@ -185,7 +185,7 @@ def test_on_macos_fast_sizes_accelerate_and_counts_performance_cores(tmp_path, m
     an M-series chip with 6 performance cores), `fast` takes the performance cores and
     gives Accelerate's pool (VECLIB_MAXIMUM_THREADS) the same count."""
     from lnsp import system
-    from lnsp.threads import cpu_count, policy_env
+    from lnsp.guard.threads import cpu_count, policy_env
 
     sysctl = tmp_path / "sysctl"
     sysctl.write_text('#!/bin/sh\n[ "$2" = hw.perflevel0.physicalcpu ] && echo 6 || exit 1\n')

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import FAST_TRAIN, finish, lnsp, read_json, release, spawn, wait_until
-from lnsp import checkpoint
+from lnsp.train import checkpoint
 from lnsp.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
 def learn_data(tmp_path_factory):
-    from lnsp import synth
+    from lnsp.data import synth
 
     return synth.write(tmp_path_factory.mktemp("learn"), chains=400, length=16, dim=256)
 
@@ -136,7 +136,7 @@ def test_ivf_index_is_built_once_and_saved_beside_the_data(small_data, tmp_path)
 
 
 def test_memory_growth_past_the_first_epoch_is_logged(tmp_path):
-    from lnsp.watchdog import Heartbeat
+    from lnsp.guard.watchdog import Heartbeat
 
     said = []
     beat = Heartbeat(tmp_path / "heartbeat.json", said.append, margin_mb=16)

@@ -5,7 +5,7 @@ import os
 import signal
 
 from conftest import wait_until
-from lnsp.watchdog import GracefulStop, Watchdog
+from lnsp.guard.watchdog import GracefulStop, Watchdog
 
 
 class NoDumps:
@@ -92,7 +92,7 @@ def test_a_process_start_is_placed_within_its_launch_not_a_second_early():
 
     from conftest import env
 
-    code = "import time; from lnsp.watchdog import process_started; " \
+    code = "import time; from lnsp.guard.watchdog import process_started; " \
            "print(process_started(), time.time())"
     before = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -63,7 +63,7 @@ class Runtime:
         self.hooked = False  # an optimizer hook counted a step: guard.step() only adds figures
         self.loss: float | None = None
         self.scalars: dict = {}
-        self.stop = None  # lnsp.watchdog.GracefulStop, installed with the rest
+        self.stop = None  # lnsp.guard.watchdog.GracefulStop, installed with the rest
         self.log_every = int(settings.get("log_every", 20))
         self._last_beat = 0.0
         self._window: tuple[float, int] | None = None  # the step rate's: start, steps
@@ -81,8 +81,8 @@ class Runtime:
         """Everything before the script's first line."""
         import faulthandler
 
-        from lnsp.dumps import Dumper
-        from lnsp.watchdog import GracefulStop, Heartbeat, Watchdog
+        from lnsp.guard.dumps import Dumper
+        from lnsp.guard.watchdog import GracefulStop, Heartbeat, Watchdog
 
         global current
         s = self.settings
@@ -155,7 +155,7 @@ class Runtime:
         self.beat(name)
 
     def leave_phase(self, name: str) -> None:
-        from lnsp.watchdog import STEP_END
+        from lnsp.guard.watchdog import STEP_END
 
         self.watchdog.progress(STEP_END)
         self.beat("train")
@@ -190,7 +190,7 @@ class Runtime:
                      + (f" | loss {self.loss:.4f}" if self.loss is not None else ""))
 
     def write_goodput(self) -> None:
-        from lnsp.watchdog import process_started
+        from lnsp.guard.watchdog import process_started
 
         if not self.main:
             return
@@ -230,7 +230,7 @@ class Runtime:
 
     def _stalled(self, phase: str, verdict: dict | None) -> None:
         """Before the watchdog's stall exit: exit.json with the diagnosis as its cause."""
-        from lnsp.hangbundle import cause
+        from lnsp.guard.watchdog import cause
         from lnsp.rundir import ExitCode
 
         stall = getattr(self.watchdog, "last_stall", None) or {}
@@ -349,7 +349,7 @@ class OutsideDiagnosis:
     """The stall's diagnosis taken by lnsp's own interpreter (py-spy, pystack and
     psutil live there, not in the user's): `python -m lnsp explain` prints the verdict
     as one JSON line, then writes the hang bundle and exits. The interface of
-    lnsp.hangbundle.Explanation: start(), wait(verdict_s, bundle_s)."""
+    lnsp.diagnose.hangbundle.Explanation: start(), wait(verdict_s, bundle_s)."""
 
     def __init__(self, rd, pid: int, python: str | None, log):
         self.rd, self.pid, self.python, self.log = rd, pid, python, log
@@ -363,7 +363,7 @@ class OutsideDiagnosis:
     def _run(self) -> None:
         import subprocess
 
-        from lnsp.hangbundle import own_threads
+        from lnsp.guard.watchdog import own_threads
 
         try:
             if not self.python:

@@ -53,7 +53,7 @@ def start(name: str, config, options: dict) -> str:
 
         prepare(command, int(options.get("nproc") or 2) if name == "ddp" else 0)
     else:
-        from lnsp.data import load
+        from lnsp.data.dataset import load
 
         load(config.data, config.ctx_len)  # bad input fails here, not in the background
     rd = RunDir(config.run_dir)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lnsp.threads import policy_env, user_environment
+from lnsp.guard.threads import policy_env, user_environment
 
 OPEN_FILES = 4096
 
@@ -62,7 +62,7 @@ def trainer_argv(config, command: list[str] | None = None, nproc: int = 0) -> li
     macOS, and restarts it when it stalls or crashes (--max-restarts); for a user's
     command, `lnsp run` with the guard's settings, which does the same for it."""
     if command:
-        from lnsp.launch.runner import GUARD_FIELDS
+        from lnsp.config import GUARD_FIELDS
 
         return [sys.executable, "-m", "lnsp", "run", *config.to_argv(GUARD_FIELDS),
                 *(["--nproc", str(nproc)] if nproc else []), "--", *command]

@@ -42,7 +42,7 @@ def plan(config, options: dict) -> dict:
 
 
 def start(config, info: dict) -> None:
-    from lnsp.distributed import nccl_environment
+    from lnsp.train.distributed import nccl_environment
 
     dumps = RunDir(config.run_dir).dumps
     dumps.mkdir(parents=True, exist_ok=True)  # NCCL's traces land here on a timeout

@@ -55,8 +55,8 @@ def plan(config, options: dict) -> dict:
 
 
 def node_environment(config, info: dict) -> dict[str, str]:
-    from lnsp.distributed import nccl_environment
-    from lnsp.threads import user_environment
+    from lnsp.train.distributed import nccl_environment
+    from lnsp.guard.threads import user_environment
 
     run = str(RunDir(config.run_dir).root.resolve())
     env = {**environment(config, "ddp-docker", info["nproc_per_node"]), "HOME": "/tmp",

@@ -14,7 +14,7 @@ from lnsp import procs
 from lnsp.errors import LaunchError
 from lnsp.launch.command import environment
 from lnsp.rundir import ExitCode
-from lnsp.threads import user_environment
+from lnsp.guard.threads import user_environment
 
 IMAGE = "lnsp:latest"
 LABEL = "lnsp.run"
@@ -130,7 +130,8 @@ def command_mounts(config, command: list[str], run: str) -> tuple[list[str], dic
     script's folder mounted read-only at their own paths, the run directory read-write;
     an interpreter named by a host path becomes the image's `python` (torch, numpy and
     faiss are there; the host's virtual environment is not)."""
-    from lnsp.launch.runner import GUARD_FIELDS, _interpreter
+    from lnsp.config import GUARD_FIELDS
+    from lnsp.launch.runner import _interpreter
 
     cwd = os.getcwd()
     inside = list(command)

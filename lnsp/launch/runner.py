@@ -21,17 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from lnsp.config import GUARD_FIELDS
 from lnsp.errors import LaunchError, RunDirError
+from lnsp.guard.restarts import CRASH_LOOP_ATTEMPTS, RESTARTABLE, alike_endings, classify_ending
 from lnsp.rundir import ExitCode, RunDir
 from lnsp.system import is_python
 
 BOOT = Path(__file__).resolve().parent.parent / "guard" / "boot.py"
 # The interpreter's own options that take a value (`python -X dev -W error train.py`).
 VALUE_OPTIONS = ("-X", "-W", "--check-hash-based-pycs")
-# Settings of lnsp.config.TrainConfig that a guarded command uses.
-GUARD_FIELDS = ("run_dir", "threads", "stall_timeout", "startup_timeout", "slow_window",
-                "on_stall", "max_restarts", "log_every", "mem_margin_mb", "resume")
-CRASH_LOOP_ATTEMPTS = 3
 PUMP_DRAIN_S = 2.0  # output read after the child ended, while something else holds the pipe
 
 
@@ -112,7 +110,7 @@ def environment(config, guarded: dict | None, attempt: int, ranks: int = 1) -> d
     """The child's environment: the user's, the thread policy (the user's own values
     win), unbuffered output, the guard's settings and the attempt number."""
     from lnsp.launch.command import environment as thread_environment
-    from lnsp.threads import user_environment
+    from lnsp.guard.threads import user_environment
 
     env = {**user_environment(), **thread_environment(config, os.environ.get(
         "LNSP_BACKEND", "foreground"), ranks)}
@@ -154,7 +152,7 @@ class Runner:
         if not os.environ.get("LNSP_BACKEND"):  # a launcher cleared it when it started us
             rd.clear_stop()  # a stop of an earlier life of the run is not for this one
         from lnsp.rundir import write_json
-        from lnsp.watchdog import process_age
+        from lnsp.guard.watchdog import process_age
 
         write_json(rd.config, {**config.to_json(), "command": self.command})
         rd.update_run(backend=os.environ.get("LNSP_BACKEND", "foreground"),
@@ -175,7 +173,6 @@ class Runner:
                             record.cause if record else None))
             if self.stop_requested or rd.stop_requested() or code == 0:
                 return code  # never restarted after a stop (`lnsp stop` writes stop.json)
-            from lnsp.budgets import RESTARTABLE, classify_ending
 
             kind = classify_ending(code, record)
             if not RESTARTABLE.get(kind, True) or restarts >= config.max_restarts:
@@ -184,7 +181,7 @@ class Runner:
                               + ("not restarting" if restarts < config.max_restarts else
                                  f"giving up after {restarts} restarts"))
                 return code
-            if crash_loop(endings):
+            if alike_endings(endings):
                 self._log(f"[SUPERVISOR] crash loop: the last {CRASH_LOOP_ATTEMPTS} attempts "
                           f"ended the same way ({record.cause if record else kind}) without "
                           f"getting further; not restarting (exit code "
@@ -265,7 +262,7 @@ class Runner:
         """tb/ from steps.jsonl as the command writes it (records, never log text): its
         scalars and the guard's figures. In this process, not the command's, which
         keeps only the standard library; a no-op without the tensorboard extra."""
-        from lnsp import tensorboard
+        from lnsp.observe import tensorboard
         from lnsp.rundir import read_json
 
         path, offset, writer = self.rd.steps, 0, None
@@ -421,16 +418,6 @@ def _waits_on_peers(record) -> bool:
     peer) is not the one that stalled."""
     kind = str(record.extra.get("verdict", ""))
     return any(word in kind for word in ("collective", "socket", "peer", "network"))
-
-
-def crash_loop(endings: list[tuple[int, int, str | None]]) -> bool:
-    """The last CRASH_LOOP_ATTEMPTS attempts ended alike: the same exit code and cause
-    at the same optimizer step (a script that resumes from its own checkpoint and dies
-    at the same place every time), or each before its first step."""
-    if len(endings) < CRASH_LOOP_ATTEMPTS:
-        return False
-    last = endings[-CRASH_LOOP_ATTEMPTS:]
-    return len(set(last)) == 1 or all(step == 0 for _, step, _ in last)
 
 
 def run(command: list[str], config, nproc: int = 0) -> int:
