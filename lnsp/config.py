@@ -122,6 +122,17 @@ class TrainConfig:
                 argv += [flag, str(value)]
         return argv
 
+    def guard_settings(self, on_stall_auto: str = "dump", python: str | None = None) -> dict:
+        """What the guard's runtime reads (lnsp.guard.runtime.Runtime; in a user's script
+        through LNSP_GUARD): the run's budgets, and lnsp's own interpreter, where the
+        diagnosis of a user's script runs. on_stall auto: dump for lnsp's trainer (its
+        supervisor decides), exit for a user's command."""
+        return {"run_dir": str(Path(self.run_dir).resolve()),
+                "stall_timeout": self.stall_timeout, "startup_timeout": self.startup_timeout,
+                "on_stall": on_stall_auto if self.on_stall == "auto" else self.on_stall,
+                "slow_window": self.slow_window, "log_every": self.log_every,
+                "mem_margin_mb": self.mem_margin_mb, "python": python}
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 

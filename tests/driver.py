@@ -39,7 +39,7 @@ from lnsp import cli
 from lnsp.data import dataset as data
 from lnsp.train import evaluate
 from lnsp.launch import supervise
-from lnsp.train import loop as train
+from lnsp.train.trainer import Trainer
 
 FAULT = os.environ.get("LNSP_TEST_FAULT", "")
 AT_STEP = int(os.environ.get("LNSP_TEST_FAULT_STEP", "3"))
@@ -82,7 +82,7 @@ def gil_held():
 
 
 calls = {"n": 0}
-real_step, real_load = train.optimizer_step, data.load
+real_step, real_load = Trainer.optimize, data.load
 
 
 def strikes() -> bool:
@@ -150,7 +150,7 @@ def driven_trainer(config, resume):
             *config.replace(resume=resume).to_argv()]
 
 
-train.optimizer_step = faulty_step
+Trainer.optimize = faulty_step
 data.load = faulty_load
 if os.environ.get("LNSP_TEST_EVAL_LOG"):
     evaluate.evaluate = logged_evaluate

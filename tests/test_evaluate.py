@@ -67,7 +67,7 @@ def test_training_masks_repeats_of_the_positive_out_of_the_negatives():
     """The same rule in training: a mined or in-batch vector that repeats the true next
     one is not a negative (it would fight the positive), nor one repeating the context."""
     from lnsp.model.loss import info_nce
-    from lnsp.train.loop import repeats
+    from lnsp.train.trainer import repeats
 
     bank = torch.from_numpy(bank_with_repeats())
     positive, context = bank[[2, 30]], bank[torch.tensor([[0, 1], [0, 1]])]  # 30 repeats 2

@@ -1,5 +1,6 @@
-"""The probe: one training step on the default configuration with the time of each
-phase, inside a hard time budget (all-thread dump and exit code 3 past it)."""
+"""The probe: one training step (Trainer.step, the step `fit` runs) on the default
+configuration with the time of each phase, under the guard with a hard time budget
+(all-thread dump and exit code 3 when a phase runs past it)."""
 
 from __future__ import annotations
 
@@ -10,32 +11,32 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ("load", "forward", "retrieve", "loss", "backward")
+from lnsp.guard.phases import STEP_PHASES as PHASES
 
 
 def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
           timeout: float = 60.0, data_dir: str | None = None, threads: str | None = None,
           as_json: bool = False, device: str = "cpu") -> int:
     started = time.perf_counter()
-    from lnsp.guard.dumps import Dumper
+    from lnsp.guard.runtime import Runtime
     from lnsp.rundir import RunLog
-    from lnsp.guard.watchdog import Watchdog
 
     log = RunLog(None)
-    dumper = Dumper(Path("runs") / "probe" / "dumps", log)
-    # The budget is for the whole probe: nothing here resets the watchdog's clock.
-    watchdog = Watchdog(timeout, timeout, "exit", dumper, log, label="probe: ")
-    watchdog.start()
+    # The guard a run gets, its budget the probe's timeout; a stall dumps every thread
+    # into runs/probe/dumps and exits with code 3.
+    settings = {"run_dir": str(Path("runs") / "probe"), "startup_timeout": timeout,
+                "stall_timeout": timeout, "on_stall": "exit"}
+    rt = Runtime(settings, log=log, records=False, label="probe: ").install()
 
     t = time.perf_counter()
     import numpy as np
     import torch
 
+    from lnsp.config import TrainConfig
     from lnsp.data import dataset as data
     from lnsp.data import synth
     from lnsp.guard import threads as thread_policy
-    from lnsp.train import loop as train
-    from lnsp.config import TrainConfig
+    from lnsp.train.trainer import Trainer
 
     import_s = time.perf_counter() - t
     n_threads = thread_policy.enforce()
@@ -47,16 +48,15 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
         ds = data.load(data_dir, ctx_len)
     else:
         ds = synth.dataset(10_000, dim)
-    job = train.setup(config, ds, lambda m: None)
+    job = Trainer.build(config, ds, lambda m: None)
     setup_s = time.perf_counter() - t
 
     phases: dict[str, float] = {}
     starts = job.train_starts[:batch]
     t = time.perf_counter()
-    loss = train.train_step(job, starts, phases=phases, watchdog=watchdog)
-    train.optimizer_step(job, loss)
+    loss = job.step([starts], phases)
     step_s = time.perf_counter() - t
-    watchdog.stop()
+    rt.close()
 
     result = {"batch": batch, "k": k, "dim": ds.dim, "ctx_len": ctx_len,
               "bank": int(ds.bank.shape[0]), "threads": config.threads,

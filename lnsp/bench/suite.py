@@ -34,51 +34,52 @@ TARGETS = {"hardened_ratio": 0.98, "fast_vs_safe_b64": 1.6, "flop_fraction_b64":
 
 # ---------------------------------------------------------------- one policy, one process
 def _job(batch: int, threads: str, index: str = "auto"):
-    from lnsp.data import synth
-    from lnsp.train import loop as train
     from lnsp.config import TrainConfig
+    from lnsp.data import synth
+    from lnsp.train.trainer import Trainer
 
     ds = synth.dataset(WORKLOAD["bank"], WORKLOAD["dim"])
     config = TrainConfig(batch_size=batch, k=WORKLOAD["k"], ctx_len=WORKLOAD["ctx_len"],
                          hidden=WORKLOAD["hidden"], threads=threads, run_dir="-", index=index)
-    return train.setup(config, ds, lambda m: None)
+    return Trainer.build(config, ds, lambda m: None)
 
 
 def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dict:
-    """Bare and hardened steps, alternating in blocks, in this process."""
+    """Bare and hardened steps, alternating in blocks, in this process: the same
+    Trainer.step, alone and as `fit` runs it (under the guard, recorded)."""
     from lnsp.guard import threads as policy
-    from lnsp.train import loop as train
-    from lnsp.guard.dumps import Dumper
+    from lnsp.guard.runtime import Runtime
+    from lnsp.guard.watchdog import Heartbeat
     from lnsp.model.tower import flops_per_sample
-    from lnsp.train.recorder import Recorder
     from lnsp.rundir import RunDir, RunLog
-    from lnsp.guard.watchdog import Heartbeat, Watchdog
+    from lnsp.train.loop import RunState
+    from lnsp.train.recorder import Recorder
 
     n_threads = policy.enforce()
     job = _job(batch, threads, index)
-    batches = train.epoch_batches(job, 0)
+    batches = job.epoch_batches(0)
     with tempfile.TemporaryDirectory(prefix="lnsp-bench-") as tmp:
         rd = RunDir(tmp)
         log = RunLog(rd.log, echo=False)
-        watchdog = Watchdog(600, 120, "dump", Dumper(rd.dumps, log, native=False), log)
-        watchdog.start()
-        # What the training loop adds around the same step: the watchdog's phases, the
-        # heartbeat after every step, the log line and steps.jsonl record per interval.
+        # What the training loop adds around the same step: the guard's phases and
+        # optimizer hook, the heartbeat after every step, the log line and steps.jsonl
+        # record per interval.
+        rt = Runtime(job.config.replace(run_dir=tmp, startup_timeout=600,
+                                        stall_timeout=120).guard_settings(),
+                     log=log, records=False).install()
         rec = Recorder(rd, log, job.config)
+        rec.guard(rt)
         rec.beats.append(Heartbeat(rd.heartbeat, log, 512))
-        state = train.RunState()
+        state = RunState()
 
-        def bare(i):  # the same math, nothing else
-            loss = train.train_step(job, batches[i % len(batches)])
-            train.optimizer_step(job, loss)
+        def bare(i):  # the same step, nothing else
+            with rt.standing_down():
+                job.step([batches[i % len(batches)]])
 
         def hardened(i):
             phases = {}
-            loss = train.train_step(job, batches[i % len(batches)], 1.0, phases, watchdog)
-            watchdog.phase = "optimizer"
-            train.optimizer_step(job, loss)
+            loss = job.step([batches[i % len(batches)]], phases)
             state.advance()
-            watchdog.step_done()
             rec.step_done(state, loss, phases)
 
         for i in range(3):  # warm-up: allocator, OpenMP pools, FAISS
@@ -97,8 +98,8 @@ def worker(batch: int, threads: str, seconds: float, index: str = "auto") -> dic
                     fn(i + j)
                 blocks[name].append(time.perf_counter() - t)
             i += block
-        watchdog.stop()
-        watchdog.join(5)
+        rt.close()
+        rt.watchdog.join(5)
     rate = {k: batch * block / float(np.median(v)) for k, v in blocks.items()}
     from lnsp.bench.versus import gemm_flops
 
@@ -203,15 +204,15 @@ def _mined_recall(job, bank, batches: int = 8) -> float:
 
     from lnsp.data import dataset as data
     from lnsp.model import miner
-    from lnsp.train import loop as train
+    from lnsp.train.trainer import vectors
 
     exact = miner.ExactIndex(bank)
     k = job.config.k + 1
     found = []
-    for starts in train.epoch_batches(job, 1)[:batches]:
+    for starts in job.epoch_batches(1)[:batches]:
         context_ids, _ = data.window_ids(job.ds, starts, job.config.ctx_len)
         with torch.no_grad():
-            query = job.model(train.vectors(job.ds, context_ids, job.device)).float().numpy()
+            query = job.model(vectors(job.ds, context_ids, job.device)).float().numpy()
         _, got = miner.search(job.index, query, k)
         _, want = exact.search(query, k)
         found.append(miner.overlap(got, want))  # batches of one size: the mean of means
@@ -239,26 +240,26 @@ def _train_rate(bank, index, kind: str, labels: np.ndarray, batch: int = 8, step
     configuration but for the batch), and the job. The first steps check the mined
     recall at every search (training checks every --recall-every searches), so that
     nprobe is where the model's queries need it before the timed steps."""
+    from lnsp.config import TrainConfig
     from lnsp.data import dataset as data
     from lnsp.model import miner
-    from lnsp.train import loop as train
-    from lnsp.config import TrainConfig
+    from lnsp.train.trainer import Trainer
 
     ids, offsets = topic_chains(labels)
     ds = data.Dataset(None, bank, ids, offsets, index=index)
     ivf = miner_ivf(index)
-    job = train.setup(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind, run_dir="-",
-                                  nprobe=ivf.nprobe if ivf is not None else 0), ds,
-                      lambda m: None)
+    job = Trainer.build(TrainConfig(batch_size=batch, k=WORKLOAD["k"], index=kind, run_dir="-",
+                                    nprobe=ivf.nprobe if ivf is not None else 0), ds,
+                        lambda m: None)
     # auto moves nprobe as training would; the fixed rows keep theirs (and are measured)
     check = job.recall = miner.RecallCheck(index, bank, every=1, adjust=kind == "auto", log=log)
-    batches = train.epoch_batches(job, 0)
+    batches = job.epoch_batches(0)
     for i in range(WARM_STEPS):
-        train.optimizer_step(job, train.train_step(job, batches[i]))
+        job.step([batches[i]])
     job.recall = None
     t = time.perf_counter()
     for i in range(steps):
-        train.optimizer_step(job, train.train_step(job, batches[WARM_STEPS + i]))
+        job.step([batches[WARM_STEPS + i]])
     return batch * steps / (time.perf_counter() - t), job, check.last
 
 

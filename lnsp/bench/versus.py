@@ -24,30 +24,30 @@ PLAIN = Path(__file__).with_name("plainloop.py")
 
 
 def lnsp_side(path: str, batch: int, hidden: int, ctx: int, k: int) -> None:
-    """lnsp's default loop (train_step + optimizer_step at the default configuration
-    but for the workload), answering the plain loop's stdin protocol."""
+    """lnsp's default step (Trainer.step at the default configuration but for the
+    workload), answering the plain loop's stdin protocol."""
+    from lnsp.config import TrainConfig
     from lnsp.data import dataset as data
     from lnsp.guard import threads
-    from lnsp.train import loop as train
-    from lnsp.config import TrainConfig
     from lnsp.model.tower import flops_per_sample
+    from lnsp.train.trainer import Trainer
 
     threads.enforce()
     bank = np.load(path)
     ids = np.random.default_rng(1).permutation(len(bank))
     ds = data.Dataset(None, bank, ids, np.arange(0, len(ids) + 1, 24))
     # The defaults, or what LNSP_INDEX / LNSP_PRECISION say (variants of the comparison).
-    job = train.setup(TrainConfig(batch_size=batch, k=k, ctx_len=ctx, hidden=hidden,
-                                  run_dir="-", index=os.environ.get("LNSP_INDEX", "auto"),
-                                  precision=os.environ.get("LNSP_PRECISION", "auto")),
-                      ds, lambda m: None)
-    batches = train.epoch_batches(job, 0)
+    job = Trainer.build(TrainConfig(batch_size=batch, k=k, ctx_len=ctx, hidden=hidden,
+                                    run_dir="-", index=os.environ.get("LNSP_INDEX", "auto"),
+                                    precision=os.environ.get("LNSP_PRECISION", "auto")),
+                        ds, lambda m: None)
+    batches = job.epoch_batches(0)
     state = {"i": 0}
 
     def step():
         starts = batches[state["i"] % len(batches)]
         state["i"] += 1
-        train.optimizer_step(job, train.train_step(job, starts))
+        job.step([starts])
 
     for _ in range(3):
         step()

@@ -42,16 +42,17 @@ def step(loss: float | None = None, **scalars: float) -> None:
 @contextlib.contextmanager
 def phase(name: str):
     """A named phase (evaluate, checkpoint, ...) with its own learned budget: a long
-    evaluation is not a stall, and its time is not charged to training."""
+    evaluation is not a stall, and its time is not charged to training. Entering and
+    leaving are signs of progress; phases nest (leaving one goes back to the outer)."""
     rt = _runtime.current
     if rt is None:
         yield
         return
-    rt.enter_phase(name)
+    outer = rt.enter_phase(name)
     try:
         yield
     finally:
-        rt.leave_phase(name)
+        rt.leave_phase(outer)
 
 
 def should_stop() -> bool:

@@ -13,6 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lnsp.guard.phases import Phase
+
 FACTOR = 5.0  # a phase may take this many times its longest observed duration
 FLOOR_S = 8.0  # never less: a busy machine or a GC pause is not a hang
 WARMUP = 5  # observations of a phase before its learned budget replaces the ceiling
@@ -51,7 +53,8 @@ class PhaseBudgets:
 
     def state(self) -> dict:
         """Plain types only (checkpoints are loaded with weights_only=True)."""
-        return {"longest": dict(self.longest), "seen": dict(self.seen)}
+        return {"longest": {str(k): v for k, v in self.longest.items()},
+                "seen": {str(k): v for k, v in self.seen.items()}}
 
     def restore(self, state: dict | None) -> None:
         """Budgets kept across a resume: a restarted run is guarded at once."""
@@ -136,13 +139,14 @@ class SlowDetector:
 CATEGORIES = ("training", "startup", "evaluation", "checkpoint", "stalled", "redone", "paused",
               "other")
 PHASE_CATEGORY = {
-    "startup": "startup", "load data": "startup", "rendezvous": "startup", "index": "startup",
-    "load": "training", "forward": "training", "retrieve": "training", "loss": "training",
-    "backward": "training", "optimizer": "training", "train": "training", "sync": "training",
-    "step end": "training",
-    "evaluate": "evaluation", "calibrate": "evaluation", "barrier": "evaluation",
-    "checkpoint": "checkpoint", "stalled": "stalled",
-    "paused": "paused",  # the whole process stopped (SIGSTOP, Ctrl-Z, sleep): not a stall
+    Phase.STARTUP: "startup", Phase.LOAD_DATA: "startup", Phase.RENDEZVOUS: "startup",
+    Phase.INDEX: "startup",
+    Phase.LOAD: "training", Phase.FORWARD: "training", Phase.RETRIEVE: "training",
+    Phase.LOSS: "training", Phase.BACKWARD: "training", Phase.OPTIMIZER: "training",
+    Phase.TRAIN: "training", Phase.SYNC: "training", Phase.STEP_END: "training",
+    Phase.EVALUATE: "evaluation", Phase.CALIBRATE: "evaluation", Phase.BARRIER: "evaluation",
+    Phase.CHECKPOINT: "checkpoint", Phase.STALLED: "stalled",
+    Phase.PAUSED: "paused",  # the whole process stopped (SIGSTOP, Ctrl-Z, sleep): not a stall
 }
 
 
@@ -190,7 +194,7 @@ class PhaseClock:
     """Charges the time between phase changes to the phase that was running: every
     second of the process's life lands in exactly one category."""
 
-    def __init__(self, goodput: Goodput, phase: str = "startup", now: float | None = None):
+    def __init__(self, goodput: Goodput, phase: str = Phase.STARTUP, now: float | None = None):
         self.goodput, self.phase = goodput, phase
         self.since = time.monotonic() if now is None else now
 

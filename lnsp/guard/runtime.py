@@ -9,11 +9,14 @@ user's own interpreter. The hook is registered the moment the script's import of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
+
+from lnsp.guard.phases import Phase
 
 ENV_SETTINGS = "LNSP_GUARD"  # JSON: run_dir, timeouts, on_stall, slow_window, log_every
 ENV_ATTEMPT = "LNSP_ATTEMPT"  # 0 on the first start, n after n restarts
@@ -48,7 +51,13 @@ class Log:
 
 
 class Runtime:
-    def __init__(self, settings: dict):
+    """The guard of one process. For a user's script (`lnsp run`) it also writes the
+    run's records (heartbeat, steps.jsonl, goodput, exit.json). lnsp's own trainer
+    installs it with `records=False`: its Recorder writes richer ones (epochs, phases,
+    evaluations), and it names its own diagnosis, stall exit and stragglers."""
+
+    def __init__(self, settings: dict, log=None, records: bool = True, diagnose=None,
+                 describe=None, on_exit=None, label: str = ""):
         from lnsp.rundir import RunDir
 
         self.settings = settings
@@ -58,7 +67,11 @@ class Runtime:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.main = self.rank == 0
-        self.log = Log(f"[rank {self.rank}] " if self.world > 1 else "")
+        self.log = log or Log(f"[rank {self.rank}] " if self.world > 1 else "")
+        self.records = records
+        self._diagnose_with, self._describe, self._on_exit = diagnose, describe, on_exit
+        self.label = label
+        self._shown = Phase.STARTUP  # the phase the last heartbeat showed
         self.step = 0  # optimizer steps (or guard.step() calls) of this process
         self.hooked = False  # an optimizer hook counted a step: guard.step() only adds figures
         self.loss: float | None = None
@@ -86,31 +99,55 @@ class Runtime:
 
         global current
         s = self.settings
-        self.rd.dumps.mkdir(parents=True, exist_ok=True)
-        # Native crashes (segfault, abort) leave every thread's stack in the log.
-        faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
         self.dumper = Dumper(self.rd.dumps, self.log,
                              prefix=f"rank{self.rank}-" if self.world > 1 else "")
-        margin = float(s.get("mem_margin_mb", 512))
-        self.beats = [Heartbeat(self.rd.rank_heartbeat(self.rank), self.log, margin)] \
-            if self.world > 1 else []
-        if self.main:
-            self.beats.append(Heartbeat(self.rd.heartbeat, self.log, margin))
-        self.heartbeat = self.beats[-1]
+        self.beats = []
+        if self.records:  # the run directory exists: `lnsp run` made it
+            self.rd.dumps.mkdir(parents=True, exist_ok=True)
+            # Native crashes (segfault, abort) leave every thread's stack in the log.
+            faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
+            margin = float(s.get("mem_margin_mb", 512))
+            if self.world > 1:
+                self.beats.append(Heartbeat(self.rd.rank_heartbeat(self.rank), self.log,
+                                            margin))
+            if self.main:
+                self.beats.append(Heartbeat(self.rd.heartbeat, self.log, margin))
+            self.heartbeat = self.beats[-1]
+        describe = self._describe or (self._ranks if self.world > 1 else None)
         self.watchdog = Watchdog(
             float(s["startup_timeout"]), float(s["stall_timeout"]), s.get("on_stall", "exit"),
-            self.dumper, self.log, on_exit=self._stalled, on_tick=[self._tick],
-            slow_window=float(s.get("slow_window", 0)), diagnose=self._diagnose,
-            busy=self.busy, describe=self._ranks if self.world > 1 else None)
-        # The script has not asked should_stop() (yet): a stop signal ends it as plain
-        # Python would; once it asks, the signal only sets the flag it reads.
-        self.stop = GracefulStop(self.log, asks=False).install()
+            self.dumper, self.log, on_exit=self._on_exit or self._stalled,
+            on_tick=[self._tick], slow_window=float(s.get("slow_window", 0)),
+            diagnose=self._diagnose_with or self._diagnose,
+            busy=self.busy if self.records else None, describe=describe, label=self.label)
+        # A script that has not asked should_stop() (yet): a stop signal ends it as plain
+        # Python would; once it asks, the signal only sets the flag it reads. lnsp's
+        # trainer asks at every step boundary from the start.
+        self.stop = GracefulStop(self.log, asks=not self.records).install()
         current = self
-        if self.world > 1:  # the rank is known (its PID) before its first step
-            self.beats[0].beat(0, 0, "startup", None, 0.0, {"guard": True})
+        if self.world > 1 and self.records:  # the rank is known (its PID) before its first step
+            self.beats[0].beat(0, 0, Phase.STARTUP, None, 0.0, {"guard": True})
         self.watchdog.start()
-        _hook_optimizers(self)
+        _hook_optimizers()
         return self
+
+    @contextlib.contextmanager
+    def standing_down(self):
+        """Run a block unguarded (the bench's bare steps beside guarded ones): the
+        optimizer hook and lnsp.guard's calls see no runtime inside it."""
+        global current
+        current = None
+        try:
+            yield
+        finally:
+            current = self
+
+    def close(self) -> None:
+        """The guarded work is over (what follows, a plot, say, is not guarded)."""
+        global current
+        self.watchdog.stop()
+        if current is self:
+            current = None
 
     # ------------------------------------------------------------ progress
     def optimizer_stepped(self, optimizer=None, args=None, kwargs=None) -> None:
@@ -128,6 +165,8 @@ class Runtime:
     def _count(self) -> None:
         self.step += 1
         self.watchdog.step_done()
+        if not self.records:
+            return
         now = time.monotonic()
         if self._window is None:  # the first step: the rate counts from here
             self._window = (now, 0)
@@ -150,22 +189,24 @@ class Runtime:
         if self.step % self.log_every == 0:
             self.record()
 
-    def enter_phase(self, name: str) -> None:
+    def enter_phase(self, name: str) -> str:
+        """A phase begins (a sign of progress); returns the phase it interrupts."""
+        outer = self.watchdog.phase
         self.watchdog.progress(name)
-        self.beat(name)
+        if self.records and time.monotonic() - self._last_beat >= BEAT_S:
+            self.beat(name)
+        return outer
 
-    def leave_phase(self, name: str) -> None:
-        from lnsp.guard.watchdog import STEP_END
-
-        self.watchdog.progress(STEP_END)
-        self.beat("train")
+    def leave_phase(self, outer: str) -> None:
+        """The phase ended: back to the one it interrupted (a sign of progress too)."""
+        self.watchdog.progress(outer)
 
     def beat(self, phase: str, at: float | None = None) -> None:
         """heartbeat.json; the main thread and the watchdog's (which writes the last
         steps' beat when the main thread went quiet) take turns."""
         with self._beat_lock:
             self._last_beat = time.monotonic()
-            self._beaten = self.step
+            self._beaten, self._shown = self.step, phase
             extra = {"steps_per_s": round(self.steps_per_s, 3), "guard": True,
                      **self.watchdog.vitals()}
             for heartbeat in self.beats:
@@ -213,14 +254,19 @@ class Runtime:
     def _tick(self) -> None:
         """From the watchdog's thread every tick: CPU samples; before the first step, a
         process at work is making progress (start-up is judged by CPU, not by steps)."""
+        if not self.records:  # lnsp's trainer: it names its phases and writes its records
+            self.stop.announce()
+            return
         now = time.monotonic()
         self._cpu.append((now, time.process_time()))
         while len(self._cpu) > 2 and now - self._cpu[1][0] > BUSY_WINDOW_S:
             self._cpu.pop(0)
         if not self.watchdog.started_steps and self.busy():
             self.watchdog.progress()
-        if self._beaten != self.step:  # steps the throttle left unwritten: now
-            self.beat("train", at=self._step_time)
+        phase = self.watchdog.phase
+        shown = "train" if phase in (Phase.STEP_END, Phase.STARTUP) and self.step else phase
+        if self._beaten != self.step or self._shown != shown:  # what the throttle left unwritten
+            self.beat(shown, at=self._step_time if self._beaten != self.step else None)
         self.stop.announce("stopping at the script's next should_stop()" if self.stop.asks
                            else "stopping")
 
@@ -272,7 +318,7 @@ class Runtime:
         from lnsp.rundir import ExitCode
 
         self.watchdog.stop()
-        self.beat("end")
+        self.beat(Phase.END)
         if self.step:
             self.record(final=True)
         if self.stop_requested:  # however the script ended, a stop was asked for
@@ -297,19 +343,23 @@ def attempt() -> int:
 
 
 # ---------------------------------------------------------------- the optimizer hook
-def _register(rt: Runtime, module) -> None:
+def _stepped(optimizer, args, kwargs) -> None:
+    """torch's global post hook, registered once per process: the runtime installed now
+    counts the step (none: nothing, as in a bench's unguarded blocks)."""
+    rt = current
+    if rt is not None:
+        rt.optimizer_stepped()
+
+
+def _register(module) -> None:
     if getattr(module, "_lnsp_guard_hook", None) is None:
-        module._lnsp_guard_hook = module.register_optimizer_step_post_hook(
-            rt.optimizer_stepped)
+        module._lnsp_guard_hook = module.register_optimizer_step_post_hook(_stepped)
 
 
 class _OptimizerFinder:
     """A meta-path finder that registers the hook right after `torch.optim.optimizer`
     has executed, so not one optimizer step is missed and torch is never imported
     by lnsp. It only wraps the loader that the rest of sys.meta_path finds."""
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
 
     def find_spec(self, name, path, target=None):
         if name != OPTIMIZER_MODULE:
@@ -322,7 +372,7 @@ class _OptimizerFinder:
                 break
         else:
             return None
-        loader, rt = spec.loader, self.rt
+        loader = spec.loader
         original = loader.exec_module
 
         class Loader:
@@ -331,17 +381,17 @@ class _OptimizerFinder:
 
             def exec_module(self, module):
                 original(module)
-                _register(rt, module)
+                _register(module)
 
         spec.loader = Loader()
         return spec
 
 
-def _hook_optimizers(rt: Runtime) -> None:
-    if OPTIMIZER_MODULE in sys.modules:  # already imported (a sitecustomize, say)
-        _register(rt, sys.modules[OPTIMIZER_MODULE])
-    else:
-        sys.meta_path.insert(0, _OptimizerFinder(rt))
+def _hook_optimizers() -> None:
+    if OPTIMIZER_MODULE in sys.modules:  # already imported (lnsp's trainer, a sitecustomize)
+        _register(sys.modules[OPTIMIZER_MODULE])
+    elif not any(isinstance(f, _OptimizerFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OptimizerFinder())
 
 
 # ---------------------------------------------------------------- the diagnosis

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from lnsp.guard.phases import PAUSES, Phase
 from lnsp.rundir import ExitCode, Heartbeat as HeartbeatRecord, RunDir, staleness
 
 HOST = socket.gethostname()
@@ -73,13 +74,13 @@ class Watchdog(threading.Thread):
         self.started_steps = False
         self.budgets = PhaseBudgets(ceiling=stall_timeout)
         self.goodput = Goodput()
-        self.clock = PhaseClock(self.goodput, "startup", now=_process_start_monotonic())
+        self.clock = PhaseClock(self.goodput, Phase.STARTUP, now=_process_start_monotonic())
         self.slow = SlowDetector(window=slow_window) if slow_window > 0 else None
         self.slow_since: float | None = None
         self.stalled_interval = False  # the current interval was reported as a stall
         self.paused_interval = False  # the process was paused during the current interval
         self.continued = False  # set by the SIGCONT handler, cleared by the next tick
-        self._phase = "startup"
+        self._phase = Phase.STARTUP
         self._changed: dict = {}  # budgets changed since the last step, logged at its end
         self._events = threading.Lock()
         self.last = time.monotonic()
@@ -104,7 +105,7 @@ class Watchdog(threading.Thread):
 
     def step_done(self) -> None:
         """An optimizer step finished: steps are guarded by learned budgets from now on."""
-        self._event(STEP_END)
+        self._event(Phase.STEP_END)
         self.started_steps = True
         if self._changed:
             changed, self._changed = self._changed, {}
@@ -116,17 +117,18 @@ class Watchdog(threading.Thread):
             self.slow.step(time.monotonic())
 
     def _event(self, phase: str, reset: bool = True) -> None:
+        phase = str(phase)  # a Phase or a script's own name: plain text in every record
         now = time.monotonic()
         with self._events:
             previous, stalled = self._phase, self.stalled_interval
             paused, self.paused_interval = self.paused_interval, False
             if stalled:  # the time of a reported stall is lost time
-                self.clock.phase = "stalled"
+                self.clock.phase = Phase.STALLED
                 self.stalled_interval = False
             spent = self.clock.enter(phase, now)
             # Neither a stall nor a pause is a duration to learn from: the budget would
             # grow to it.
-            if self.started_steps and previous != "startup" and not stalled and not paused:
+            if self.started_steps and previous != Phase.STARTUP and not stalled and not paused:
                 changed = self.budgets.observe(previous, spent)
                 if changed is not None:
                     self._changed[previous] = changed
@@ -170,7 +172,7 @@ class Watchdog(threading.Thread):
             since = max(since, self.clock.since)
             current = self.clock.phase
             self.clock.enter(current, since)
-            self.clock.phase = "paused"
+            self.clock.phase = Phase.PAUSED
             self.clock.enter(current, now)
             self.paused_interval = True
             if self.slow and now - since > PAUSE_GAP_S:
@@ -215,7 +217,7 @@ class Watchdog(threading.Thread):
             self.log(f"[WATCHDOG] {self.label}exiting with code {int(ExitCode.STALLED)} "
                      "(--on-stall exit)")
             with self._events:
-                self.clock.phase = "stalled"
+                self.clock.phase = Phase.STALLED
                 self.clock.flush()
             if self.on_exit:
                 self.on_exit(phase, verdict)
@@ -284,8 +286,6 @@ class Watchdog(threading.Thread):
         return out
 
 
-STEP_END = "step end"  # after an optimizer step: heartbeat, log, the next batch
-PAUSES = ("evaluate", "checkpoint", "barrier", "train", "calibrate")  # not slowdowns
 MAIN_THREAD_PROBE_S = 1.0
 
 

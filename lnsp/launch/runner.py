@@ -99,11 +99,7 @@ def prepare(command: list[str], nproc: int = 0) -> tuple[list[str], bool]:
 def settings(config, python: str) -> dict:
     """What the in-process guard reads (LNSP_GUARD): the run's budgets and lnsp's own
     interpreter, where the diagnosis runs."""
-    return {"run_dir": str(Path(config.run_dir).resolve()),
-            "stall_timeout": config.stall_timeout, "startup_timeout": config.startup_timeout,
-            "on_stall": "exit" if config.on_stall == "auto" else config.on_stall,
-            "slow_window": config.slow_window, "log_every": config.log_every,
-            "mem_margin_mb": config.mem_margin_mb, "python": python}
+    return config.guard_settings("exit", python)
 
 
 def environment(config, guarded: dict | None, attempt: int, ranks: int = 1) -> dict[str, str]:

@@ -42,6 +42,7 @@ class Recorder:
         self.loss = float("nan")
         self.samples_per_s = 0.0
         self.total = 0  # steps in the run: the last one always logs
+        self.runtime = None  # the guard (lnsp.guard.runtime.Runtime) that protects the run
         self.watchdog = None  # its learned budgets, slowdown and goodput go into the records
         self.goodput_prior: dict = {}  # goodput.json of the earlier attempts
         self.recall = None  # the job's miner.RecallCheck: its latest measure goes in steps.jsonl
@@ -53,6 +54,16 @@ class Recorder:
         self.bar = None  # progress bar on a terminal (rank 0)
         self.work_ms = 0.0  # this rank's own work per step (moving average): stragglers
         self._streak: dict[int, int] = {}
+
+    def guard(self, runtime) -> None:
+        """The run's guard: its watchdog's budgets, slowdown and goodput go into the
+        records, its stop request into the exit record."""
+        self.runtime, self.watchdog = runtime, runtime.watchdog
+
+    def end_of_training(self) -> None:
+        """What follows (calibration, the plot) is not training: the guard stands down."""
+        if self.runtime is not None:
+            self.runtime.close()
 
     def say(self, message: str) -> None:
         """The routine (steps, evaluations): logged by rank 0 alone."""
@@ -240,7 +251,9 @@ class Recorder:
         self.plot()
         return ExitCode.DONE
 
-    def stopped(self, signal_name: str | None) -> int:
+    def stopped(self) -> int:
+        signal_name = self.runtime.stop_requested if self.runtime is not None else None
+        self.end_of_training()
         if self.main:
             self.rd.write_exit("stopped", ExitCode.DONE, self.step, signal=signal_name or "peer")
         self.close()
