@@ -72,6 +72,10 @@ WORKERS ?= 2
 test: $(STAMP) ## run the test suite (WORKERS=2 pytest-xdist workers; WORKERS=0 in this process)
 	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
+test-quick: $(STAMP) ## the edit loop: the tests that start no process beyond pytest (about a minute)
+	LNSP_TEST_QUICK=1 $(BIN)/python -m pytest -n $(WORKERS) -q -rs $(ARGS) | \
+		sed '/^SKIPPED.*make test runs it/d'
+
 COUNT ?= 10
 TESTS ?=
 test-stress: $(STAMP) ## the signal, stall, kill and launch tests COUNT times in a row (COUNT=10, WORKERS=2, TESTS=files)

@@ -23,6 +23,29 @@ FAST_TRAIN = ["--hidden", "32", "--batch-size", "16", "--k", "20", "--log-every"
 # a frozen process read no stacks, so their verdict is `unknown` (README "macOS").
 MACOS = sys.platform == "darwin"
 NO_STACKS_ON_MACOS = "py-spy needs sudo on macOS and there is no /proc: no stacks to judge"
+# `make test-quick` (LNSP_TEST_QUICK=1): the edit loop's tests, those that start no
+# process beyond pytest's own. A test that tries is skipped at that moment, its reason
+# saying so; `make test` runs them all.
+QUICK = os.environ.get("LNSP_TEST_QUICK") == "1"
+QUICK_SKIP = "starts a real process: `make test` runs it (make test-quick runs none)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_mode_starts_no_process():
+    """In quick mode every way of starting a process skips the test that tried."""
+    if not QUICK:
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        pytest.skip(QUICK_SKIP)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "_execute_child", refuse)
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve"):
+            if hasattr(os, name):
+                mp.setattr(os, name, refuse)
+        yield
 
 
 def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
