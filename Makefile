@@ -154,7 +154,7 @@ compare: $(STAMP) ## the probe natively and in the container, side by side (imag
 	$(LNSP) image ensure
 	$(LNSP) compare $(ARGS)
 
-realtext: $(STAMP) ## the README's real-text rows: man pages and numpy/torch docstrings, trained at defaults
+realtext: $(STAMP) ## the real-text rows of docs/results.md: man pages and numpy/torch docstrings, trained at defaults
 	scripts/realtext.sh
 
 bench: $(STAMP) ## throughput ratios, vs a plain user loop, thread policies, FLOP fraction, auto miner at scale (bench.json)

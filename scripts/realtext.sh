@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's real-text rows: two corpora that are on this machine offline (the
+# The real-text rows of docs/results.md: two corpora that are on this machine offline (the
 # manual pages and the docstrings of numpy and torch), embedded by all-MiniLM-L6-v2,
 # each trained by `lnsp train` at its defaults; prints the best epoch of each run
 # (what best.pt holds) beside copy-last and the best blend. About 6 min on 2 cores:

@@ -20,7 +20,7 @@ FAST_TRAIN = ["--hidden", "32", "--batch-size", "16", "--k", "20", "--log-every"
               "--eval-windows", "200", "--threads", "safe"]
 # What differs on a Mac (lnsp/system.py); each use says why. py-spy needs sudo there
 # in every mode and there is no /proc: a diagnosis, a native dump and an outside dump of
-# a frozen process read no stacks, so their verdict is `unknown` (README "macOS").
+# a frozen process read no stacks, so their verdict is `unknown` (docs/background.md, "macOS").
 MACOS = sys.platform == "darwin"
 NO_STACKS_ON_MACOS = "py-spy needs sudo on macOS and there is no /proc: no stacks to judge"
 # `make test-quick` (LNSP_TEST_QUICK=1): the edit loop's tests, those that start no

@@ -4,7 +4,7 @@ yields documents (`id`, `title`, `text`, paragraphs separated by blank lines) an
 `write` stores them as a `.jsonl` file, one document per line, written atomically.
 
 No one here wrote either corpus, so a model measured on them is measured on text a
-user could bring: that is what the results table in the README is built from.
+user could bring: that is what the results table in docs/results.md is built from.
 """
 
 from __future__ import annotations

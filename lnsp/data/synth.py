@@ -8,7 +8,7 @@ next vector is predictable from the context on quiet chains and only loosely on
 noisy ones, and sits at cosine ~0.5 to the last one, so copying the last vector
 finds it in the top 10 about one time in five, the true rotation (an oracle) about
 three times in five, and a trained model in between: a demo that shows learning,
-not a solved toy (measured figures in the README).
+not a solved toy (measured figures in docs/results.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ ADD_CHUNK = 65536
 EXACT_CHUNK = 262144  # bank rows per GEMM in ExactIndex: bounds the score matrix
 # `auto` searches exactly up to this many bank rows: below it the torch GEMM over the
 # whole bank is faster than an IVF index calibrated to RECALL_TARGET (measured
-# crossover, README "Performance"), and needs no build.
+# crossover, docs/performance.md), and needs no build.
 AUTO_EXACT_MAX = 50_000
 RECALL_TARGET = 0.95  # recall@K against exact search that auto's nprobe must reach
 CALIBRATION_QUERIES = 256

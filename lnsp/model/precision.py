@@ -3,8 +3,7 @@ that is measured to be faster on this CPU, float32 elsewhere. Weights, optimizer
 state, loss and search stay float32.
 
 Whether bf16 pays cannot be read off the CPU flags: on an AMD EPYC with AVX512-BF16 a
-bf16 GEMM did 4x the fp32 rate; on an Intel Xeon with the same flag, 0.55x (README
-"Performance"). So `auto` times the tower's recurrent product in both and takes bf16
+bf16 GEMM did 4x the fp32 rate; on an Intel Xeon with the same flag, 0.55x (docs/performance.md). So `auto` times the tower's recurrent product in both and takes bf16
 only when it is clearly the faster."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 L2-normalised. The document tower is the identity over the unit-norm bank, so it
 has no module.
 
-Why this shape (measured on real text, see the README): consecutive sentences are
+Why this shape (measured on real text, see docs/results.md): consecutive sentences are
 neighbours, so a fixed blend of the context already beats most trained towers; the
 tower starts AS that blend (weights decaying toward the past) and the GRU's output
 projection starts at zero, so training can only move away from the baseline where
