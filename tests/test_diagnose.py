@@ -411,7 +411,7 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
                                                                                    reap):
     """Every /proc read goes through lnsp.system: faked as macOS, the diagnosis takes
     psutil's view (state, CPU, environment), and a live child is not read as gone."""
-    from lnsp.diagnose import diagnosis as d
+    from lnsp.diagnose.proc import environ, peek, proc_snapshot
 
     fifo = tmp_path / "gate"
     proc = start("fifo_open.py", fifo, reap=reap)
@@ -421,11 +421,11 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
     reap(child.pid)
     os.environ[FAKE] = "darwin"
     try:
-        snap = d.proc_snapshot(proc.pid)
+        snap = proc_snapshot(proc.pid)
         assert "proc_cpu_s" in snap and snap["state"] == "S" and snap["threads"] == {}
         # Alive and asleep (read as "gone" before), once `sleep` has started.
-        wait_until(lambda: d._peek(child.pid)["state"] == "S", 10, what="sleep asleep")
-        assert d.environ(os.getpid())["PATH"] == os.environ["PATH"]
+        wait_until(lambda: peek(child.pid)["state"] == "S", 10, what="sleep asleep")
+        assert environ(os.getpid())["PATH"] == os.environ["PATH"]
         v = diagnose(proc.pid)
     finally:
         del os.environ[FAKE]

@@ -90,9 +90,9 @@ def stuck_in_openmp(runtimes: list[str], environ=None) -> hangs.Facts:
                         "tpgid": -1, "majflt": 0, "pswpin": 0, "pswpout": 0,
                         "threads": {1: thread}, "throttle": None, "pyspy": True,
                         "stacks": {1: {"name": "main", "owns_gil": None, "frames": frames}}})
-    from lnsp.diagnose.diagnosis import fold, openmp_family
+    from lnsp.diagnose.diagnosis import fold
 
-    ctx = {"runtimes": [{"path": p, "api": "openmp", "family": openmp_family(p)}
+    ctx = {"runtimes": [{"path": p, "api": "openmp", "family": system.openmp_family(p)}
                         for p in runtimes], "environ": environ or {}}
     return hangs.Facts(pid=1, samples=samples, threads=fold(samples), ctx=ctx)
 
@@ -122,7 +122,7 @@ def test_mapped_files_on_macos_come_from_lsof(tmp_path, monkeypatch):
     lsof.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setenv(system.FAKE_ENV, "darwin")
-    from lnsp.diagnose.diagnosis import runtimes
+    from lnsp.diagnose.proc import runtimes
 
     assert [r["path"] for r in runtimes(42)] == [TORCH_MAC, FAISS_MAC]
     monkeypatch.delenv(system.FAKE_ENV)
