@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,18 @@ _PYTHON_NAME = re.compile(r"(python|pypy)([0-9.]*[a-z]?)?(\.exe)?$", re.IGNORECA
 def is_python(exe_or_name: str) -> bool:
     """Whether an executable path or process name is a Python interpreter's."""
     return bool(_PYTHON_NAME.match(os.path.basename(exe_or_name or "")))
+
+
+def tool(name: str) -> str | None:
+    """A helper program's path (py-spy, pystack), or None: first beside this interpreter
+    (installed with lnsp into its environment, a build that knows this Python), then
+    beside lnsp's own interpreter (LNSP_PYTHON: a guarded script's interpreter may lack
+    it), last on PATH (a system-wide copy, perhaps older than this Python)."""
+    for python in (sys.executable, os.environ.get("LNSP_PYTHON", "")):
+        beside = os.path.join(os.path.dirname(python), name) if python else ""
+        if beside and os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return beside
+    return shutil.which(name)
 
 
 def ptrace_problem(fake: str | None = None) -> str:

@@ -75,6 +75,33 @@ def _fake_tool(folder, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
+def test_a_tool_is_found_beside_the_interpreter_then_beside_lnsps_then_on_path(tmp_path):
+    """One order for py-spy and pystack (dumps, diagnose, doctor): a real interpreter,
+    run from a folder of its own, finds the copy beside it before the one beside lnsp's
+    interpreter (LNSP_PYTHON), and that one before the one first on PATH."""
+    own, lnsps, on_path = (tmp_path / name for name in ("own", "lnsp", "path"))
+    for folder in (own, lnsps, on_path):
+        folder.mkdir()
+        _fake_tool(folder, "py-spy", "exit 0\n")
+    (own / "python").symlink_to(sys.executable)
+    probe = ("import importlib.util as u, sys; s = u.spec_from_file_location('s', sys.argv[1]); "
+             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.tool('py-spy'))")
+
+    def found() -> str:
+        env = {**os.environ, "LNSP_PYTHON": str(lnsps / "python"),
+               "PATH": f"{on_path}{os.pathsep}{os.environ['PATH']}"}
+        out = subprocess.run([str(own / "python"), "-c", probe, system.__file__], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert found() == str(own / "py-spy")
+    (own / "py-spy").unlink()
+    assert found() == str(lnsps / "py-spy")
+    (lnsps / "py-spy").unlink()
+    assert found() == str(on_path / "py-spy")
+
+
 def _caffeinate_path(folder, body: str) -> dict:
     """The environment whose PATH finds `caffeinate`: a Mac's own /usr/bin/caffeinate,
     elsewhere a shell script of that name (its process is named after the script)."""

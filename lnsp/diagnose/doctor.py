@@ -50,16 +50,9 @@ def facts(snapshot: bool = False) -> dict:
         "stdout_tty": sys.stdout.isatty(),
         "python_unbuffered": bool(os.environ.get("PYTHONUNBUFFERED")),
         "tools": {"caffeinate": shutil.which("caffeinate"), "tmux": shutil.which("tmux"),
-                  "docker": shutil.which("docker"), "py-spy": _py_spy()},
+                  "docker": shutil.which("docker"), "py-spy": system.tool("py-spy")},
         "docker_engine": docker_engine,
     }
-
-
-def _py_spy() -> str | None:
-    from pathlib import Path
-
-    local = Path(sys.executable).with_name("py-spy")
-    return shutil.which("py-spy") or (str(local) if local.exists() else None)
 
 
 def _docker_engine() -> str:

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
+
+from lnsp import system
 
 PYSPY_TIMEOUT_S = 10.0
 PYSTACK_TIMEOUT_S = 10.0
-
-
-def _tool(name: str) -> str | None:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else shutil.which(name)
 
 
 def pyspy(pid: int, native: bool = True, timeout: float = PYSPY_TIMEOUT_S,
           blocking: bool = True) -> list | None:
     """py-spy's JSON dump (innermost frame first per thread), or None when it fails.
     A stopped process cannot be suspended: then Python frames only, without stopping it."""
-    exe = _tool("py-spy")
+    exe = system.tool("py-spy")
     if not exe:
         return None
     modes = ([["--native"]] if native else []) + ([[]] if blocking else []) + [["--nonblocking"]]
@@ -45,7 +39,7 @@ def pyspy(pid: int, native: bool = True, timeout: float = PYSPY_TIMEOUT_S,
 def pystack(pid: int, timeout: float = PYSTACK_TIMEOUT_S) -> dict[int, list[str]] | None:
     """pystack's per-thread labels (Has the GIL, Waiting for the GIL, Garbage
     collecting), which it reads from the interpreter and DWARF; None without it."""
-    exe = _tool("pystack")
+    exe = system.tool("pystack")
     if not exe:
         return None
     try:
