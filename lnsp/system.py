@@ -164,6 +164,60 @@ def performance_cores(fake: str | None = None) -> int | None:
     return n if n > 0 else None
 
 
+def cgroup_cpu(pid: int | str = "self", fake: str | None = None) -> dict | None:
+    """The CPU quota of a process's cgroup and how often it held the process back:
+    {"cgroup": its folder, "quota": "QUOTA PERIOD" as cgroup v2's cpu.max writes it,
+    "cores": the quota in cores (None: no limit), "nr_throttled": periods throttled,
+    "throttled_s": seconds throttled}. cgroup v2, or v1's cpu controller; None where no
+    cgroup says (macOS, no cpu controller)."""
+    if not has_proc(fake):
+        return None
+    for line in (_read_text(f"/proc/{pid}/cgroup") or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        elif "cpu" in controllers.split(","):
+            roots = [f"/sys/fs/cgroup/{controllers}", "/sys/fs/cgroup/cpu",
+                     "/sys/fs/cgroup/cpu,cpuacct"]
+        else:
+            continue
+        # Last the roots themselves: in a container that shares the host's cgroup
+        # namespace, /proc names the host's path and the container's own group is
+        # mounted at the root.
+        for folder in [root + path.rstrip("/") for root in roots] + roots:
+            try:
+                found = _cpu_quota(folder)
+            except ValueError:  # not a number where the kernel writes one: no quota known
+                found = None
+            if found:
+                return found
+    return None
+
+
+def _cpu_quota(folder: str) -> dict | None:
+    quota = (_read_text(f"{folder}/cpu.max") or "").split()  # v2: "max 100000", "50000 100000"
+    if not quota:  # v1: -1 for no limit
+        v1 = _read_text(f"{folder}/cpu.cfs_quota_us"), _read_text(f"{folder}/cpu.cfs_period_us")
+        if None in v1:
+            return None
+        quota = ["max" if int(v1[0]) < 0 else v1[0].strip(), v1[1].strip()]
+    counters = dict(line.split(None, 1) for line in
+                    (_read_text(f"{folder}/cpu.stat") or "").splitlines() if " " in line)
+    throttled = (int(counters["throttled_time"]) / 1e9 if "throttled_time" in counters  # v1: ns
+                 else int(counters.get("throttled_usec", 0)) / 1e6)
+    return {"cgroup": folder, "quota": " ".join(quota),
+            "cores": None if quota[0] == "max" else int(quota[0]) / int(quota[1]),
+            "nr_throttled": int(counters.get("nr_throttled", 0)), "throttled_s": throttled}
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 # ---------------------------------------------------------------- OpenMP runtimes
 
 def openmp_family(name: str) -> str | None:
@@ -225,10 +279,8 @@ def mapped_files(pid: int, fake: str | None = None) -> list[str]:
     when neither can be read."""
     paths: list[str] = []
     if has_proc(fake):
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                text = f.read().decode(errors="replace")
-        except OSError:
+        text = _read_text(f"/proc/{pid}/maps")
+        if text is None:
             return []
         for line in text.splitlines():
             parts = line.split(None, 5)

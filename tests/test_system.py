@@ -3,14 +3,16 @@ and real processes (a real interpreter, a real process named caffeinate)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import MACOS, wait_until
+from conftest import MACOS, env, wait_until
 
 from lnsp import system
 
@@ -233,6 +235,35 @@ def test_slow_line_names_caffeinate_only_when_none_holds_this_process(tmp_path, 
     finally:
         os.killpg(power.pid, signal.SIGKILL)
         power.wait()
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores_and_is_named_when_slow():
+    """A real cgroup v1 cpu group with a quota of one core: a process inside it reads the
+    quota (lnsp.system.cgroup_cpu), sizes its pools to it (cpu_count) and names it in a
+    [SLOW] line; before, both read only cgroup v2's root and saw no quota here."""
+    folder = Path(f"/sys/fs/cgroup/cpu/lnsp-test-quota-{os.getpid()}")
+    try:
+        folder.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup v1 cpu group here ({e})")
+    try:
+        (folder / "cpu.cfs_period_us").write_text("100000")
+        (folder / "cpu.cfs_quota_us").write_text("100000")
+        probe = ("import json; from lnsp import system; from lnsp.guard import threads; "
+                 "from lnsp.guard.watchdog import slow_context; print(json.dumps("
+                 "[system.cgroup_cpu(), threads.cpu_count(), slow_context(60)]))")
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env(), capture_output=True, text=True,
+            timeout=60, preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid())))
+        assert out.returncode == 0, out.stderr
+        quota, cores, slow = json.loads(out.stdout)
+        assert quota["cgroup"] == str(folder), quota
+        assert (quota["quota"], quota["cores"]) == ("100000 100000", 1.0), quota
+        assert cores == 1 and "CPU quota 1.00 cores" in slow, (cores, slow)
+    finally:
+        wait_until(lambda: not (folder / "cgroup.procs").read_text().strip(), 10,
+                   what="the cgroup to empty")
+        folder.rmdir()
 
 
 def test_faiss_uses_torchs_libomp_on_a_mac_after_setup(tmp_path):

@@ -188,7 +188,7 @@ def proc_snapshot(pid: int) -> dict:
         key, _, value = line.partition(" ")
         if key in ("pswpin", "pswpout"):
             snap[key] = int(value)
-    snap["throttle"] = cgroup_throttle(pid)
+    snap["throttle"] = system.cgroup_cpu(pid)
     return snap
 
 
@@ -226,34 +226,6 @@ def thread_cpu(pid: int) -> dict[str, dict[int, float]]:
         if len(sched) > 1:
             wait[int(tid)] = int(sched[1]) / 1e9
     return {"cpu_s": cpu, "wait_s": wait}
-
-
-def cgroup_throttle(pid: int) -> dict | None:
-    """The CPU quota counters of the target's cgroup (v1 cpu controller or v2)."""
-    text = _read(f"/proc/{pid}/cgroup") or ""
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidates = [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
-        elif "cpu" in controllers.split(","):
-            candidates = [f"/sys/fs/cgroup/{controllers}{path}", f"/sys/fs/cgroup/cpu{path}",
-                          f"/sys/fs/cgroup/cpu,cpuacct{path}"]
-        else:
-            continue
-        for folder in candidates:
-            counters = _read(f"{folder}/cpu.stat")
-            if not counters:
-                continue
-            values = dict(line.split() for line in counters.splitlines() if " " in line)
-            if "nr_throttled" not in values:
-                continue
-            quota = _read(f"{folder}/cpu.cfs_quota_us") or _read(f"{folder}/cpu.max")
-            throttled = (int(values.get("throttled_time", 0)) / 1e9
-                         if "throttled_time" in values else
-                         int(values.get("throttled_usec", 0)) / 1e6)
-            return {"cgroup": folder, "nr_throttled": int(values["nr_throttled"]),
-                    "throttled_s": throttled, "quota": (quota or "").strip()}
-    return None
 
 
 def runtimes(pid: int) -> list[dict]:
