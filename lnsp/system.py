@@ -272,6 +272,24 @@ def openmp_conflict(paths: list[str], fake: str | None = None) -> tuple[str, str
                       "hangs the child")
 
 
+# What Intel's and LLVM's OpenMP runtime read as yes (__kmp_str_match_true, kmp_str.cpp):
+# a word, case aside, cut to no fewer than this many letters (0: the whole word only).
+_KMP_TRUE = (("true", 1), ("on", 2), ("1", 1), (".true.", 2), (".t.", 2), ("yes", 1),
+             ("enabled", 0))
+
+
+def kmp_duplicate_ok(value: str | None) -> bool:
+    """Whether KMP_DUPLICATE_LIB_OK=`value` lets a second copy of libomp or libiomp5
+    start instead of aborting with OMP: Error #15: as the runtime reads it, so "y", "on"
+    and "10" are yes and "0", "FALSE" and "enable" no."""
+    for word, least in _KMP_TRUE:
+        n = min(len(word), len(value or ""))
+        if value and word[:n] == value[:n].lower() and (
+                n >= least if least else n == len(word) == len(value)):
+            return True
+    return False
+
+
 def mapped_files(pid: int, fake: str | None = None) -> list[str]:
     """The files mapped into a process, in order, each once: /proc/PID/maps on Linux;
     on macOS `lsof -p PID -Fn`, whose `txt` entries are the executable and the loaded
