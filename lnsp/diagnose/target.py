@@ -27,35 +27,47 @@ class Target:
     run: dict = field(default_factory=dict)
 
 
+def find_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict | None]:
+    """The run a PID or a path names: its directory and run.json (None where it has no
+    run.json). A PID is looked for among the runs under `root` (the last by name, the
+    newest, that records it as its trainer; a container's trainer has a PID of its own
+    namespace), then in its own command line's --run-dir; (None, None) when neither
+    names a run. The one lookup of `lnsp diagnose`, `dump`, `stop` and `logs`."""
+    if not target.isdigit():
+        rd = RunDir(target)
+        return rd, read_json(rd.run)
+    pid, found = int(target), (None, None)
+    base = Path(root)
+    for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
+        run = read_json(path) or {}
+        if run.get("pid") == pid and run.get("backend") != "docker":
+            found = RunDir(path.parent), run
+    if found[0] is None:
+        args = procs.cmdline(pid)
+        if "--run-dir" in args[:-1]:
+            rd = RunDir(args[args.index("--run-dir") + 1])
+            found = rd, read_json(rd.run)
+    return found
+
+
 def resolve(target: str, root: str = "runs") -> Target:
     """A live Python process from a PID or a run directory (its run.json's trainer)."""
+    rd, run = find_run(target, root)
     if target.isdigit():
         pid = int(target)
-        run_dir, run = None, {}
-        base = Path(root)
-        for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
-            info = read_json(path) or {}
-            if info.get("pid") == pid and info.get("backend") != "docker":
-                run_dir, run = path.parent, info
-        if run_dir is None:
-            args = procs.cmdline(pid)
-            if "--run-dir" in args[:-1]:
-                candidate = RunDir(args[args.index("--run-dir") + 1])
-                if candidate.run.exists():
-                    run_dir, run = candidate.root, read_json(candidate.run) or {}
+        if run is None:  # no run, or a --run-dir that has no run.json yet
+            rd, run = None, {}
     else:
-        rd = RunDir(target)
-        run = read_json(rd.run)
         if run is None:
             raise BadTarget(f"{target}: not a run directory (no run.json) and not a PID")
         if run.get("backend") == "docker":
             raise BadTarget(f"{target}: runs in a container; diagnose it inside: "
                             f"docker exec {str(run.get('container_id', ''))[:12]} lnsp diagnose 1")
-        pid, run_dir = run.get("pid"), rd.root
+        pid = run.get("pid")
         if not pid:
             raise BadTarget(f"{target}: run.json names no trainer PID yet")
     check_python(pid)
-    return Target(pid, run_dir, run)
+    return Target(pid, rd.root if rd else None, run)
 
 
 def check_python(pid: int) -> None:
