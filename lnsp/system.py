@@ -82,6 +82,16 @@ def signal_number(name: str, fake: str | None = None) -> int:
 
 # ---------------------------------------------------------------- processes
 
+def read_file(path: str) -> str | None:
+    """A /proc or /sys file's text (bytes that are not UTF-8 replaced), None where it
+    cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 # Interpreter file names: python, python3.11, pypy3, and a macOS framework build's
 # `.../Python.framework/.../Python.app/Contents/MacOS/Python` (python.org, Homebrew).
 _PYTHON_NAME = re.compile(r"(python|pypy)([0-9.]*[a-z]?)?(\.exe)?$", re.IGNORECASE)
@@ -172,7 +182,7 @@ def cgroup_cpu(pid: int | str = "self", fake: str | None = None) -> dict | None:
     cgroup says (macOS, no cpu controller)."""
     if not has_proc(fake):
         return None
-    for line in (_read_text(f"/proc/{pid}/cgroup") or "").splitlines():
+    for line in (read_file(f"/proc/{pid}/cgroup") or "").splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
@@ -195,27 +205,19 @@ def cgroup_cpu(pid: int | str = "self", fake: str | None = None) -> dict | None:
 
 
 def _cpu_quota(folder: str) -> dict | None:
-    quota = (_read_text(f"{folder}/cpu.max") or "").split()  # v2: "max 100000", "50000 100000"
+    quota = (read_file(f"{folder}/cpu.max") or "").split()  # v2: "max 100000", "50000 100000"
     if not quota:  # v1: -1 for no limit
-        v1 = _read_text(f"{folder}/cpu.cfs_quota_us"), _read_text(f"{folder}/cpu.cfs_period_us")
+        v1 = read_file(f"{folder}/cpu.cfs_quota_us"), read_file(f"{folder}/cpu.cfs_period_us")
         if None in v1:
             return None
         quota = ["max" if int(v1[0]) < 0 else v1[0].strip(), v1[1].strip()]
     counters = dict(line.split(None, 1) for line in
-                    (_read_text(f"{folder}/cpu.stat") or "").splitlines() if " " in line)
+                    (read_file(f"{folder}/cpu.stat") or "").splitlines() if " " in line)
     throttled = (int(counters["throttled_time"]) / 1e9 if "throttled_time" in counters  # v1: ns
                  else int(counters.get("throttled_usec", 0)) / 1e6)
     return {"cgroup": folder, "quota": " ".join(quota),
             "cores": None if quota[0] == "max" else int(quota[0]) / int(quota[1]),
             "nr_throttled": int(counters.get("nr_throttled", 0)), "throttled_s": throttled}
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------- OpenMP runtimes
@@ -297,7 +299,7 @@ def mapped_files(pid: int, fake: str | None = None) -> list[str]:
     when neither can be read."""
     paths: list[str] = []
     if has_proc(fake):
-        text = _read_text(f"/proc/{pid}/maps")
+        text = read_file(f"/proc/{pid}/maps")
         if text is None:
             return []
         for line in text.splitlines():

@@ -140,7 +140,7 @@ def embed_all(model, dim: int, tmp: Path, n: int, batch_size: int, check,
                 bank[row + np.asarray(picked)] = vectors / norms
                 if first and os.environ.get(GATE_ENV):
                     bank.flush()
-                    with open(os.environ[GATE_ENV], "rb") as gate:  # blocks until the test opens it
+                    with open(os.environ[GATE_ENV], "rb") as gate:  # blocks till the test opens it
                         gate.read(1)
                 first = False
                 progress.update(len(texts))

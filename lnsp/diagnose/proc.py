@@ -14,7 +14,7 @@ import psutil
 
 from lnsp import procs, system
 from lnsp.diagnose.stacks import frames_of, pyspy, render
-from lnsp.system import openmp_family
+from lnsp.system import openmp_family, read_file
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -42,14 +42,6 @@ FD_CALLS = {"read", "write", "pread64", "pwrite64", "readv", "writev", "recvfrom
 # ... and calls that block on a path (the argument that points at it).
 PATH_CALLS = {"open": 0, "stat": 0, "lstat": 0, "openat": 1, "newfstatat": 1, "statx": 1}
 
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return None
 
 
 def _stat_fields(text: str | None) -> list[str]:
@@ -102,12 +94,12 @@ def _file_type(pid: int, path: str) -> str:
 
 def _socket_peer(pid: int, inode: str) -> dict:
     for proto in ("tcp", "tcp6"):
-        text = _read(f"/proc/{pid}/net/{proto}") or ""
+        text = read_file(f"/proc/{pid}/net/{proto}") or ""
         for line in text.splitlines()[1:]:
             parts = line.split()
             if len(parts) > 9 and parts[9] == inode:
                 return {"proto": proto, "local": _addr(parts[1]), "remote": _addr(parts[2])}
-    text = _read(f"/proc/{pid}/net/unix") or ""
+    text = read_file(f"/proc/{pid}/net/unix") or ""
     for line in text.splitlines()[1:]:
         parts = line.split()
         if len(parts) > 6 and parts[6] == inode:
@@ -155,7 +147,7 @@ def proc_snapshot(pid: int) -> dict:
     ptrace stop restarts the system calls a thread is blocked in)."""
     if not system.has_proc():
         return psutil_snapshot(pid)
-    fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+    fields = _stat_fields(read_file(f"/proc/{pid}/stat"))
     if not fields:
         return {"time": time.monotonic(), "gone": True}
     snap = {"time": time.monotonic(), "state": fields[0], "ppid": int(fields[1]),
@@ -163,17 +155,17 @@ def proc_snapshot(pid: int) -> dict:
             "majflt": int(fields[9]), "threads": {}}
     for tid in sorted(os.listdir(f"/proc/{pid}/task")) if os.path.isdir(f"/proc/{pid}/task") else []:
         base = f"/proc/{pid}/task/{tid}"
-        tf = _stat_fields(_read(f"{base}/stat"))
+        tf = _stat_fields(read_file(f"{base}/stat"))
         if not tf:
             continue
-        comm = (_read(f"{base}/comm") or "").strip()
-        schedstat = (_read(f"{base}/schedstat") or "0 0 0").split()
+        comm = (read_file(f"{base}/comm") or "").strip()
+        schedstat = (read_file(f"{base}/schedstat") or "0 0 0").split()
         snap["threads"][int(tid)] = {
             "comm": comm, "state": tf[0], "cpu_s": (int(tf[11]) + int(tf[12])) / TICK,
             "wait_s": int(schedstat[1]) / 1e9 if len(schedstat) > 1 else 0.0,
-            "wchan": (_read(f"{base}/wchan") or "").strip() or None,
-            "syscall": decode_syscall(pid, _read(f"{base}/syscall"))}
-    status = _read(f"/proc/{pid}/status") or ""
+            "wchan": (read_file(f"{base}/wchan") or "").strip() or None,
+            "syscall": decode_syscall(pid, read_file(f"{base}/syscall"))}
+    status = read_file(f"/proc/{pid}/status") or ""
     for line in status.splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmSwap"):
@@ -182,7 +174,7 @@ def proc_snapshot(pid: int) -> dict:
             snap[key] = int(value.strip(), 16)
         elif key == "TracerPid":
             snap["tracer_pid"] = int(value)
-    vmstat = _read("/proc/vmstat") or ""
+    vmstat = read_file("/proc/vmstat") or ""
     snap["pswpin"] = snap["pswpout"] = 0
     for line in vmstat.splitlines():
         key, _, value = line.partition(" ")
@@ -219,10 +211,10 @@ def thread_cpu(pid: int) -> dict[str, dict[int, float]]:
     cpu, wait = {}, {}
     tasks = f"/proc/{pid}/task"
     for tid in os.listdir(tasks) if system.has_proc() and os.path.isdir(tasks) else []:
-        tf = _stat_fields(_read(f"/proc/{pid}/task/{tid}/stat"))
+        tf = _stat_fields(read_file(f"/proc/{pid}/task/{tid}/stat"))
         if tf:
             cpu[int(tid)] = (int(tf[11]) + int(tf[12])) / TICK
-        sched = (_read(f"/proc/{pid}/task/{tid}/schedstat") or "").split()
+        sched = (read_file(f"/proc/{pid}/task/{tid}/schedstat") or "").split()
         if len(sched) > 1:
             wait[int(tid)] = int(sched[1]) / 1e9
     return {"cpu_s": cpu, "wait_s": wait}
@@ -249,7 +241,7 @@ def environ(pid: int) -> dict:
             return psutil.Process(pid).environ()
         except psutil.Error:
             return {}
-    raw = _read(f"/proc/{pid}/environ") or ""
+    raw = read_file(f"/proc/{pid}/environ") or ""
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
@@ -271,7 +263,7 @@ def _state(pid: int) -> str:
     """A process's state letter (R, S, D, T, Z), or "gone": /proc, else psutil (macOS,
     where a live worker would otherwise read as gone)."""
     if system.has_proc():
-        fields = _stat_fields(_read(f"/proc/{pid}/stat"))
+        fields = _stat_fields(read_file(f"/proc/{pid}/stat"))
         return fields[0] if fields else "gone"
     try:
         return STATUS_LETTER.get(psutil.Process(pid).status(), "S")
