@@ -1,5 +1,6 @@
-"""What differs between macOS and Linux, in one place: the rest of lnsp asks here.
-Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
+"""What differs between macOS and Linux, and between machines (a cgroup's CPU quota,
+where py-spy is, how the OpenMP runtime reads its variables), in one place: the rest of
+lnsp asks here. Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
 
 Standard library only: lnsp's import (which sets the thread variables) reads it.
 Nothing in the macOS branches was run on a Mac: each is reasoned from upstream sources
