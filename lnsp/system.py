@@ -1,5 +1,6 @@
-"""What differs between macOS and Linux, in one place: the rest of lnsp asks here.
-Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
+"""What differs between macOS and Linux, and between machines (a cgroup's CPU quota,
+where py-spy is, how the OpenMP runtime reads its variables), in one place: the rest of
+lnsp asks here. Tests fake another system with LNSP_FAKE_PLATFORM (read only in `system()`).
 
 Standard library only: lnsp's import (which sets the thread variables) reads it.
 Nothing in the macOS branches was run on a Mac: each is reasoned from upstream sources
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +83,16 @@ def signal_number(name: str, fake: str | None = None) -> int:
 
 # ---------------------------------------------------------------- processes
 
+def read_file(path: str) -> str | None:
+    """A /proc or /sys file's text (bytes that are not UTF-8 replaced), None where it
+    cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 # Interpreter file names: python, python3.11, pypy3, and a macOS framework build's
 # `.../Python.framework/.../Python.app/Contents/MacOS/Python` (python.org, Homebrew).
 _PYTHON_NAME = re.compile(r"(python|pypy)([0-9.]*[a-z]?)?(\.exe)?$", re.IGNORECASE)
@@ -89,6 +101,18 @@ _PYTHON_NAME = re.compile(r"(python|pypy)([0-9.]*[a-z]?)?(\.exe)?$", re.IGNORECA
 def is_python(exe_or_name: str) -> bool:
     """Whether an executable path or process name is a Python interpreter's."""
     return bool(_PYTHON_NAME.match(os.path.basename(exe_or_name or "")))
+
+
+def tool(name: str) -> str | None:
+    """A helper program's path (py-spy, pystack), or None: first beside this interpreter
+    (installed with lnsp into its environment, a build that knows this Python), then
+    beside lnsp's own interpreter (LNSP_PYTHON: a guarded script's interpreter may lack
+    it), last on PATH (a system-wide copy, perhaps older than this Python)."""
+    for python in (sys.executable, os.environ.get("LNSP_PYTHON", "")):
+        beside = os.path.join(os.path.dirname(python), name) if python else ""
+        if beside and os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return beside
+    return shutil.which(name)
 
 
 def ptrace_problem(fake: str | None = None) -> str:
@@ -151,6 +175,52 @@ def performance_cores(fake: str | None = None) -> int | None:
     return n if n > 0 else None
 
 
+def cgroup_cpu(pid: int | str = "self", fake: str | None = None) -> dict | None:
+    """The CPU quota of a process's cgroup and how often it held the process back:
+    {"cgroup": its folder, "quota": "QUOTA PERIOD" as cgroup v2's cpu.max writes it,
+    "cores": the quota in cores (None: no limit), "nr_throttled": periods throttled,
+    "throttled_s": seconds throttled}. cgroup v2, or v1's cpu controller; None where no
+    cgroup says (macOS, no cpu controller)."""
+    if not has_proc(fake):
+        return None
+    for line in (read_file(f"/proc/{pid}/cgroup") or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            roots = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        elif "cpu" in controllers.split(","):
+            roots = [f"/sys/fs/cgroup/{controllers}", "/sys/fs/cgroup/cpu",
+                     "/sys/fs/cgroup/cpu,cpuacct"]
+        else:
+            continue
+        # Last the roots themselves: in a container that shares the host's cgroup
+        # namespace, /proc names the host's path and the container's own group is
+        # mounted at the root.
+        for folder in [root + path.rstrip("/") for root in roots] + roots:
+            try:
+                found = _cpu_quota(folder)
+            except ValueError:  # not a number where the kernel writes one: no quota known
+                found = None
+            if found:
+                return found
+    return None
+
+
+def _cpu_quota(folder: str) -> dict | None:
+    quota = (read_file(f"{folder}/cpu.max") or "").split()  # v2: "max 100000", "50000 100000"
+    if not quota:  # v1: -1 for no limit
+        v1 = read_file(f"{folder}/cpu.cfs_quota_us"), read_file(f"{folder}/cpu.cfs_period_us")
+        if None in v1:
+            return None
+        quota = ["max" if int(v1[0]) < 0 else v1[0].strip(), v1[1].strip()]
+    counters = dict(line.split(None, 1) for line in
+                    (read_file(f"{folder}/cpu.stat") or "").splitlines() if " " in line)
+    throttled = (int(counters["throttled_time"]) / 1e9 if "throttled_time" in counters  # v1: ns
+                 else int(counters.get("throttled_usec", 0)) / 1e6)
+    return {"cgroup": folder, "quota": " ".join(quota),
+            "cores": None if quota[0] == "max" else int(quota[0]) / int(quota[1]),
+            "nr_throttled": int(counters.get("nr_throttled", 0)), "throttled_s": throttled}
+
+
 # ---------------------------------------------------------------- OpenMP runtimes
 
 def openmp_family(name: str) -> str | None:
@@ -205,6 +275,24 @@ def openmp_conflict(paths: list[str], fake: str | None = None) -> tuple[str, str
                       "hangs the child")
 
 
+# What Intel's and LLVM's OpenMP runtime read as yes (__kmp_str_match_true, kmp_str.cpp):
+# a word, case aside, cut to no fewer than this many letters (0: the whole word only).
+_KMP_TRUE = (("true", 1), ("on", 2), ("1", 1), (".true.", 2), (".t.", 2), ("yes", 1),
+             ("enabled", 0))
+
+
+def kmp_duplicate_ok(value: str | None) -> bool:
+    """Whether KMP_DUPLICATE_LIB_OK=`value` lets a second copy of libomp or libiomp5
+    start instead of aborting with OMP: Error #15: as the runtime reads it, so "y", "on"
+    and "10" are yes and "0", "FALSE" and "enable" no."""
+    for word, least in _KMP_TRUE:
+        n = min(len(word), len(value or ""))
+        if value and word[:n] == value[:n].lower() and (
+                n >= least if least else n == len(word) == len(value)):
+            return True
+    return False
+
+
 def mapped_files(pid: int, fake: str | None = None) -> list[str]:
     """The files mapped into a process, in order, each once: /proc/PID/maps on Linux;
     on macOS `lsof -p PID -Fn`, whose `txt` entries are the executable and the loaded
@@ -212,10 +300,8 @@ def mapped_files(pid: int, fake: str | None = None) -> list[str]:
     when neither can be read."""
     paths: list[str] = []
     if has_proc(fake):
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                text = f.read().decode(errors="replace")
-        except OSError:
+        text = read_file(f"/proc/{pid}/maps")
+        if text is None:
             return []
         for line in text.splitlines():
             parts = line.split(None, 5)

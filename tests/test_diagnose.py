@@ -84,6 +84,38 @@ def test_bad_targets_are_one_line_and_exit_2(tmp_path):
         sleeper.wait()
 
 
+def test_diagnose_dump_and_stop_find_the_same_run_for_a_pid(tmp_path, reap):
+    """One lookup of a PID's run for `lnsp diagnose`, `dump` and `stop` (they had one each,
+    and two runs recording one PID were told apart differently): the newest run that
+    records it, else the --run-dir of its command line, else none, which stop refuses."""
+    from lnsp.diagnose.target import resolve
+    from lnsp.launch.operate import resolve_run
+
+    named = tmp_path / "named"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "--run-dir", str(named)], env=env())
+    reap(proc.pid)
+    root = tmp_path / "runs"
+    for name in ("20240101-000000", "20240102-000000"):
+        (root / name).mkdir(parents=True)
+        (root / name / "run.json").write_text(json.dumps({"pid": proc.pid, "backend": "nohup"}))
+    newest = root / "20240102-000000"
+    assert resolve(str(proc.pid), str(root)).run_dir == newest
+    assert resolve_run(str(proc.pid), str(root))[0].root == newest
+    named.mkdir()
+    (named / "run.json").write_text(json.dumps({"pid": proc.pid, "backend": "nohup"}))
+    nowhere = str(tmp_path / "nowhere")
+    assert resolve(str(proc.pid), nowhere).run_dir == named
+    assert resolve_run(str(proc.pid), nowhere)[0].root == named
+    (named / "run.json").unlink()  # --run-dir, but no run.json: diagnose looks at the process
+    assert resolve(str(proc.pid), nowhere).run_dir is None
+    other = subprocess.Popen(["sleep", "60"])
+    reap(other.pid)
+    r = lnsp("stop", other.pid, "--grace", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "no run directory records this process" in r.stderr, r.stderr
+    assert other.poll() is None
+
+
 def test_blocked_io_names_the_fifo_through_the_command(tmp_path, reap):
     fifo = tmp_path / "gate"
     proc = start("fifo_open.py", fifo, reap=reap)
@@ -411,7 +443,7 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
                                                                                    reap):
     """Every /proc read goes through lnsp.system: faked as macOS, the diagnosis takes
     psutil's view (state, CPU, environment), and a live child is not read as gone."""
-    from lnsp.diagnose import diagnosis as d
+    from lnsp.diagnose.proc import environ, peek, proc_snapshot
 
     fifo = tmp_path / "gate"
     proc = start("fifo_open.py", fifo, reap=reap)
@@ -421,11 +453,11 @@ def test_without_proc_as_on_macos_a_stuck_worker_is_alive_and_the_target_is_judg
     reap(child.pid)
     os.environ[FAKE] = "darwin"
     try:
-        snap = d.proc_snapshot(proc.pid)
+        snap = proc_snapshot(proc.pid)
         assert "proc_cpu_s" in snap and snap["state"] == "S" and snap["threads"] == {}
         # Alive and asleep (read as "gone" before), once `sleep` has started.
-        wait_until(lambda: d._peek(child.pid)["state"] == "S", 10, what="sleep asleep")
-        assert d.environ(os.getpid())["PATH"] == os.environ["PATH"]
+        wait_until(lambda: peek(child.pid)["state"] == "S", 10, what="sleep asleep")
+        assert environ(os.getpid())["PATH"] == os.environ["PATH"]
         v = diagnose(proc.pid)
     finally:
         del os.environ[FAKE]

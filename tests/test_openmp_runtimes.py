@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,7 @@ from lnsp import system
 from lnsp.diagnose import doctor
 from lnsp.diagnose import hangs
 
+IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"  # the intel-openmp wheel (Linux x86_64)
 TORCH_MAC = "/Users/me/.venv/lib/python3.12/site-packages/torch/lib/libomp.dylib"
 FAISS_MAC = "/Users/me/.venv/lib/python3.12/site-packages/faiss/.dylibs/libomp.dylib"
 
@@ -90,9 +94,9 @@ def stuck_in_openmp(runtimes: list[str], environ=None) -> hangs.Facts:
                         "tpgid": -1, "majflt": 0, "pswpin": 0, "pswpout": 0,
                         "threads": {1: thread}, "throttle": None, "pyspy": True,
                         "stacks": {1: {"name": "main", "owns_gil": None, "frames": frames}}})
-    from lnsp.diagnose.diagnosis import fold, openmp_family
+    from lnsp.diagnose.diagnosis import fold
 
-    ctx = {"runtimes": [{"path": p, "api": "openmp", "family": openmp_family(p)}
+    ctx = {"runtimes": [{"path": p, "api": "openmp", "family": system.openmp_family(p)}
                         for p in runtimes], "environ": environ or {}}
     return hangs.Facts(pid=1, samples=samples, threads=fold(samples), ctx=ctx)
 
@@ -122,7 +126,7 @@ def test_mapped_files_on_macos_come_from_lsof(tmp_path, monkeypatch):
     lsof.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setenv(system.FAKE_ENV, "darwin")
-    from lnsp.diagnose.diagnosis import runtimes
+    from lnsp.diagnose.proc import runtimes
 
     assert [r["path"] for r in runtimes(42)] == [TORCH_MAC, FAISS_MAC]
     monkeypatch.delenv(system.FAKE_ENV)
@@ -148,3 +152,35 @@ def test_doctor_on_macos_says_py_spy_needs_sudo(monkeypatch):
                for h in found), found
     monkeypatch.setenv(system.FAKE_ENV, "linux")
     assert not any("sudo" in h for h in doctor.hazards(facts([])))
+
+
+# Values of KMP_DUPLICATE_LIB_OK: words the runtime takes in part, in full only, with
+# text after them, and its noes (None: unset).
+KMP_VALUES = ["TRUE", "True", "t", "1", "10", "yes", "y", "yesterday", "on", ".t.", "enabled",
+              "FALSE", "0", "", "no", "o", "off", "enable", "2", None]
+
+
+@pytest.mark.skipif(not IOMP.exists(), reason="needs Intel's OpenMP runtime (libiomp5): "
+                                               "pip install -e '.[test]' on Linux x86_64")
+def test_kmp_duplicate_lib_ok_is_read_as_the_openmp_runtime_reads_it(tmp_path):
+    """Two copies of libiomp5 started in one real process, once per value: the process
+    lives past the second copy exactly where lnsp.system.kmp_duplicate_ok says yes (the
+    doctor and the hang catalogue ask it); else OMP: Error #15 aborts it."""
+    copies = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        copies.append(str(shutil.copy(IOMP, tmp_path / name)))
+    start = ("import ctypes, sys\n"
+             "for path in sys.argv[1:]:\n    ctypes.CDLL(path).omp_get_max_threads()")
+    lived = []
+    for value in KMP_VALUES:
+        env = {k: v for k, v in os.environ.items() if k != "KMP_DUPLICATE_LIB_OK"}
+        if value is not None:
+            env["KMP_DUPLICATE_LIB_OK"] = value
+        out = subprocess.run([sys.executable, "-c", start, *copies], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 or "Error #15" in out.stderr, out.stderr
+        lived.append(out.returncode == 0)
+    assert dict(zip(KMP_VALUES, map(system.kmp_duplicate_ok, KMP_VALUES))) == \
+        dict(zip(KMP_VALUES, lived))
+    assert True in lived and False in lived

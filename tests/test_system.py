@@ -3,14 +3,16 @@ and real processes (a real interpreter, a real process named caffeinate)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import MACOS, wait_until
+from conftest import MACOS, env, wait_until
 
 from lnsp import system
 
@@ -73,6 +75,33 @@ def _fake_tool(folder, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(0o755)
+
+
+def test_a_tool_is_found_beside_the_interpreter_then_beside_lnsps_then_on_path(tmp_path):
+    """One order for py-spy and pystack (dumps, diagnose, doctor): a real interpreter,
+    run from a folder of its own, finds the copy beside it before the one beside lnsp's
+    interpreter (LNSP_PYTHON), and that one before the one first on PATH."""
+    own, lnsps, on_path = (tmp_path / name for name in ("own", "lnsp", "path"))
+    for folder in (own, lnsps, on_path):
+        folder.mkdir()
+        _fake_tool(folder, "py-spy", "exit 0\n")
+    (own / "python").symlink_to(sys.executable)
+    probe = ("import importlib.util as u, sys; s = u.spec_from_file_location('s', sys.argv[1]); "
+             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.tool('py-spy'))")
+
+    def found() -> str:
+        env = {**os.environ, "LNSP_PYTHON": str(lnsps / "python"),
+               "PATH": f"{on_path}{os.pathsep}{os.environ['PATH']}"}
+        out = subprocess.run([str(own / "python"), "-c", probe, system.__file__], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert found() == str(own / "py-spy")
+    (own / "py-spy").unlink()
+    assert found() == str(lnsps / "py-spy")
+    (lnsps / "py-spy").unlink()
+    assert found() == str(on_path / "py-spy")
 
 
 def _caffeinate_path(folder, body: str) -> dict:
@@ -206,6 +235,35 @@ def test_slow_line_names_caffeinate_only_when_none_holds_this_process(tmp_path, 
     finally:
         os.killpg(power.pid, signal.SIGKILL)
         power.wait()
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores_and_is_named_when_slow():
+    """A real cgroup v1 cpu group with a quota of one core: a process inside it reads the
+    quota (lnsp.system.cgroup_cpu), sizes its pools to it (cpu_count) and names it in a
+    [SLOW] line; before, both read only cgroup v2's root and saw no quota here."""
+    folder = Path(f"/sys/fs/cgroup/cpu/lnsp-test-quota-{os.getpid()}")
+    try:
+        folder.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup v1 cpu group here ({e})")
+    try:
+        (folder / "cpu.cfs_period_us").write_text("100000")
+        (folder / "cpu.cfs_quota_us").write_text("100000")
+        probe = ("import json; from lnsp import system; from lnsp.guard import threads; "
+                 "from lnsp.guard.watchdog import slow_context; print(json.dumps("
+                 "[system.cgroup_cpu(), threads.cpu_count(), slow_context(60)]))")
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env(), capture_output=True, text=True,
+            timeout=60, preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid())))
+        assert out.returncode == 0, out.stderr
+        quota, cores, slow = json.loads(out.stdout)
+        assert quota["cgroup"] == str(folder), quota
+        assert (quota["quota"], quota["cores"]) == ("100000 100000", 1.0), quota
+        assert cores == 1 and "CPU quota 1.00 cores" in slow, (cores, slow)
+    finally:
+        wait_until(lambda: not (folder / "cgroup.procs").read_text().strip(), 10,
+                   what="the cgroup to empty")
+        folder.rmdir()
 
 
 def test_faiss_uses_torchs_libomp_on_a_mac_after_setup(tmp_path):

@@ -3,7 +3,6 @@ package), real processes and signals; each test embeds a few dozen sentences."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -114,9 +113,9 @@ def test_folder_in_reading_order(built, corpus):
 
 
 def test_bank_rows_are_the_embeddings_of_their_texts(built):
-    from lnsp.data import text
+    from lnsp.data import encode
 
-    model, _ = text.load_encoder(text.DEFAULT_ENCODER)
+    model, _ = encode.load_encoder(encode.DEFAULT_ENCODER)
     texts = rows(built)
     bank = np.load(built / "bank.npy", mmap_mode="r")
     pick = [0, len(texts) // 2, len(texts) - 1]
@@ -161,7 +160,7 @@ def test_paragraph_unit(tmp_path):
 
 
 def test_splitter_on_man_page_and_markdown_layout():
-    from lnsp.data.text import split
+    from lnsp.data.sentences import split
 
     page = ("NOTE\n       This manpage is a short description of GNU tar.  For a detailed discus\u2010\n"
             "       sion, see the manual, e.g. with info tar.  Use ~/.ssh/config and\n"
@@ -320,32 +319,18 @@ def test_train_runs_on_the_result(built, tmp_path):
     assert metrics and 0 <= metrics[-1]["hit@10"] <= 1, metrics
 
 
-class _Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr does in a shell."""
+def test_embedding_progress_is_lnsps_progress(corpus, tmp_path, monkeypatch):
+    """The embedding pass reports through lnsp.progress, as an index build does: off a
+    terminal one line per interval (here every batch), the last at the total."""
+    from lnsp.data import encode
 
-    def isatty(self):
-        return True
-
-
-def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
-    from lnsp.data.text import Progress
-
-    log = io.StringIO()
-    p = Progress(100, stream=log, interval=0)
-    for _ in range(4):
-        p.update(25)
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("embedding 100/100 sentences 100.0%")
-    assert all("/s" in line and "ETA" in line for line in lines), lines
-
-    quiet = io.StringIO()
-    p = Progress(100, stream=quiet, interval=3600)
-    p.update(50)
-    p.update(50)  # only the last one, past no interval: the total is reached
-    assert len(quiet.getvalue().splitlines()) == 1
-
-    tty = _Terminal()
-    p = Progress(10, stream=tty)
-    p.update(10)
-    assert tty.getvalue().startswith("\rembedding |########################| 10/10")
-    assert tty.getvalue().endswith("\n")
+    monkeypatch.setattr(encode, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setenv("LNSP_PROGRESS", "lines")
+    r = run_cli(corpus / "b.txt", "--out", tmp_path / "docs", "--min-chain", "6",
+                "--batch-size", "5", "--threads", "safe")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("embedding")]
+    assert [line.split()[1:3] for line in lines] == [["42%", "5/12"], ["83%", "10/12"],
+                                                     ["100%", "12/12"]], r.stderr
+    assert all(line.startswith("embedding: ") and " sentences/s ETA " in line
+               for line in lines), r.stderr

@@ -1,2 +1,2 @@
-"""Data sets: the format on disk (dataset), your own text (text), public corpora, and the
-deterministic demo set (synth)."""
+"""Data sets: the format on disk (dataset), your own text (text: read and split by
+sentences, embedded by encode), public corpora, and the deterministic demo set (synth)."""

@@ -12,10 +12,6 @@ import shutil
 import sys
 
 from lnsp import system
-# The user's setting, read when lnsp was imported, before threadpoolctl could be:
-# threadpoolctl sets KMP_DUPLICATE_LIB_OK=True in its own process (os.environ.setdefault
-# at import), so that inspecting the loaded libraries never aborts; that is not the
-# user's choice.
 from lnsp.guard.threads import THREAD_VARS, USER_KMP_DUPLICATE_LIB_OK
 
 
@@ -41,6 +37,7 @@ def facts(snapshot: bool = False) -> dict:
         "torch_threads": torch.get_num_threads(), "pools": pools,
         "thread_env": {**{k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY",
                                                          "KMP_BLOCKTIME", "GOMP_SPINCOUNT")},
+                       # the user's, read before threadpoolctl could set its own
                        "KMP_DUPLICATE_LIB_OK": USER_KMP_DUPLICATE_LIB_OK},
         # What this process runs with: threadpoolctl's True when the user set nothing.
         "kmp_duplicate_lib_ok_here": os.environ.get("KMP_DUPLICATE_LIB_OK"),
@@ -50,16 +47,9 @@ def facts(snapshot: bool = False) -> dict:
         "stdout_tty": sys.stdout.isatty(),
         "python_unbuffered": bool(os.environ.get("PYTHONUNBUFFERED")),
         "tools": {"caffeinate": shutil.which("caffeinate"), "tmux": shutil.which("tmux"),
-                  "docker": shutil.which("docker"), "py-spy": _py_spy()},
+                  "docker": shutil.which("docker"), "py-spy": system.tool("py-spy")},
         "docker_engine": docker_engine,
     }
-
-
-def _py_spy() -> str | None:
-    from pathlib import Path
-
-    local = Path(sys.executable).with_name("py-spy")
-    return shutil.which("py-spy") or (str(local) if local.exists() else None)
 
 
 def _docker_engine() -> str:
@@ -88,13 +78,14 @@ def hazards(f: dict) -> list[str]:
                         "MKL_THREADING_LAYER=GNU); never set KMP_DUPLICATE_LIB_OK=TRUE."}[kind]
         found.append(f"{len(omp)} OpenMP runtimes loaded: {line}. Fix: {fix}")
         here = f.get("kmp_duplicate_lib_ok_here")
-        if kind != "copies" and here and not f["thread_env"].get("KMP_DUPLICATE_LIB_OK"):
+        if kind != "copies" and system.kmp_duplicate_ok(here) and \
+                not system.kmp_duplicate_ok(f["thread_env"].get("KMP_DUPLICATE_LIB_OK")):
             # threadpoolctl's import set it (os.environ.setdefault): this process may have
             # lived through the second copy only because of that.
             found.append(f"KMP_DUPLICATE_LIB_OK={here} in this process was set by "
                          "threadpoolctl's import, not by you: it hides the duplicate runtime "
                          "here; a script that does not import threadpoolctl aborts instead.")
-    if (f["thread_env"].get("KMP_DUPLICATE_LIB_OK") or "").upper() in ("TRUE", "1", "YES"):
+    if system.kmp_duplicate_ok(f["thread_env"].get("KMP_DUPLICATE_LIB_OK")):
         # Intel's runtime aborts when it finds a second OpenMP runtime; this variable
         # silences the abort and leaves two runtimes that are reported to hang at 0% CPU
         # in the OpenMP barrier (https://github.com/pytorch/pytorch/issues/193520).

@@ -45,11 +45,12 @@ class Explanation:
 
     def _run(self) -> None:
         from lnsp.diagnose import diagnosis as diagnose
+        from lnsp.diagnose.target import Target
 
         try:
             ignore = self.ignore if self.ignore is not None else \
                 own_threads() if self.pid == os.getpid() else set()
-            target = diagnose.Target(self.pid, self.rd.root, self.rd.read_run())
+            target = Target(self.pid, self.rd.root, self.rd.read_run())
             verdict = diagnose.diagnose(target, self.samples, self.interval, ignore=ignore)
             self.bundle = self.rd.bundle_path(verdict["kind"], self.prefix)
             verdict["bundle"] = str(self.bundle)

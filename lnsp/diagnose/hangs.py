@@ -461,7 +461,7 @@ def fork_after_openmp(f: Facts):
 
 
 def duplicate_openmp(f: Facts):
-    from lnsp.system import openmp_conflict
+    from lnsp.system import kmp_duplicate_ok, openmp_conflict
 
     conflict = openmp_conflict([r["path"] for r in f.ctx.get("runtimes", [])
                                 if r["api"] == "openmp"])
@@ -477,7 +477,7 @@ def duplicate_openmp(f: Facts):
             libs = "; ".join(f"{fam}: {', '.join(paths)}" for fam, paths in families.items())
             env = f.ctx.get("environ", {})
             evidence = [thread_line(t), f"OpenMP runtimes mapped: {libs}"] + frames_block(t, 8)
-            if env.get("KMP_DUPLICATE_LIB_OK"):
+            if kmp_duplicate_ok(env.get("KMP_DUPLICATE_LIB_OK")):
                 evidence.append(f"KMP_DUPLICATE_LIB_OK={env['KMP_DUPLICATE_LIB_OK']} hides the "
                                 "duplicate instead of failing at start-up")
             if conflict[0] == "mixed":
@@ -539,13 +539,13 @@ KINDS = [k for k, _ in RULES] + ["unknown"]
 def hazards(f: Facts) -> list[str]:
     """Things worth knowing whatever the verdict."""
     found = []
-    from lnsp.system import openmp_conflict
+    from lnsp.system import kmp_duplicate_ok, openmp_conflict
 
     conflict = openmp_conflict([r["path"] for r in f.ctx.get("runtimes", [])
                                 if r["api"] == "openmp"])
     if conflict:
         found.append(f"hazard: {conflict[1]}")
-    if f.ctx.get("environ", {}).get("KMP_DUPLICATE_LIB_OK", "").upper() in ("TRUE", "1", "YES"):
+    if kmp_duplicate_ok(f.ctx.get("environ", {}).get("KMP_DUPLICATE_LIB_OK")):
         found.append("hazard: KMP_DUPLICATE_LIB_OK=TRUE hides a duplicate OpenMP runtime")
     if not any(s.get("pyspy") for s in f.samples):
         from lnsp.system import ptrace_problem

@@ -7,7 +7,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+from lnsp import system
 
 QUIET_S = 0.2  # a signal dump is complete once faulthandler has been quiet this long
 
@@ -29,24 +30,11 @@ def python_stacks() -> str:
     return "\n".join(parts)
 
 
-def py_spy() -> str | None:
-    """py-spy's path: on PATH, else beside this interpreter, else beside lnsp's own
-    (LNSP_PYTHON: a guarded script's interpreter may not have it); None when absent."""
-    found = shutil.which("py-spy")
-    if found:
-        return found
-    for python in (sys.executable, os.environ.get("LNSP_PYTHON", "")):
-        exe = Path(python).with_name("py-spy") if python else None
-        if exe is not None and exe.exists():
-            return str(exe)
-    return None
-
-
 def native_stacks(pid: int, timeout: float = 20.0) -> str | None:
     """`py-spy dump --native` of a process, or None when py-spy cannot do it here. A
     stopped process cannot be suspended for native frames: then its Python frames,
     read without stopping it (--nonblocking)."""
-    exe = py_spy()
+    exe = system.tool("py-spy")
     if exe is None:
         return None
     for mode, label in (("--native", ""), ("--nonblocking", "(Python frames only: the "

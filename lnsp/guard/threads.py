@@ -40,12 +40,9 @@ def cpu_count() -> int:
     except AttributeError:  # macOS
         n = os.cpu_count() or 1
     n = system.performance_cores() or n
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = system.cgroup_cpu()
+    if quota and quota["cores"]:
+        n = min(n, max(1, int(quota["cores"])))
     return n
 
 

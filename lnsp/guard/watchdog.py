@@ -338,9 +338,12 @@ def slow_context(window: float) -> str:
         parts.append(f"state {st}")
     except psutil.Error:
         pass
-    throttled = _cgroup_throttling()
-    if throttled:
-        parts.append(throttled)
+    from lnsp import system
+
+    quota = system.cgroup_cpu()
+    if quota and quota["cores"]:
+        parts.append(f"CPU quota {quota['cores']:.2f} cores, throttled "
+                     f"{quota['nr_throttled']} times")
     swap = psutil.swap_memory()
     if swap.total and swap.used:
         parts.append(f"swap in use {swap.used / 2**20:.0f} MB (in {swap.sin / 2**20:.0f} MB, "
@@ -351,28 +354,12 @@ def slow_context(window: float) -> str:
             busy.append(f"{p.info['name']} (pid {p.info['pid']}) {p.info['cpu_percent']:.0f}%")
     if busy:
         parts.append("other busy processes: " + ", ".join(busy[:3]))
-    from lnsp import system
-
     # caffeinate holds the assertion for this PID as a sibling (started by the
     # supervisor or lnsp run with -w PID), not as a parent.
     if system.is_macos() and not system.caffeinate_held(me.pid):
         parts.append("no caffeinate power assertion: App Nap throttles a background process "
                      "(start it with lnsp launch, which holds `caffeinate -i -s -w PID`)")
     return "; ".join(parts) or "nothing visible from inside"
-
-
-def _cgroup_throttling() -> str:
-    """CPU quota throttling of this process's cgroup (v2), when readable."""
-    try:
-        stat = dict(line.split() for line in
-                    open("/sys/fs/cgroup/cpu.stat").read().splitlines() if line.strip())
-        quota = open("/sys/fs/cgroup/cpu.max").read().split()
-    except (OSError, ValueError):
-        return ""
-    if quota and quota[0] != "max":
-        return (f"CPU quota {int(quota[0]) / int(quota[1]):.2f} cores, throttled "
-                f"{int(stat.get('nr_throttled', 0))} times")
-    return ""
 
 
 class Heartbeat:

@@ -6,34 +6,26 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 
 from lnsp import procs
+from lnsp.diagnose.target import find_run
 from lnsp.launch import LaunchError, backend
-from lnsp.rundir import ExitCode, RunDir, read_json
+from lnsp.rundir import ExitCode, RunDir
 
 
 def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
-    """A run directory (and its run.json) from a PID or a path."""
-    if target.isdigit():
-        pid = int(target)
-        base = Path(root)
-        for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
-            run = read_json(path) or {}
-            if run.get("pid") == pid and run.get("backend") != "docker":
-                return RunDir(path.parent), run
-        args = procs.cmdline(pid)
-        if "--run-dir" in args[:-1]:
-            rd = RunDir(args[args.index("--run-dir") + 1])
-            run = rd.read_run()
-            if run.get("pid") != pid:  # not the trainer run.json records: no identity yet
-                run = {**run, "pid": pid, "start_time": None}
-            return rd, run
+    """A run directory (and its run.json) from a PID or a path, found as `lnsp diagnose`
+    finds it; a PID no run records is a foreground process of its own."""
+    rd, run = find_run(target, root)
+    if not target.isdigit():
+        if run is None:
+            raise LaunchError(f"{target}: not a run directory (no run.json)")
+        return rd, run
+    pid = int(target)
+    if rd is None:
         return None, {"pid": pid, "backend": "foreground"}
-    rd = RunDir(target)
-    run = read_json(rd.run)  # None, not {}: no run.json at all
-    if run is None:
-        raise LaunchError(f"{target}: not a run directory (no run.json)")
+    if (run or {}).get("pid") != pid:  # not the trainer run.json records: no identity yet
+        run = {**(run or {}), "pid": pid, "start_time": None}
     return rd, run
 
 
