@@ -4,7 +4,7 @@ lnsp asks here. Tests fake another system with LNSP_FAKE_PLATFORM (read only in 
 
 Standard library only: lnsp's import (which sets the thread variables) reads it.
 Nothing in the macOS branches was run on a Mac: each is reasoned from upstream sources
-and exercised on Linux through the fake (README "macOS").
+and exercised on Linux through the fake (docs/background.md, "macOS").
 """
 
 from __future__ import annotations

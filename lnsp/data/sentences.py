@@ -174,7 +174,7 @@ def split(text: str, unit: str = "sentence") -> list[str]:
     # 6x slower than syntok; blingfire splits best but ships only x86_64 native
     # libraries, so it cannot load on Apple Silicon; syntok is pure Python, keeps
     # abbreviations (e.g., i.e., Dr., cf.), paths and URLs whole, and splits ~5,000
-    # sentences/s, far ahead of the encoder. See README "Your own text".
+    # sentences/s, far ahead of the encoder. See docs/own-text.md.
     from syntok import segmenter
 
     out = []

@@ -24,7 +24,7 @@ THREAD_VARS = (
 DEFAULT_POLICY = "fast"
 # `fast` on an idle machine: idle OpenMP threads spin this long before they sleep
 # (libgomp: about 100,000 spins a millisecond, so ~0.1 ms), sparing the wake-ups between
-# the GRU's small parallel regions. Measured (README "Performance"): 1.3-1.5x PASSIVE at
+# the GRU's small parallel regions. Measured (docs/performance.md): 1.3-1.5x PASSIVE at
 # batch 64 on the idle machine, but 0.3x when other processes share the cores; hence
 # only when, at start, no other process wants the policy's cores.
 SPIN_COUNT = 10_000
@@ -113,7 +113,7 @@ def policy_env(value: str | None, ranks: int | None = None,
     one thread: no training phase uses them, and their threads would spin beside the
     OpenMP ones. Idle OpenMP threads sleep (PASSIVE) instead of spinning: torch's and
     faiss's pools take the cores in turn, and on a shared machine a spinning thread
-    burns the time slice its partner needs (measured: README "Performance"). The
+    burns the time slice its partner needs (measured: docs/performance.md). The
     exception: `fast` for one process on a machine idle at start (`load`: processes
     wanting a core, measured when not given) spins SPIN_COUNT times first
     (GOMP_SPINCOUNT, which libgomp reads over OMP_WAIT_POLICY).
