@@ -321,6 +321,22 @@ def test_a_ddp_script_detached_as_two_ranks_finishes_with_a_heartbeat_per_rank(t
     assert "rank 0 done" in log and "rank 1 done" in log
 
 
+def test_the_plain_script_detached_under_ddp_as_two_ranks_finishes(tmp_path):
+    """The same unmodified plain loop as under nohup, tmux and docker: torchrun starts it
+    twice (it knows nothing of ranks), and each rank's optimizer hook beats its own
+    heartbeat, to the step."""
+    run = tmp_path / "run"
+    r = lnsp("launch", "ddp", "--nproc", 2, "--run-dir", run, "--", sys.executable,
+             SCRIPT, "--steps", 200, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 180,
+               what="the ddp run to end")
+    assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-3000:]
+    for rank in (0, 1):
+        beat = read_json(run / f"heartbeat-rank{rank}.json")
+        assert beat["step"] == 200 and beat["guard"] is True, beat
+
+
 def test_the_frozen_rank_of_a_ddp_script_is_named(tmp_path):
     run = tmp_path / "run"
     gate, marker = tmp_path / "gate", tmp_path / "blocked"

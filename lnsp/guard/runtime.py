@@ -22,7 +22,10 @@ ENV_SETTINGS = "LNSP_GUARD"  # JSON: run_dir, timeouts, on_stall, slow_window, l
 ENV_ATTEMPT = "LNSP_ATTEMPT"  # 0 on the first start, n after n restarts
 ENV_PYTHON = "LNSP_PYTHON"  # lnsp's own interpreter: the diagnosis runs there, not here
 OPTIMIZER_MODULE = "torch.optim.optimizer"
-BEAT_S = 0.1  # heartbeat.json at most this often (and always at the end): a cheap step
+# heartbeat.json is written by the watchdog's thread, at its tick (0.25 s), when a step
+# or the phase changed, and always at the end: a step costs the script a counter, not a
+# file (a phase the script names is written at once when none was for BEAT_S).
+BEAT_S = 0.25
 BUSY_CPU = 0.1  # cores used over the last BUSY_WINDOW_S that make a process busy, not stuck
 BUSY_WINDOW_S = 2.0
 LINE_S = 60.0  # a [GUARD] progress line at most this often (the script prints its own)
@@ -172,7 +175,7 @@ class Runtime:
             self._window = (now, 0)
             self._first_window = True
             self._last_line = now
-            self.log(f"[GUARD] first optimizer step; heartbeat per step in "
+            self.log(f"[GUARD] first optimizer step; every step counted, heartbeat in "
                      f"{self.rd.heartbeat}")
         start, steps = self._window
         steps += 1
@@ -184,8 +187,6 @@ class Runtime:
             if self._first_window and now > start:  # no full second yet: so far
                 self.steps_per_s = steps / (now - start)
         self._step_time = time.time()
-        if now - self._last_beat >= BEAT_S:
-            self.beat("train")
         if self.step % self.log_every == 0:
             self.record()
 
