@@ -43,3 +43,17 @@ def test_make_tensorboard_serves_this_machine_only(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     assert address == "127.0.0.1"
+
+
+def test_make_test_quick_skips_every_test_that_starts_a_process_and_runs_the_rest():
+    """`make test-quick` is the edit loop: a test that starts a real process is skipped at
+    that moment (its reason says so), one that does not runs; its failures still fail."""
+    quick = {"LNSP_TEST_QUICK": "1"}
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-v", "-rs",
+                        "-p", "no:cacheprovider", "tests/test_config.py",
+                        "tests/test_launch.py::test_tmux_run_is_listed_and_finishes"],
+                       cwd=ROOT, env=env(**quick), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "test_tmux_run_is_listed_and_finishes SKIPPED" in r.stdout, r.stdout[-3000:]
+    assert "starts a real process" in r.stdout, r.stdout[-3000:]
+    assert "test_config.py::test_env_example_lists_every_field_with_its_default PASSED" in r.stdout
