@@ -304,17 +304,24 @@ def test_a_script_detached_under_tmux_finishes(tmp_path):
 DDP_SCRIPT = SCRIPT.with_name("ddp_train.py")
 
 
-def test_a_ddp_script_detached_as_two_ranks_finishes_with_a_heartbeat_per_rank(tmp_path):
+def ddp_run_finishes(tmp_path, script, steps: int) -> Path:
+    """`lnsp launch ddp --nproc 2 -- python SCRIPT --steps N` ends `finished`, and each
+    rank's heartbeat counts its N optimizer steps; the run directory."""
     run = tmp_path / "run"
     r = lnsp("launch", "ddp", "--nproc", 2, "--run-dir", run, "--", sys.executable,
-             DDP_SCRIPT, "--steps", 150, cwd=tmp_path)
+             script, "--steps", steps, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 120,
+    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 180,
                what="the ddp run to end")
     assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-3000:]
     for rank in (0, 1):
         beat = read_json(run / f"heartbeat-rank{rank}.json")
-        assert beat["step"] == 150 and beat["guard"] is True
+        assert beat["step"] == steps and beat["guard"] is True, beat
+    return run
+
+
+def test_a_ddp_script_detached_as_two_ranks_finishes_with_a_heartbeat_per_rank(tmp_path):
+    run = ddp_run_finishes(tmp_path, DDP_SCRIPT, 150)
     info = read_json(run / "run.json")
     assert info["backend"] == "ddp" and [r["rank"] for r in info["ranks"]] == [0, 1]
     log = log_of(run)
@@ -325,16 +332,7 @@ def test_the_plain_script_detached_under_ddp_as_two_ranks_finishes(tmp_path):
     """The same unmodified plain loop as under nohup, tmux and docker: torchrun starts it
     twice (it knows nothing of ranks), and each rank's optimizer hook beats its own
     heartbeat, to the step."""
-    run = tmp_path / "run"
-    r = lnsp("launch", "ddp", "--nproc", 2, "--run-dir", run, "--", sys.executable,
-             SCRIPT, "--steps", 200, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    wait_until(lambda: (read_json(run / "exit.json") or {}).get("state"), 180,
-               what="the ddp run to end")
-    assert read_json(run / "exit.json")["state"] == "finished", log_of(run)[-3000:]
-    for rank in (0, 1):
-        beat = read_json(run / f"heartbeat-rank{rank}.json")
-        assert beat["step"] == 200 and beat["guard"] is True, beat
+    ddp_run_finishes(tmp_path, SCRIPT, 200)
 
 
 def test_the_frozen_rank_of_a_ddp_script_is_named(tmp_path):
