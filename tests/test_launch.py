@@ -45,6 +45,35 @@ def test_caffeinate_holds_the_assertions_of_a_computation_tied_to_the_trainer():
     assert argv[6] == "supervise" and "--run-dir" in argv
 
 
+@pytest.mark.parametrize("name", ["foreground", "nohup", "tmux", "docker", "ddp",
+                                  "ddp-docker"])
+def test_every_backend_has_every_operation(name):
+    """Callers never ask which operations a backend has: each has all of Backend's."""
+    import inspect
+    import types
+
+    from lnsp.launch import Backend, backend
+
+    module = backend(name)
+    operations = [op for op in dir(Backend) if not op.startswith("_")]
+    assert len(operations) == 10 and isinstance(module, Backend), \
+        [op for op in operations if not hasattr(module, op)]
+    for op in operations:  # each takes what the protocol passes
+        assert list(inspect.signature(getattr(module, op)).parameters) == \
+            list(inspect.signature(getattr(Backend, op)).parameters)[1:], (name, op)
+    assert not isinstance(types.SimpleNamespace(alive=None, send=None), Backend)
+
+
+def test_a_foreground_run_is_not_launched_and_adds_nothing_to_status():
+    from lnsp.errors import LaunchError
+    from lnsp.launch import backend
+
+    native = backend("foreground")
+    with pytest.raises(LaunchError, match="not launched"):
+        native.plan(TrainConfig(run_dir="runs/x"), {})
+    assert native.notes(None, {}) == [] and native.extra_status({}) == {}
+
+
 def test_nohup_run_outlives_its_shell_and_records_the_trainers_pid(small_data, tmp_path, reap):
     run = tmp_path / "run"
     cmd = (f"{sys.executable} -m lnsp launch nohup --data {small_data} --run-dir {run} "

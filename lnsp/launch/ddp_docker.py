@@ -180,6 +180,17 @@ for pid, start in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
+def kill(run: dict) -> None:
+    """SIGKILL ends the node containers themselves (torchrun's agents with them)."""
+    import signal
+
+    send(run, signal.SIGKILL)
+
+
+def kill_supervisor(run: dict) -> None:
+    """Nothing left to do: each node's agent lived in a container kill() ended."""
+
+
 def wait_gone(run: dict, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 

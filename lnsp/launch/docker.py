@@ -189,6 +189,17 @@ def send(run: dict, signum: int) -> None:
     c.kill(signal=signal_name(signum))
 
 
+def kill(run: dict) -> None:
+    """SIGKILL through the engine: the container ends, its supervisor and trainer with it."""
+    import signal
+
+    send(run, signal.SIGKILL)
+
+
+def kill_supervisor(run: dict) -> None:
+    """Nothing left to do: the supervisor lives in the container kill() ended."""
+
+
 def wait_gone(run: dict, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 

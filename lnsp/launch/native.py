@@ -6,8 +6,26 @@ from __future__ import annotations
 import signal
 
 from lnsp import procs
+from lnsp.errors import LaunchError
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+# A foreground run is started in its terminal, never launched: nohup and tmux start
+# their runs themselves (nohup.py, tmux.py) and are operated here.
+NOT_LAUNCHED = "a foreground run is started with lnsp train or lnsp run, not launched"
+
+
+def plan(config, options: dict) -> dict:
+    raise LaunchError(NOT_LAUNCHED)
+
+
+def start(config, info: dict) -> None:
+    raise LaunchError(NOT_LAUNCHED)
+
+
+def notes(config, info: dict) -> list[str]:
+    return []
 
 
 def trainer_alive(run: dict) -> bool:
@@ -56,3 +74,7 @@ def wait_gone(run: dict, timeout: float) -> bool:
     trainer = run.get("pid") if trainer_alive(run) else None
     supervisor = run.get("supervisor_pid") if supervisor_alive(run) else None
     return procs.wait_gone([trainer, supervisor], timeout) and not alive(run)
+
+
+def extra_status(run: dict) -> dict:
+    return {}  # PID and restarts are in every row already

@@ -105,11 +105,8 @@ def stop(target: str, grace: float = 30.0) -> tuple[str, int]:
                 f"{ended.step if ended else '?'}; checkpoint {rd.last_checkpoint()}",
                 ExitCode.DONE)
     run = rd.read_run() or run  # the trainer's PID changes on a restart
-    if hasattr(ops, "kill"):
-        ops.kill(run)
-    else:
-        ops.send(run, signal.SIGKILL)
-    if not ops.wait_gone(run, KILL_WAIT_S) and hasattr(ops, "kill_supervisor"):
+    ops.kill(run)
+    if not ops.wait_gone(run, KILL_WAIT_S):
         ops.kill_supervisor(run)  # stopped itself (SIGSTOP), or not listening
         ops.wait_gone(run, KILL_WAIT_S)
     ended = rd.read_exit()

@@ -7,10 +7,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, Protocol
 
 from lnsp.errors import LaunchError
 from lnsp.progress import format_eta
 from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
+
+
+class Processes(Protocol):
+    """What status asks a run's backend (lnsp.launch.Backend has it all): whether the
+    run's processes live, and the backend's own fields for the row (its containers)."""
+
+    def alive(self, run: dict) -> bool:
+        """Any process of the run lives (a supervisor between two trainers counts)."""
+
+    def trainer_alive(self, run: dict) -> bool:
+        """The recorded trainer itself lives (not a later process with its PID)."""
+
+    def extra_status(self, run: dict) -> dict:
+        """Fields the backend adds to the status row ({} when it has none)."""
 
 
 def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive: bool,
@@ -39,7 +54,7 @@ def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive:
     return "failed"  # the process is gone and left no exit.json: killed or crashed
 
 
-def state(rd: RunDir, backend, now: float | None = None) -> dict:
+def state(rd: RunDir, backend: Callable[[str], Processes], now: float | None = None) -> dict:
     """One run's status row. `backend(kind)` answers whether the run's processes live
     (lnsp.launch.backend): the records are read here, the processes asked there."""
     now = now or time.time()
@@ -48,12 +63,10 @@ def state(rd: RunDir, backend, now: float | None = None) -> dict:
     ended = rd.read_exit()
     kind = run.get("backend", "foreground")
     ops = backend(kind)
-    extra = {}
     try:
         label = classify(run, beat, ended, ops.alive(run),
                          not ended and ops.trainer_alive(run), now, read_json(rd.config))
-        if hasattr(ops, "extra_status"):
-            extra = ops.extra_status(run)
+        extra = ops.extra_status(run)
     except LaunchError as e:  # the engine did not answer: no verdict on the processes
         label, extra = (ended.state if ended else "unknown"), {"error": str(e)}
     age = now - beat.time if beat else None
