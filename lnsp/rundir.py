@@ -155,6 +155,39 @@ class ExitRecord:
     extra: dict = field(default_factory=dict)  # signal, frozen, error
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: the launch facts, written in parts, each writer its own fields (the
+    launcher: backend, launch time and its plan; the supervisor or torchrun's agent: its
+    PID; the trainer: its PID, budgets and ranks) through RunDir.update_run; read whole
+    here. What only a backend's own notes need (a tmux session, an image) stays in
+    `extra`, as does any key of an older or newer lnsp."""
+    backend: str = "foreground"  # nohup, tmux, docker, ddp, ddp-docker or foreground
+    launch_time: float | None = None  # when a launcher wrote it (None: not launched)
+    pid: int | None = None  # the trainer (under lnsp run: the guarded command)
+    start_time: float | None = None  # its start: the PID is believed only with it
+    supervisor_pid: int | None = None  # lnsp supervise, lnsp run or torchrun's agent
+    supervisor_start: float | None = None
+    restarts: int = 0
+    max_restarts: int = 0
+    attempts: int = 0  # lnsp run's attempts so far (a resume counts on)
+    attempts_from: list[int] = field(default_factory=list)  # each trainer's first step
+    stall_timeout: float | None = None  # the trainer's budgets, for status from outside
+    startup_timeout: float | None = None
+    guard: bool | None = None  # False: lnsp run's command is not Python (no heartbeat)
+    world_size: int = 1
+    ranks: list[dict] = field(default_factory=list)  # rank, pid, host, start of each
+    container_id: str | None = None  # docker
+    containers: list[str] = field(default_factory=list)  # ddp-docker: one per node
+    network: str | None = None  # ddp-docker
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, obj: dict | None) -> RunRecord:
+        """The record of run.json's object ({} or None: a run with no facts yet)."""
+        return _from(cls, obj or {})
+
+
 @dataclass
 class StepRecord:
     """One line of steps.jsonl per log interval: what plots and bench read."""
@@ -309,9 +342,15 @@ class RunDir:
         self.exit.unlink(missing_ok=True)
 
     def read_run(self) -> dict:
-        """run.json: the launch facts (backend, PIDs, start time, budgets, ranks). Its
-        fields are written by the launcher, the supervisor and the trainer, each its own."""
+        """run.json as it is stored, for a writer that adds to what it holds; readers ask
+        read_run_record."""
         return read_json(self.run) or {}
+
+    def read_run_record(self) -> RunRecord | None:
+        """run.json: the launch facts (backend, PIDs, start time, budgets, ranks); None
+        when there is none (or it cannot be read)."""
+        obj = read_json(self.run)
+        return None if obj is None else RunRecord.of(obj)
 
     def update_run(self, **fields) -> dict:
         """Merge `fields` into run.json; a field given as None is removed (it does not

@@ -9,8 +9,8 @@ import pytest
 from lnsp.train.distributed import classify as classify_failure, laggards, stalled_pid
 from lnsp.errors import (ConfigError, DataError, LaunchError, LnspError, RunDirError,
                          TrainingError)
-from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, StepRecord, run_staleness,
-                         staleness)
+from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, RunRecord, StepRecord,
+                         run_staleness, staleness)
 from lnsp.observe.status import classify
 
 
@@ -29,6 +29,24 @@ def test_records_round_trip_and_keep_unknown_fields(tmp_path):
     assert [r.step for r in rd.read_steps()] == [5]
     rd.rank_heartbeat(1).write_text(json.dumps({"pid": 8, "time": 5.0, "step": 3}))
     assert rd.rank_heartbeats()[1].step == 3
+
+
+def test_run_json_reads_as_a_record_written_in_parts(tmp_path):
+    """Launcher, supervisor and trainer each add their own fields; the record reads them
+    all, with defaults for what is not there yet and any other key kept as it is."""
+    rd = RunDir(tmp_path)
+    assert rd.read_run_record() is None  # no run.json: no record, not an empty one
+    rd.update_run(backend="tmux", launch_time=5.0, tmux_session="exp1")
+    rd.update_run(supervisor_pid=11, supervisor_start=6.0, max_restarts=2)
+    rd.update_run(pid=12, start_time=7.0, ranks=[{"rank": 0, "pid": 12}], future_field=[1])
+    run = rd.read_run_record()
+    assert (run.backend, run.pid, run.start_time, run.supervisor_pid, run.max_restarts,
+            run.restarts, run.world_size, run.ranks) == ("tmux", 12, 7.0, 11, 2, 0, 1,
+                                                         [{"rank": 0, "pid": 12}])
+    assert run.extra == {"tmux_session": "exp1", "future_field": [1]}
+    assert RunRecord.of(None) == RunRecord() and RunRecord().backend == "foreground"
+    with pytest.raises(AttributeError):  # frozen: run.json changes through update_run only
+        run.pid = 13
 
 
 def test_a_record_missing_its_required_fields_reads_as_none(tmp_path):
@@ -63,16 +81,16 @@ def test_run_staleness_ignores_the_heartbeat_of_an_earlier_trainer():
 ])
 def test_state_of_a_run(ended, alive, trainer, beat_age, expected):
     now = 1000.0
-    run = {"pid": 42, "start_time": 900.0, "stall_timeout": 2, "startup_timeout": 60,
-           "restarts": 0, "max_restarts": 1}
+    run = RunRecord(pid=42, start_time=900.0, stall_timeout=2, startup_timeout=60,
+                    restarts=0, max_restarts=1)
     beat = Heartbeat(pid=42, time=now - beat_age) if beat_age is not None else None
     assert classify(run, beat, ended, alive, trainer, now) == expected
 
 
 def test_a_run_still_starting_and_one_never_started():
     now = 1000.0
-    assert classify({"launch_time": now - 5}, None, None, False, False, now) == "starting"
-    assert classify({"pid": 1, "start_time": now - 100, "startup_timeout": 60}, None, None,
+    assert classify(RunRecord(launch_time=now - 5), None, None, False, False, now) == "starting"
+    assert classify(RunRecord(pid=1, start_time=now - 100, startup_timeout=60), None, None,
                     True, True, now) == "stalled"
 
 

@@ -14,7 +14,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from lnsp.errors import LaunchError, RunDirError
 from lnsp.observe.status import Processes
-from lnsp.rundir import ExitCode, RunDir
+from lnsp.rundir import ExitCode, RunDir, RunRecord
 
 __all__ = ["Backend", "LaunchError", "backend", "start"]
 
@@ -28,7 +28,7 @@ COMMAND_BACKENDS = ("nohup", "tmux", "ddp", "docker")  # backends that run a use
 class Backend(Processes, Protocol):
     """What every backend module has, so no caller asks which operations one has: a
     backend with nothing to do for one (no supervisor of its own to kill, nothing to
-    add to the status row) has it as a no-op. `run` is run.json."""
+    add to the status row) has it as a no-op. `run` is run.json's record."""
 
     def plan(self, config, options: dict) -> dict:
         """The launch facts for run.json, checked before anything starts (a container
@@ -40,16 +40,16 @@ class Backend(Processes, Protocol):
     def notes(self, config, info: dict) -> list[str]:
         """Lines for the user after the start (where to attach, the containers)."""
 
-    def send(self, run: dict, signum: int) -> None:
+    def send(self, run: RunRecord, signum: int) -> None:
         """A signal to the run's processes (a dump, a stop), each checked to be ours."""
 
-    def kill(self, run: dict) -> None:
+    def kill(self, run: RunRecord) -> None:
         """SIGKILL to the trainer(s): the last stage of a stop."""
 
-    def kill_supervisor(self, run: dict) -> None:
+    def kill_supervisor(self, run: RunRecord) -> None:
         """SIGKILL to a supervisor that outlived its killed trainer (stopped, deaf)."""
 
-    def wait_gone(self, run: dict, timeout: float) -> bool:
+    def wait_gone(self, run: RunRecord, timeout: float) -> bool:
         """Whether every process of the run ended within `timeout` seconds."""
 
 

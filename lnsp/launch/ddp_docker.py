@@ -23,7 +23,7 @@ from lnsp.launch import LaunchError
 from lnsp.launch.command import detach, environment
 from lnsp.launch.ddp import run_id, torchrun_argv
 from lnsp.launch.docker import LABEL, client, make_room, require_image, run_tag
-from lnsp.rundir import RunDir, update_json
+from lnsp.rundir import RunDir, RunRecord, update_json
 
 RDZV_PORT = 29400
 PYTHON = "/opt/lnsp/bin/python"  # the image's virtual environment
@@ -117,10 +117,10 @@ def notes(config, info: dict) -> list[str]:
             f"rendezvous {info['rendezvous']}"]
 
 
-def _containers(run: dict) -> list:
+def _containers(run: RunRecord) -> list:
     c = client()
     found = []
-    for name in run.get("containers", []):
+    for name in run.containers:
         try:
             found.append(c.containers.get(name))
         except Exception:
@@ -128,14 +128,14 @@ def _containers(run: dict) -> list:
     return found
 
 
-def alive(run: dict) -> bool:
+def alive(run: RunRecord) -> bool:
     return any(x is not None and x.status in RUNNING for x in _containers(run))
 
 
 trainer_alive = alive
 
 
-def send(run: dict, signum: int) -> None:
+def send(run: RunRecord, signum: int) -> None:
     """SIGKILL ends the containers; other signals go to every rank (a dump from each,
     or a stop all ranks agree on) through the engine, never to torchrun itself, whose
     default action for SIGUSR1 would end the node. By name, as in the docker backend:
@@ -145,13 +145,13 @@ def send(run: dict, signum: int) -> None:
     name = signal_name(signum)
     live = [x for x in _containers(run) if x is not None and x.status == "running"]
     if not live:
-        raise LaunchError(f"no node of {run.get('network', 'the job')} is running")
+        raise LaunchError(f"no node of {run.network or 'the job'} is running")
     if name == "SIGKILL":
         for x in live:
             x.kill()
         return
     pids: dict[str, list[str]] = {}
-    for r in run.get("ranks", []):  # each rank's PID with its start time, inside its node
+    for r in run.ranks:  # each rank's PID with its start time, inside its node
         pids.setdefault(r["host"], []).extend([str(r["pid"]), str(r.get("start"))])
     for x in live:
         mine = pids.get(x.name, [])
@@ -180,41 +180,39 @@ for pid, start in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
-def kill(run: dict) -> None:
+def kill(run: RunRecord) -> None:
     """SIGKILL ends the node containers themselves (torchrun's agents with them)."""
     import signal
 
     send(run, signal.SIGKILL)
 
 
-def kill_supervisor(run: dict) -> None:
+def kill_supervisor(run: RunRecord) -> None:
     """Nothing left to do: each node's agent lived in a container kill() ended."""
 
 
-def wait_gone(run: dict, timeout: float) -> bool:
+def wait_gone(run: RunRecord, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 
 
-def extra_status(run: dict) -> dict:
+def extra_status(run: RunRecord) -> dict:
     nodes = []
-    for name, x in zip(run.get("containers", []), _containers(run)):
+    for name, x in zip(run.containers, _containers(run)):
         state = (x.attrs.get("State", {}) if x is not None else {})
         nodes.append({"container": name, "state": state.get("Status"),
                       "exit_code": None if state.get("Running") or x is None
                       else state.get("ExitCode")})
-    return {"network": run.get("network"), "nodes": nodes}
+    return {"network": run.network, "nodes": nodes}
 
 
 def reap(run_dir: str, poll: float = 1.0) -> None:
     """Wait until no node runs, then keep each node's console output and remove the
     network. A node restarted while others wait (--max-restarts) counts as running."""
     rd = RunDir(run_dir)
-    from lnsp.rundir import read_json
-
-    run = read_json(rd.run) or {}
+    run = rd.read_run_record() or RunRecord()
     while True:
         try:
-            if not alive(read_json(rd.run) or run):
+            if not alive(rd.read_run_record() or run):
                 break
         except LaunchError:
             pass  # the engine is briefly unreachable: ask again
@@ -228,7 +226,7 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
                 x.logs(stdout=True, stderr=True))
         except (AttributeError, docker.errors.NotFound):
             pass
-    for network in c.networks.list(names=[run["network"]]):
+    for network in c.networks.list(names=[run.network]):
         try:
             network.reload()
             for x in network.containers:
@@ -236,7 +234,7 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
             network.remove()
         except docker.errors.NotFound:
             pass
-    print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run['network']} removed",
+    print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run.network} removed",
           flush=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from lnsp import procs
 from lnsp.errors import LaunchError
 from lnsp.launch.command import environment
-from lnsp.rundir import ExitCode
+from lnsp.rundir import ExitCode, RunRecord
 from lnsp.guard.threads import user_environment
 
 IMAGE = "lnsp:latest"
@@ -153,30 +153,30 @@ def notes(config, info: dict) -> list[str]:
     return [f"  container: {info['container_name']} (image {info['image']})"]
 
 
-def _container(run: dict):
+def _container(run: RunRecord):
     """The run's container; None when the engine says it does not exist (removed). Any
     other failure (a timeout, a server error) is an EngineError: not an answer."""
     import docker
 
     engine = client()
     try:
-        return engine.containers.get(run["container_id"])
+        return engine.containers.get(run.container_id)
     except docker.errors.NotFound:
         return None
     except Exception as e:
         raise EngineError(f"Docker engine did not answer about container "
-                          f"{run['container_id'][:12]} ({type(e).__name__}: {e})") from None
+                          f"{run.container_id[:12]} ({type(e).__name__}: {e})") from None
 
 
-def alive(run: dict) -> bool:
-    c = _container(run) if run.get("container_id") else None
+def alive(run: RunRecord) -> bool:
+    c = _container(run) if run.container_id else None
     return bool(c and c.status in ("created", "running", "restarting"))
 
 
 trainer_alive = alive
 
 
-def send(run: dict, signum: int) -> None:
+def send(run: RunRecord, signum: int) -> None:
     """Through the engine: the init process passes the signal to the supervisor,
     which passes it to the trainer. By name: the container is Linux, where this host's
     number may mean another signal (macOS's SIGUSR1, 30, is Linux's SIGPWR, which ends
@@ -185,27 +185,27 @@ def send(run: dict, signum: int) -> None:
 
     c = _container(run)
     if c is None:
-        raise LaunchError(f"container {run.get('container_id', '?')[:12]} not found")
+        raise LaunchError(f"container {(run.container_id or '?')[:12]} not found")
     c.kill(signal=signal_name(signum))
 
 
-def kill(run: dict) -> None:
+def kill(run: RunRecord) -> None:
     """SIGKILL through the engine: the container ends, its supervisor and trainer with it."""
     import signal
 
     send(run, signal.SIGKILL)
 
 
-def kill_supervisor(run: dict) -> None:
+def kill_supervisor(run: RunRecord) -> None:
     """Nothing left to do: the supervisor lives in the container kill() ended."""
 
 
-def wait_gone(run: dict, timeout: float) -> bool:
+def wait_gone(run: RunRecord, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 
 
-def extra_status(run: dict) -> dict:
-    c = _container(run) if run.get("container_id") else None
+def extra_status(run: RunRecord) -> dict:
+    c = _container(run) if run.container_id else None
     if c is None:
         return {"container": None}
     state = c.attrs.get("State", {})
