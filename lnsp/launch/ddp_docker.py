@@ -20,9 +20,10 @@ from pathlib import Path
 
 from lnsp import procs
 from lnsp.launch import LaunchError
-from lnsp.launch.command import detach, environment
+from lnsp.launch.command import detach
 from lnsp.launch.ddp import run_id, torchrun_argv
-from lnsp.launch.docker import LABEL, client, make_room, require_image, run_tag
+from lnsp.launch.docker import (client, container_environment, create, make_room,
+                                require_image, run_labels, run_tag)
 from lnsp.rundir import RunDir, RunRecord, update_json
 
 RDZV_PORT = 29400
@@ -44,8 +45,7 @@ def plan(config, options: dict) -> dict:
     c = client()
     image = require_image(c, options)
     network, containers = names(config.run_dir, nodes)
-    for name in containers:  # an ended job of this run (stopped, lost): make room
-        make_room(c, name)
+    make_room(c, *containers)  # an ended job of this run (stopped, lost)
     for old in c.networks.list(names=[network]):
         old.remove()
     return {"nodes": nodes, "nproc_per_node": per_node, "image": image, "network": network,
@@ -56,18 +56,13 @@ def plan(config, options: dict) -> dict:
 
 def node_environment(config, info: dict) -> dict[str, str]:
     from lnsp.train.distributed import nccl_environment
-    from lnsp.guard.threads import user_environment
 
     run = str(RunDir(config.run_dir).root.resolve())
-    env = {**environment(config, "ddp-docker", info["nproc_per_node"]), "HOME": "/tmp",
-           **nccl_environment(Path(run) / "dumps"),
-           # A store per rendezvous round, not the agent's: a node that comes back
-           # starts counting its attempts at 0, so attempts cannot name the keys.
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-           "LNSP_AUTO_RESUME": "1"}
-    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
-                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
-    return env
+    return container_environment(
+        config, "ddp-docker", info["nproc_per_node"], **nccl_environment(Path(run) / "dumps"),
+        # A store per rendezvous round, not the agent's: a node that comes back
+        # starts counting its attempts at 0, so attempts cannot name the keys.
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", LNSP_AUTO_RESUME="1")
 
 
 def start(config, info: dict) -> None:
@@ -76,25 +71,18 @@ def start(config, info: dict) -> None:
     inside = config.replace(data=data, run_dir=run)
     rd.dumps.mkdir(parents=True, exist_ok=True)  # the NCCL traces' folder must exist
     c = client()
-    label = {LABEL: Path(run).name, "lnsp.run_dir": run}
-    network = c.networks.create(info["network"], driver="bridge", internal=True, labels=label)
-    kwargs = {}
-    if info.get("cpus"):
-        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
-    if info.get("memory"):
-        kwargs["mem_limit"] = info["memory"]
+    network = c.networks.create(info["network"], driver="bridge", internal=True,
+                                labels=run_labels(run))
     env, ids = node_environment(config, info), []
     try:
         for i, name in enumerate(info["containers"]):
             argv = torchrun_argv(inside, info["nproc_per_node"], info["nodes"], i,
                                  rendezvous=info["rendezvous"], python=PYTHON)
-            container = c.containers.create(
-                info["image"], entrypoint=argv[:1], command=argv[1:], name=name,
-                hostname=name, labels={**label, "lnsp.node": str(i)}, network=network.name,
-                init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
+            container = create(
+                c, info, name, run, labels={"lnsp.node": str(i)}, entrypoint=argv[:1],
+                command=argv[1:], hostname=name, network=network.name,
                 volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
-                working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
-                **kwargs)
+                working_dir=run, environment=env)
             ids.append(container.id)
         update_json(rd.run, container_ids=ids)
         for cid in ids:

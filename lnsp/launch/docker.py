@@ -63,14 +63,15 @@ def existing(c, name: str):
                  if x.name == name), None)
 
 
-def make_room(c, name: str) -> None:
-    """An ended container of this name (a stopped run, a lost node) is removed; a
+def make_room(c, *names: str) -> None:
+    """Ended containers of these names (a stopped run, a lost node) are removed; a
     running one is refused."""
-    old = existing(c, name)
-    if old is not None and old.status == "running":
-        raise LaunchError(f"container {name} is already running")
-    if old is not None:
-        old.remove(force=True)
+    for name in names:
+        old = existing(c, name)
+        if old is not None and old.status == "running":
+            raise LaunchError(f"container {name} is already running")
+        if old is not None:
+            old.remove(force=True)
 
 
 def require_image(c, options: dict) -> str:
@@ -94,6 +95,37 @@ def plan(config, options: dict) -> dict:
             "memory": options.get("memory")}
 
 
+def run_labels(run: str) -> dict[str, str]:
+    """The labels that tie a container (or a network) to its run directory."""
+    return {LABEL: Path(run).name, "lnsp.run_dir": run}
+
+
+def container_environment(config, backend: str, ranks: int = 1, **more: str) -> dict[str, str]:
+    """A run's environment inside a container: the native one (thread policy,
+    unbuffered output), a HOME any uid can write, `more`, and the user's own LNSP_
+    settings except those that name host paths or the backend."""
+    env = {**environment(config, backend, ranks), "HOME": "/tmp", **more}
+    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
+                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
+    return env
+
+
+def create(c, info: dict, name: str, run: str, labels: dict | None = None, **options):
+    """One container of the run, created for the caller to start: labelled with its run
+    directory, an init process so signals reach the trainer, the invoking user's
+    uid:gid, SYS_PTRACE for native dumps, 1 GB of /dev/shm, and plan's image and
+    --cpus and --memory limits (`info`). `options` go to docker-py as they are (the
+    command, volumes, working folder, environment)."""
+    if info.get("cpus"):
+        options["nano_cpus"] = int(float(info["cpus"]) * 1e9)
+    if info.get("memory"):
+        options["mem_limit"] = info["memory"]
+    return c.containers.create(
+        info["image"], name=name, labels={**run_labels(run), **(labels or {})}, init=True,
+        detach=True, user=f"{os.getuid()}:{os.getgid()}", cap_add=["SYS_PTRACE"],
+        shm_size="1g", **options)
+
+
 def start(config, info: dict) -> None:
     from lnsp.rundir import RunDir
 
@@ -106,21 +138,9 @@ def start(config, info: dict) -> None:
         inside = config.replace(data=data, run_dir=run)
         command, workdir = ["supervise", *inside.to_argv()], run
         volumes = {data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}}
-    env = {**environment(config, "docker"), "HOME": "/tmp"}
-    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
-                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
-    kwargs = {}
-    if info.get("cpus"):
-        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
-    if info.get("memory"):
-        kwargs["mem_limit"] = info["memory"]
-    container = client().containers.create(
-        info["image"], command=command, name=info["container_name"],
-        labels={LABEL: Path(run).name, "lnsp.run_dir": run},
-        init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
-        volumes=volumes, working_dir=workdir, cap_add=["SYS_PTRACE"], shm_size="1g",
-        environment=env,
-        **kwargs)
+    container = create(client(), info, info["container_name"], run, command=command,
+                       volumes=volumes, working_dir=workdir,
+                       environment=container_environment(config, "docker"))
     rd.update_run(container_id=container.id)
     container.start()
 
