@@ -14,6 +14,7 @@ from conftest import (FAST_TRAIN, MACOS, NO_STACKS_ON_MACOS, env, finish, lnsp, 
 from lnsp import procs, system
 from lnsp.config import TrainConfig
 from lnsp.launch.command import caffeinate_argv, trainer_argv
+from lnsp.rundir import ExitCode
 
 
 def launch(backend, run, data, *extra, cwd, extra_env=None):
@@ -118,7 +119,7 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
     assert ls.stdout.startswith("run1:"), ls
     again = lnsp("launch", "tmux", "--data", small_data, "--run-dir", tmp_path / "other",
                  "--session", "run1", cwd=tmp_path, extra_env=extra)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == ExitCode.BAD_INPUT and "already exists" in again.stderr
     assert not (tmp_path / "other").exists()
     wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
                what="the tmux run to finish")
@@ -153,7 +154,7 @@ def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap)
     release(gate)
     proc.wait(60)
     final = state(run, tmp_path)
-    assert final["state"] == "finished" and final["exit_code"] == 0
+    assert final["state"] == "finished" and final["exit_code"] == ExitCode.DONE
 
 
 def test_dump_by_pid_and_run_keeps_the_run_alive(small_data, tmp_path, reap):
@@ -168,14 +169,14 @@ def test_dump_by_pid_and_run_keeps_the_run_alive(small_data, tmp_path, reap):
     assert len(list((run / "dumps").glob("*.txt"))) == 3
     assert psutil.pid_exists(pid) and state(run, tmp_path)["state"] == "running"
     r = lnsp("stop", run, "--grace", "30", cwd=tmp_path)
-    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "stopped" in r.stdout, r.stdout + r.stderr
 
 
 def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
     other = subprocess.Popen(["sleep", "60"])
     reap(other.pid)
     r = lnsp("dump", other.pid, cwd=tmp_path)
-    assert r.returncode == 2 and "not an lnsp trainer" in r.stderr, r.stderr
+    assert r.returncode == ExitCode.BAD_INPUT and "not an lnsp trainer" in r.stderr, r.stderr
     # A SIGUSR1 would have ended `sleep` at once (its default action); the refusal
     # came back after any signal would have landed, so it is still alive, not killed.
     assert other.poll() is None and psutil.Process(other.pid).status() != "zombie"
@@ -191,7 +192,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 20, 60,
                what="step 20")
     r = lnsp("stop", run, cwd=tmp_path)
-    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "stopped at step" in r.stdout, r.stdout + r.stderr
     assert state(run, tmp_path)["state"] == "stopped"
     config = read_json(run / "config.json")
     ds = data.load(small_data, config["ctx_len"])
@@ -200,7 +201,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     epochs = read_json(run / "exit.json")["step"] // per_epoch + 1  # end in the stopped epoch
     r = lnsp("train", "--run-dir", run, "--resume", "--epochs", epochs, cwd=tmp_path,
              timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == ExitCode.DONE, r.stderr
     ended = read_json(run / "exit.json")
     assert ended["state"] == "finished" and read_json(run / "config.json")["epochs"] == epochs
     assert ended["step"] == epochs * per_epoch
@@ -223,7 +224,7 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     wait_until(lambda: marker.exists() or proc.poll() is not None, 60, what="the freeze")
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     code, out = finish(proc, timeout=240)  # the supervisor's output read as it comes
-    assert code == 0, out[-3000:]
+    assert code == ExitCode.DONE, out[-3000:]
     assert read_json(run / "run.json")["restarts"] == 1 and not procs.alive(first)
     ended = read_json(run / "exit.json")
     assert ended["state"] == "finished", ended

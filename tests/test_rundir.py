@@ -21,7 +21,8 @@ def test_records_round_trip_and_keep_unknown_fields(tmp_path):
                                             loss=1.5)
     ended = rd.write_exit("stopped", ExitCode.DONE, 40, signal="SIGTERM")
     on_disk = json.loads(rd.exit.read_text())
-    assert on_disk["signal"] == "SIGTERM" and on_disk["exit_code"] == 0 and "cause" not in on_disk
+    assert on_disk["signal"] == "SIGTERM" and on_disk["exit_code"] == ExitCode.DONE \
+        and "cause" not in on_disk
     assert rd.read_exit() == ended and ended.extra == {"signal": "SIGTERM"}
     rd.append_step(StepRecord(5, 1, 2.0, 80.0, {"forward": 0.01}, 300.0, 1.0))
     with open(rd.steps, "a") as f:
@@ -92,6 +93,18 @@ def test_a_run_still_starting_and_one_never_started():
     assert classify(RunRecord(launch_time=now - 5), None, None, False, False, now) == "starting"
     assert classify(RunRecord(pid=1, start_time=now - 100, startup_timeout=60), None, None,
                     True, True, now) == "stalled"
+
+
+def test_a_run_that_names_no_budgets_is_judged_by_the_configs_defaults():
+    from lnsp.config import TrainConfig
+
+    stall, startup, now = TrainConfig().stall_timeout, TrainConfig().startup_timeout, 1e4
+    run = RunRecord(pid=1, start_time=0.0)
+    for age, expected in ((stall - 1, "running"), (stall + 1, "stalled")):
+        assert classify(run, Heartbeat(pid=1, time=now - age), None, True, True, now) == expected
+    for age, expected in ((startup - 1, "running"), (startup + 1, "stalled")):
+        run = RunRecord(pid=1, start_time=now - age)  # no heartbeat yet: still starting
+        assert classify(run, None, None, True, True, now) == expected
 
 
 def test_laggards_name_the_oldest_other_rank():

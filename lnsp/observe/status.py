@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+from lnsp.config import TrainConfig
 from lnsp.errors import LaunchError
 from lnsp.progress import format_eta
 from lnsp.rundir import ExitRecord, Heartbeat, RunDir, RunRecord, read_json, run_staleness
+
+# A run whose records name no budgets is judged by the defaults it ran with.
+STALL_TIMEOUT, STARTUP_TIMEOUT = TrainConfig.stall_timeout, TrainConfig.startup_timeout
 
 
 class Processes(Protocol):
@@ -42,8 +46,9 @@ def classify(run: RunRecord, beat: Heartbeat | None, ended: ExitRecord | None, a
         if run.guard is False:  # a command that is not Python: no heartbeat to age
             return "running"
         s = run_staleness(beat, run.pid, run.start_time or run.launch_time or now,
-                          run.stall_timeout or config.get("stall_timeout", 120),
-                          run.startup_timeout or config.get("startup_timeout", 600), now)
+                          run.stall_timeout or config.get("stall_timeout", STALL_TIMEOUT),
+                          run.startup_timeout or config.get("startup_timeout", STARTUP_TIMEOUT),
+                          now)
         if s.stale:
             return "stalled"
         # s.stepping: the heartbeat is this trainer's own (not an earlier one's)
