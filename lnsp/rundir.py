@@ -251,6 +251,13 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    @classmethod
+    def runs_under(cls, root: str | Path) -> list[RunDir]:
+        """The run directories right under `root` (those with a run.json), by name."""
+        base = Path(root)
+        return [cls(p) for p in sorted(base.iterdir()) if cls(p).run.exists()] \
+            if base.is_dir() else []
+
     config = property(lambda self: self.root / "config.json")
     run = property(lambda self: self.root / "run.json")
     log = property(lambda self: self.root / "training.log")
@@ -271,14 +278,22 @@ class RunDir:
     stop_request = property(lambda self: self.root / "stop.json")
     # Held (flock) by the run's one trainer for its whole life: a second is refused.
     trainer_lock = property(lambda self: self.root / "trainer.lock")
+    reaper_log = property(lambda self: self.root / "reaper.log")  # ddp-docker's reaper
+
+    def node_console(self, node: str) -> Path:
+        """A ddp-docker node's console output, saved when the node has ended."""
+        return self.root / f"console-{node}.log"
 
     def rank_heartbeat(self, rank: int) -> Path:
         return self.root / f"heartbeat-rank{rank}.json"
 
+    def rank_heartbeat_files(self) -> list[Path]:
+        return sorted(self.root.glob("heartbeat-rank*.json"))
+
     def rank_heartbeats(self) -> dict[int, Heartbeat]:
         """Every rank's last heartbeat, by rank."""
         beats = {}
-        for path in self.root.glob("heartbeat-rank*.json"):
+        for path in self.rank_heartbeat_files():
             beat = _from(Heartbeat, read_json(path))
             if beat is not None:
                 beats[int(path.stem.removeprefix("heartbeat-rank"))] = beat
@@ -300,9 +315,15 @@ class RunDir:
         """A hang bundle's folder: `[rankN-]hang-STAMP-KIND/` (lnsp.diagnose.hangbundle)."""
         return self.dumps / f"{prefix}hang-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
 
+    @staticmethod
+    def verdict(bundle: Path) -> Path:
+        """A hang bundle's verdict (kind, summary, time), written last: a bundle with
+        one is complete."""
+        return bundle / "verdict.json"
+
     def bundles(self) -> list[Path]:
         """The hang bundles written so far, oldest first (complete ones only)."""
-        return sorted((p for p in self.dumps.glob("*hang-*") if (p / "verdict.json").exists()),
+        return sorted((p for p in self.dumps.glob("*hang-*") if self.verdict(p).exists()),
                       key=lambda p: p.stat().st_mtime)
 
     def frozen_dump_path(self, pid: int) -> Path:
@@ -318,6 +339,14 @@ class RunDir:
 
     def write_heartbeat(self, beat: Heartbeat, path: Path | None = None) -> None:
         write_json(path or self.heartbeat, _to(beat), durable=False)
+
+    def survivor_mark(self, rank: int) -> Path:
+        """A rank's word that it outlived a failed collective (lnsp.train.distributed
+        names the ranks without one as gone)."""
+        return self.root / f"alive-after-error-rank{rank}.json"
+
+    def survivor_marks(self) -> list[Path]:
+        return sorted(self.root.glob("alive-after-error-rank*.json"))
 
     def rank_exit(self, rank: int) -> Path:
         """How one rank of a guarded torchrun command ended; `lnsp run` turns the ranks'

@@ -59,7 +59,7 @@ def node_environment(config, info: dict) -> dict[str, str]:
 
     run = str(RunDir(config.run_dir).root.resolve())
     return container_environment(
-        config, "ddp-docker", info["nproc_per_node"], **nccl_environment(Path(run) / "dumps"),
+        config, "ddp-docker", info["nproc_per_node"], **nccl_environment(RunDir(run).dumps),
         # A store per rendezvous round, not the agent's: a node that comes back
         # starts counting its attempts at 0, so attempts cannot name the keys.
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", LNSP_AUTO_RESUME="1")
@@ -96,7 +96,7 @@ def start(config, info: dict) -> None:
         network.remove()
         raise LaunchError(f"could not start the nodes: {type(e).__name__}: {e}", 1) from None
     # The reaper outlives this command, as the job does.
-    detach([sys.executable, "-m", "lnsp.launch.ddp_docker", run], {}, rd.root / "reaper.log")
+    detach([sys.executable, "-m", "lnsp.launch.ddp_docker", run], {}, rd.reaper_log)
 
 
 def notes(config, info: dict) -> list[str]:
@@ -210,7 +210,7 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
     c = client()
     for x in _containers(run):
         try:  # a node removed meanwhile (relaunched, or cleaned up) has no output left
-            (rd.root / f"console-{x.name.rsplit('-', 1)[-1]}.log").write_bytes(
+            rd.node_console(x.name.rsplit('-', 1)[-1]).write_bytes(
                 x.logs(stdout=True, stderr=True))
         except (AttributeError, docker.errors.NotFound):
             pass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Callable, Protocol
 
 from lnsp.config import TrainConfig
@@ -118,18 +117,14 @@ def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str 
     if ended and ended.cause:
         return ended.cause
     for bundle in reversed(rd.bundles()):
-        verdict = read_json(bundle / "verdict.json") or {}
+        verdict = read_json(rd.verdict(bundle)) or {}
         if verdict.get("kind") and (beat is None or verdict.get("time", 0) >= beat.time):
             return f"{verdict['kind']}: {verdict.get('summary', '')}"
     return None
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
-    if runs:
-        return [RunDir(r) for r in runs]
-    base = Path(root)
-    return [RunDir(p) for p in sorted(base.iterdir()) if RunDir(p).run.exists()] \
-        if base.is_dir() else []
+    return [RunDir(r) for r in runs] if runs else RunDir.runs_under(root)
 
 
 def show(runs: tuple[str, ...], backend, root: str = "runs", as_json: bool = False) -> str:
