@@ -50,6 +50,39 @@ def test_run_json_reads_as_a_record_written_in_parts(tmp_path):
         run.pid = 13
 
 
+def test_no_other_module_spells_a_run_directory_file_name():
+    """The run directory's file names live in lnsp/rundir.py alone: a string in any other
+    module's code (its docstrings aside) that is one, ends in one or starts a per-rank
+    one fails here."""
+    import ast
+    from pathlib import Path
+
+    import lnsp
+
+    rd = RunDir("r")
+    names = {getattr(rd, k).name for k, v in vars(RunDir).items() if isinstance(v, property)}
+    names |= {rd.last_checkpoint().name, rd.best_checkpoint().name, rd.verdict(rd.root).name}
+    names |= {p.name.split("7")[0] for p in (rd.rank_heartbeat(7), rd.rank_exit(7),
+                                             rd.survivor_mark(7), rd.node_console("7"),
+                                             rd.epoch_checkpoint(7))}
+    assert {"run.json", "heartbeat.json", "dumps", "tb", "heartbeat-rank"} <= names
+    found = []
+    for path in sorted(Path(lnsp.__file__).parent.rglob("*.py")):
+        if path.name == "rundir.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                        ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        found += [f"{path.relative_to(path.parents[2])}:{node.lineno} {node.value!r}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings
+                  and any(node.value == n or node.value.endswith("/" + n) for n in names)]
+    assert not found, found
+
+
 def test_a_record_missing_its_required_fields_reads_as_none(tmp_path):
     rd = RunDir(tmp_path)
     rd.heartbeat.write_text('{"step": 3}')  # no pid, no time

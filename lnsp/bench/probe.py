@@ -18,11 +18,11 @@ def probe(batch: int = 4, k: int = 100, dim: int = 768, ctx_len: int = 10,
           as_json: bool = False, device: str = "cpu") -> int:
     started = time.perf_counter()
     from lnsp.guard.dumps import Dumper
-    from lnsp.rundir import RunLog
+    from lnsp.rundir import RunDir, RunLog
     from lnsp.guard.watchdog import Watchdog
 
     log = RunLog(None)
-    dumper = Dumper(Path("runs") / "probe" / "dumps", log)
+    dumper = Dumper(RunDir(Path("runs") / "probe").dumps, log)
     # The budget is for the whole probe: nothing here resets the watchdog's clock.
     watchdog = Watchdog(timeout, timeout, "exit", dumper, log, label="probe: ")
     watchdog.start()

@@ -80,7 +80,7 @@ def resolve(target: str, root: str = "runs") -> Target:
         pid = int(target)
         run_dir, run = None, {}
         base = Path(root)
-        for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
+        for path in (rd.run for rd in RunDir.runs_under(base)):
             info = read_json(path) or {}
             if info.get("pid") == pid and info.get("backend") != "docker":
                 run_dir, run = path.parent, info
@@ -587,7 +587,7 @@ def run_facts(target: Target, first: dict, last: dict) -> dict:
              "heartbeat_age_s": round(now - beat["time"], 1) if beat.get("time") else None,
              "stall_timeout": config.get("stall_timeout"), "ranks": []}
     for r in target.run.get("ranks", []):
-        b = read_json(rd.root / f"heartbeat-rank{r['rank']}.json") or {}
+        b = read_json(rd.rank_heartbeat(r["rank"])) or {}
         facts["ranks"].append({"rank": r["rank"], "pid": r.get("pid"), "step": b.get("step"),
                                "phase": b.get("phase"),
                                "age_s": round(now - b["time"], 1) if b.get("time") else None})

@@ -19,7 +19,7 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
     if target.isdigit():
         pid = int(target)
         base = Path(root)
-        for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
+        for path in (rd.run for rd in RunDir.runs_under(base)):
             run = read_json(path) or {}
             if run.get("pid") == pid and run.get("backend") != "docker":
                 return RunDir(path.parent), run
