@@ -125,7 +125,9 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
                what="the tmux run to finish")
     info = read_json(run / "run.json")
     assert info["backend"] == "tmux" and info["tmux_session"] == "run1"
-    assert "Finished" in (run / "training.log").read_text()
+    # exit.json is written first, the log's last line a moment later
+    wait_until(lambda: "Finished" in (run / "training.log").read_text(), 30,
+               what="the log's Finished line")
 
 
 def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap):
