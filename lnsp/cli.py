@@ -41,11 +41,6 @@ class Group(click.Group):
             raise Fail(str(e), e.exit_code) from None
 
 
-def user_errors(f):
-    """Kept for commands that name it: the mapping itself is in Group.invoke."""
-    return f
-
-
 def train_options(f, only: tuple[str, ...] | None = None):
     """One option per TrainConfig field (or per field in `only`); None means 'not
     given' so that the environment, .env and the defaults can fill it in."""
@@ -138,7 +133,6 @@ def data_corpus(kind, out, limit, max_chars, modules):
                    "ctx_len from LNSP_CTX_LEN or .env, else 10]")
 @click.option("--threads", default=None, help="thread policy (safe, fast or N)")
 @click.option("--force", is_flag=True, help="replace a non-empty --out directory")
-@user_errors
 def data_from_text(src, out, encoder, unit, batch_size, min_chain, threads, force):
     """A data directory from text: a folder of .txt/.md/.rst files or a .jsonl of
     documents, split into sentences, embedded, one chain per document.
@@ -159,7 +153,6 @@ def data_from_text(src, out, encoder, unit, batch_size, min_chain, threads, forc
 
 @main.command()
 @train_options
-@user_errors
 def train(**values):
     """Train in the foreground.
 
@@ -230,7 +223,6 @@ def explain(run_dir, pid, ignore):
 
 @main.command(hidden=True)
 @train_options
-@user_errors
 def supervise(**values):
     """Run `lnsp train` under the restart supervisor (what the launchers start).
 
@@ -253,7 +245,6 @@ def supervise(**values):
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON too")
 @click.option("--device", default="cpu", show_default=True,
               type=click.Choice(["cpu", "cuda", "mps", "auto"]), help="device of the towers")
-@user_errors
 def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
     """One training step with per-phase timings and a PROBE RESULT block.
 
@@ -278,7 +269,6 @@ def probe(batch, k, dim, ctx_len, timeout, data_dir, threads, as_json, device):
 @click.option("--memory", default=None, help="docker: memory limit, e.g. 4g")
 @train_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@user_errors
 def launch(backend, nproc, nodes, session, replace, image, cpus, memory, command, **values):
     """Start a detached run and print its run directory: lnsp's trainer, or your own
     command after `--` under the guard.
@@ -328,7 +318,6 @@ def status(runs, root, as_json, live, interval):
 @click.option("--native", is_flag=True, help="add native frames with py-spy")
 @click.option("--root", default="runs", show_default=True)
 @click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the dump")
-@user_errors
 def dump(target, native, root, timeout):
     """All-thread stack dump of a live run (PID or run directory); the run goes on.
 
@@ -361,7 +350,6 @@ def diagnose(target, samples, interval, root, as_json):
 @main.command()
 @click.argument("run")
 @click.option("--grace", default=30.0, show_default=True, help="seconds before SIGKILL")
-@user_errors
 def stop(run, grace):
     """SIGTERM, wait for the checkpoint, SIGKILL after the grace period. Exit code 0:
     stopped (or not running); 3: it did not stop within the grace and was killed.
@@ -378,7 +366,6 @@ def stop(run, grace):
 @main.command()
 @click.argument("run")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
-@user_errors
 def logs(run, follow):
     """Print a run's log.
 
@@ -409,7 +396,6 @@ def image():
 @image.command("build")
 @click.option("--base-image", default=None, help="FROM image (default python:3.11-slim)")
 @click.option("--tag", default="lnsp:latest", show_default=True)
-@user_errors
 def image_build(base_image, tag):
     """Build the image through docker-py, showing progress.
 
@@ -423,7 +409,6 @@ def image_build(base_image, tag):
 @image.command("ensure")
 @click.option("--tag", default="lnsp:latest", show_default=True)
 @click.option("--rebuild", is_flag=True, help="build even when the image is up to date")
-@user_errors
 def image_ensure(tag, rebuild):
     """Build the image when it is missing or older than this checkout: online when pip
     in a container can reach the package index, else from the offline base image and
@@ -442,7 +427,6 @@ def image_ensure(tag, rebuild):
 @click.option("--batch", default=4, show_default=True)
 @click.option("--k", default=100, show_default=True)
 @click.option("--timeout", default=60.0, show_default=True)
-@user_errors
 def compare(image, threads, batch, k, timeout):
     """The probe natively and in the container, side by side, differences marked.
 
@@ -473,7 +457,6 @@ def compare(image, threads, batch, k, timeout):
               help="the true next vector of the chain joins the context, not the generated one")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default=None, help="JSON lines, one per step")
-@user_errors
 def generate(checkpoint, data_dir, start, chains, context_ids, steps, lane, tau_snap, tau_novel,
              k, teacher_forced, seed, out):
     """Dual-path generation (SNAP / BLEND / NOVEL) from a checkpoint, with its
@@ -505,7 +488,6 @@ def generate(checkpoint, data_dir, start, chains, context_ids, steps, lane, tau_
               help="calibration.json to write (default: the checkpoint's run directory)")
 @click.option("--store/--no-store", default=True, show_default=True,
               help="also store the thresholds in the checkpoint")
-@user_errors
 def calibrate(checkpoint, data_dir, out, store):
     """Per-lane decider thresholds measured on the run's held-out windows: prints
     thresholds, held-out shares of SNAP / BLEND / NOVEL and SNAP precision.
@@ -526,7 +508,6 @@ def calibrate(checkpoint, data_dir, out, store):
 
 @main.command()
 @click.argument("run")
-@user_errors
 def plot(run):
     """Redraw a run's plots.png (loss per step, Hit@10 per epoch beside copy-last).
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lnsp.errors import ConfigError
 from lnsp.guard.threads import parse_policy, read_env_file
+from lnsp.rundir import RunDir
 
 __all__ = ["ConfigError", "TrainConfig", "env_name", "read_env_file", "resolve", "load",
            "env_example"]
@@ -171,7 +172,7 @@ def resolve(cli: dict | None = None, environ: dict | None = None,
         elif name in dotenv:
             values[f.name] = _convert(f, dotenv[name], f".env {name}")
     config = TrainConfig(**values)
-    stored = Path(config.run_dir or "-") / "config.json"
+    stored = RunDir(config.run_dir or "-").config
     if config.resume and stored.exists():
         # A resumed run keeps the configuration it started with; only flags given on
         # this command line change it (more epochs, say).

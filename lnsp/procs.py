@@ -91,12 +91,12 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def is_trainer(pid: int, run: dict | None = None) -> bool:
-    """The trainer recorded in `run` (run.json) and not a later process that reused its
-    PID; with no record of it, a process that runs `lnsp train` (the lnsp script or
-    `python -m lnsp`)."""
-    if run and run.get("pid") == pid and run.get("start_time"):
-        return same_process(pid, run["start_time"])
+def is_trainer(pid: int, start_time: float | None = None) -> bool:
+    """The trainer that run.json records as started at `start_time`, and not a later
+    process that reused its PID; with no record of it, a process that runs `lnsp train`
+    (the lnsp script or `python -m lnsp`)."""
+    if start_time:
+        return same_process(pid, start_time)
     args = cmdline(pid)
     for i, arg in enumerate(args[:-1]):
         if (arg == "lnsp" or arg.endswith("/lnsp")) and args[i + 1] == "train":

@@ -155,6 +155,39 @@ class ExitRecord:
     extra: dict = field(default_factory=dict)  # signal, frozen, error
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: the launch facts, written in parts, each writer its own fields (the
+    launcher: backend, launch time and its plan; the supervisor or torchrun's agent: its
+    PID; the trainer: its PID, budgets and ranks) through RunDir.update_run; read whole
+    here. What only a backend's own notes need (a tmux session, an image) stays in
+    `extra`, as does any key of an older or newer lnsp."""
+    backend: str = "foreground"  # nohup, tmux, docker, ddp, ddp-docker or foreground
+    launch_time: float | None = None  # when a launcher wrote it (None: not launched)
+    pid: int | None = None  # the trainer (under lnsp run: the guarded command)
+    start_time: float | None = None  # its start: the PID is believed only with it
+    supervisor_pid: int | None = None  # lnsp supervise, lnsp run or torchrun's agent
+    supervisor_start: float | None = None
+    restarts: int = 0
+    max_restarts: int = 0
+    attempts: int = 0  # lnsp run's attempts so far (a resume counts on)
+    attempts_from: list[int] = field(default_factory=list)  # each trainer's first step
+    stall_timeout: float | None = None  # the trainer's budgets, for status from outside
+    startup_timeout: float | None = None
+    guard: bool | None = None  # False: lnsp run's command is not Python (no heartbeat)
+    world_size: int = 1
+    ranks: list[dict] = field(default_factory=list)  # rank, pid, host, start of each
+    container_id: str | None = None  # docker
+    containers: list[str] = field(default_factory=list)  # ddp-docker: one per node
+    network: str | None = None  # ddp-docker
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, obj: dict | None) -> RunRecord:
+        """The record of run.json's object ({} or None: a run with no facts yet)."""
+        return _from(cls, obj or {})
+
+
 @dataclass
 class StepRecord:
     """One line of steps.jsonl per log interval: what plots and bench read."""
@@ -218,6 +251,13 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    @classmethod
+    def runs_under(cls, root: str | Path) -> list[RunDir]:
+        """The run directories right under `root` (those with a run.json), by name."""
+        base = Path(root)
+        return [cls(p) for p in sorted(base.iterdir()) if cls(p).run.exists()] \
+            if base.is_dir() else []
+
     config = property(lambda self: self.root / "config.json")
     run = property(lambda self: self.root / "run.json")
     log = property(lambda self: self.root / "training.log")
@@ -238,14 +278,22 @@ class RunDir:
     stop_request = property(lambda self: self.root / "stop.json")
     # Held (flock) by the run's one trainer for its whole life: a second is refused.
     trainer_lock = property(lambda self: self.root / "trainer.lock")
+    reaper_log = property(lambda self: self.root / "reaper.log")  # ddp-docker's reaper
+
+    def node_console(self, node: str) -> Path:
+        """A ddp-docker node's console output, saved when the node has ended."""
+        return self.root / f"console-{node}.log"
 
     def rank_heartbeat(self, rank: int) -> Path:
         return self.root / f"heartbeat-rank{rank}.json"
 
+    def rank_heartbeat_files(self) -> list[Path]:
+        return sorted(self.root.glob("heartbeat-rank*.json"))
+
     def rank_heartbeats(self) -> dict[int, Heartbeat]:
         """Every rank's last heartbeat, by rank."""
         beats = {}
-        for path in self.root.glob("heartbeat-rank*.json"):
+        for path in self.rank_heartbeat_files():
             beat = _from(Heartbeat, read_json(path))
             if beat is not None:
                 beats[int(path.stem.removeprefix("heartbeat-rank"))] = beat
@@ -267,9 +315,15 @@ class RunDir:
         """A hang bundle's folder: `[rankN-]hang-STAMP-KIND/` (lnsp.diagnose.hangbundle)."""
         return self.dumps / f"{prefix}hang-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
 
+    @staticmethod
+    def verdict(bundle: Path) -> Path:
+        """A hang bundle's verdict (kind, summary, time), written last: a bundle with
+        one is complete."""
+        return bundle / "verdict.json"
+
     def bundles(self) -> list[Path]:
         """The hang bundles written so far, oldest first (complete ones only)."""
-        return sorted((p for p in self.dumps.glob("*hang-*") if (p / "verdict.json").exists()),
+        return sorted((p for p in self.dumps.glob("*hang-*") if self.verdict(p).exists()),
                       key=lambda p: p.stat().st_mtime)
 
     def frozen_dump_path(self, pid: int) -> Path:
@@ -285,6 +339,14 @@ class RunDir:
 
     def write_heartbeat(self, beat: Heartbeat, path: Path | None = None) -> None:
         write_json(path or self.heartbeat, _to(beat), durable=False)
+
+    def survivor_mark(self, rank: int) -> Path:
+        """A rank's word that it outlived a failed collective (lnsp.train.distributed
+        names the ranks without one as gone)."""
+        return self.root / f"alive-after-error-rank{rank}.json"
+
+    def survivor_marks(self) -> list[Path]:
+        return sorted(self.root.glob("alive-after-error-rank*.json"))
 
     def rank_exit(self, rank: int) -> Path:
         """How one rank of a guarded torchrun command ended; `lnsp run` turns the ranks'
@@ -309,9 +371,15 @@ class RunDir:
         self.exit.unlink(missing_ok=True)
 
     def read_run(self) -> dict:
-        """run.json: the launch facts (backend, PIDs, start time, budgets, ranks). Its
-        fields are written by the launcher, the supervisor and the trainer, each its own."""
+        """run.json as it is stored, for a writer that adds to what it holds; readers ask
+        read_run_record."""
         return read_json(self.run) or {}
+
+    def read_run_record(self) -> RunRecord | None:
+        """run.json: the launch facts (backend, PIDs, start time, budgets, ranks); None
+        when there is none (or it cannot be read)."""
+        obj = read_json(self.run)
+        return None if obj is None else RunRecord.of(obj)
 
     def update_run(self, **fields) -> dict:
         """Merge `fields` into run.json; a field given as None is removed (it does not

@@ -16,6 +16,7 @@ from conftest import wait_until
 
 from lnsp import system
 from lnsp.launch import ddp_docker, docker
+from lnsp.rundir import RunRecord
 
 
 class Container:
@@ -41,8 +42,8 @@ def on_a_mac(monkeypatch):
 def test_docker_dump_sends_the_name_from_a_mac(monkeypatch, on_a_mac):
     box = Container()
     monkeypatch.setattr(docker, "_container", lambda run: box)
-    docker.send({"container_id": "abc"}, 30)  # signal.SIGUSR1 on macOS
-    docker.send({"container_id": "abc"}, 15)
+    docker.send(RunRecord(container_id="abc"), 30)  # signal.SIGUSR1 on macOS
+    docker.send(RunRecord(container_id="abc"), 15)
     assert box.calls == [("kill", "SIGUSR1"), ("kill", "SIGTERM")]
 
 
@@ -50,16 +51,16 @@ def test_docker_dump_sends_the_name_from_linux(monkeypatch):
     monkeypatch.delenv(system.FAKE_ENV, raising=False)
     box = Container()
     monkeypatch.setattr(docker, "_container", lambda run: box)
-    docker.send({"container_id": "abc"}, signal.SIGUSR1)
+    docker.send(RunRecord(container_id="abc"), signal.SIGUSR1)
     assert box.calls == [("kill", "SIGUSR1")]
 
 
 def test_ddp_docker_dump_names_the_signal_inside_each_node(monkeypatch, on_a_mac):
     nodes = [Container("job-0"), Container("job-1")]
     monkeypatch.setattr(ddp_docker, "_containers", lambda run: nodes)
-    run = {"ranks": [{"host": "job-0", "pid": 7, "start": 1.5},
-                     {"host": "job-1", "pid": 8, "start": 2.5},
-                     {"host": "job-1", "pid": 9, "start": 3.5}]}
+    run = RunRecord(ranks=[{"host": "job-0", "pid": 7, "start": 1.5},
+                           {"host": "job-1", "pid": 8, "start": 2.5},
+                           {"host": "job-1", "pid": 9, "start": 3.5}])
     ddp_docker.send(run, 30)
     (kind, argv), = nodes[1].calls
     assert kind == "exec" and argv[0] == ddp_docker.PYTHON

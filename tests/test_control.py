@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST_TRAIN, finish, lnsp, read_json, release, spawn, wait_until
 from lnsp import procs
 from lnsp.errors import LaunchError
-from lnsp.rundir import RunDir, write_json
+from lnsp.rundir import ExitCode, RunDir, write_json
 
 
 def gated(small_data, tmp_path, *extra, command="train", at_step=5, once=False, **kw):
@@ -66,9 +66,10 @@ def test_a_finished_run_whose_pids_now_name_other_processes_is_not_signalled(tmp
                         "supervisor_pid": supervisor.pid, "supervisor_start": past})
     rd.write_exit("finished", 0, 40)
     r = lnsp("stop", rd.root, "--grace", "2", cwd=tmp_path)
-    assert r.returncode == 0 and "not running (finished)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "not running (finished)" in r.stdout, \
+        r.stdout + r.stderr
     r = lnsp("dump", rd.root, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == ExitCode.BAD_INPUT and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert trainer.poll() is None and supervisor.poll() is None  # no signal reached them
 
@@ -109,7 +110,7 @@ def test_stop_of_a_supervised_run_kills_a_stopped_trainer_and_nothing_restarts(
     wait_until(lambda: psutil.Process(trainer).status() == psutil.STATUS_STOPPED, 10,
                what="the trainer stopped")
     r = lnsp("stop", run, "--grace", "2", cwd=tmp_path)
-    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.returncode == ExitCode.STALLED, r.stdout + r.stderr
     assert "did not stop within 2s" in r.stdout and "killed" in r.stdout, r.stdout
     # The supervisor saw the stop first: it ended without starting another trainer.
     assert not procs.alive(supervisor) and not procs.alive(trainer)
@@ -132,7 +133,7 @@ def test_sigterm_to_a_supervisor_is_passed_on_and_nothing_restarts(small_data, t
     proc.send_signal(signal.SIGTERM)
     release(gate)
     code, out = finish(proc, timeout=60)
-    assert code == 0, out
+    assert code == ExitCode.DONE, out
     assert read_json(run / "exit.json")["state"] == "stopped"
     assert "restart" not in (run / "training.log").read_text()
 
@@ -144,12 +145,12 @@ def test_sighup_stops_a_foreground_run_with_a_checkpoint_and_resume_continues(
     proc.send_signal(signal.SIGHUP)  # the terminal went away while step 5 is blocked
     release(gate)
     code, out = finish(proc)
-    assert code == 0, out
+    assert code == ExitCode.DONE, out
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and ended["signal"] == "SIGHUP", ended
     assert ended["step"] == 5 and (run / "checkpoints" / "last.pt").exists()
     r = lnsp("train", "--run-dir", run, "--resume", cwd=tmp_path, timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == ExitCode.DONE, r.stderr
     log = (run / "training.log").read_text()
     assert "Resumed from" in log and "at epoch 1, step 5" in log, log
     assert read_json(run / "exit.json")["state"] == "finished"
@@ -185,7 +186,7 @@ def test_a_pause_of_every_process_of_a_supervised_run_is_not_a_stall(small_data,
     time.sleep(1.0)
     release(gate)
     code, out = finish(proc, timeout=120)
-    assert code == 0, out
+    assert code == ExitCode.DONE, out
     log = (run / "training.log").read_text()
     assert "[WATCHDOG] no progress" not in log and "[SUPERVISOR]" not in log, log
     assert read_json(run / "exit.json")["state"] == "finished"
@@ -201,7 +202,7 @@ def test_a_pause_of_a_foreground_run_is_not_a_stall(small_data, tmp_path, reap):
     time.sleep(1.0)  # as above: the watchdog ticks first
     release(gate)
     code, out = finish(proc)
-    assert code == 0, out
+    assert code == ExitCode.DONE, out
     assert "[WATCHDOG] no progress" not in (run / "training.log").read_text()
 
 
@@ -213,13 +214,13 @@ def test_a_second_trainer_on_a_live_run_directory_is_refused(small_data, tmp_pat
     for how in (["train"], ["launch", "nohup"]):
         r = lnsp(*how, "--data", small_data, "--run-dir", run, *FAST_TRAIN, "--resume",
                  cwd=tmp_path)
-        assert r.returncode == 2, (how, r.stdout + r.stderr)
+        assert r.returncode == ExitCode.BAD_INPUT, (how, r.stdout + r.stderr)
         assert "a trainer is already running in this run directory" in r.stderr, r.stderr
         assert f"pid {proc.pid}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert read_json(run / "run.json") == before  # nothing of the live run was touched
     release(gate)
     code, out = finish(proc)
-    assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out
+    assert code == ExitCode.DONE and read_json(run / "exit.json")["state"] == "finished", out
 
 
 # ------------------------------------------------------------------ a healthy trainer
@@ -233,7 +234,7 @@ def test_a_supervised_evaluation_longer_than_the_stall_timeout_is_not_killed(sma
                  "--max-steps", "10", "--stall-timeout", "2", fault="slow_eval",
                  extra_env={"LNSP_TEST_EVAL_SECONDS": "1.5"})
     code, out = finish(proc, timeout=120)
-    assert code == 0, out
+    assert code == ExitCode.DONE, out
     log = (run / "training.log").read_text()
     assert "[SUPERVISOR]" not in log and "Eval epoch 1" in log, log
     assert read_json(run / "goodput.json")["seconds"]["evaluation"] > 4.0
@@ -328,7 +329,7 @@ def test_one_ctrl_c_in_a_tmux_pane_stops_with_a_checkpoint_and_resume_continues(
     assert ended["state"] == "stopped" and ended["signal"] == "SIGINT", ended
     assert (run / "checkpoints" / "last.pt").exists()
     r = lnsp("train", "--run-dir", run, "--resume", "--epochs", 1, cwd=tmp_path, timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == ExitCode.DONE, r.stderr
     log = (run / "training.log").read_text()
     assert f"step {ended['step']}" in log.split("Resumed from")[1].splitlines()[0], log
     assert read_json(run / "exit.json")["state"] == "finished"

@@ -17,6 +17,7 @@ import pytest
 from conftest import FAST_TRAIN, env, lnsp, read_json, wait_until
 from lnsp.config import TrainConfig
 from lnsp.launch.ddp import torchrun_argv
+from lnsp.rundir import ExitCode
 
 # xdist_group: one worker runs every container test, so the image is built once
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600), pytest.mark.xdist_group("docker")]
@@ -112,7 +113,7 @@ def test_two_nodes_stop_resume_and_match_a_loopback_run(image, small_data, tmp_p
         r = lnsp("dump", run, cwd=tmp_path)
         assert r.returncode == 0 and "Thread" in r.stdout, r.stdout + r.stderr
         r = lnsp("stop", run, "--grace", "120", cwd=tmp_path, timeout=150)
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.returncode == ExitCode.DONE, r.stdout + r.stderr
     stopped = wait_until(lambda: ended(run), 60, what="exit.json")
     assert stopped["state"] in ("stopped", "finished"), stopped
     if row["state"] == "running":
@@ -160,7 +161,7 @@ def test_a_killed_node_is_named_by_the_survivor_which_dumps_and_exits_3(image, s
     docker("kill", victim)
     done = wait_until(lambda: ended(run), 60, what="the survivor's exit.json")
     print(f"\nkilled {victim}: {done['error'][:160]}")
-    assert done["exit_code"] == 3 and done["state"] == "failed", done
+    assert done["exit_code"] == ExitCode.STALLED and done["state"] == "failed", done
     assert f"(node {victim}," in done["error"] and "lost rank 1" in done["error"], done
     assert list((run / "dumps").glob("rank0-*collective*.txt"))
     wait_until(lambda: network_gone(read_json(run / "run.json")["network"]), 60,
@@ -201,7 +202,7 @@ def test_a_node_cut_off_the_network_times_out_naming_it_and_loses_nothing(image,
     docker("network", "disconnect", info["network"], victim)
     done = wait_until(lambda: ended(run), 90, what="the collective timeout")
     print(f"\ncut off {victim}: {done['error'][:200]}")
-    assert done["exit_code"] == 3 and done["state"] == "stalled", done
+    assert done["exit_code"] == ExitCode.STALLED and done["state"] == "stalled", done
     assert "a collective timed out: rank 1 stalled" in done["error"], done
     assert "heartbeat" in done["error"]
     state = weights(run / "checkpoints" / "last.pt")  # whole and loadable

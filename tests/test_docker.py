@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import FAST_TRAIN, TEST_IMAGE, _engine_problem, lnsp, read_json, wait_until
+from lnsp.rundir import ExitCode
 
 # xdist_group: one worker runs every container test, so the image is built once
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900),  # the first builds the image
@@ -96,9 +97,9 @@ def test_container_run_dump_stop_resume_finish(image, small_data, tmp_path, clea
     assert status(run, tmp_path)["state"] == "running"
 
     r = lnsp("stop", run, "--grace", "60", cwd=tmp_path)
-    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "stopped at step" in r.stdout, r.stdout + r.stderr
     stopped = status(run, tmp_path)
-    assert stopped["state"] == "stopped" and stopped["container_exit_code"] == 0
+    assert stopped["state"] == "stopped" and stopped["container_exit_code"] == ExitCode.DONE
     assert (run / "checkpoints" / "last.pt").stat().st_uid == os.getuid()
 
     r = lnsp("launch", "docker", "--run-dir", run, "--resume", "--epochs", "3", "--image", image,
@@ -229,6 +230,7 @@ def test_a_container_that_cannot_start_leaves_no_run_behind(image, small_data, t
     run = tmp_path / f"refused-{TAG}"
     r = lnsp("launch", "docker", "--image", image, "--memory", "1k", "--data", small_data,
              "--run-dir", run, *FAST_TRAIN, cwd=tmp_path)
-    assert r.returncode == 1 and "could not be started" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == ExitCode.INTERNAL and "could not be started" in r.stderr, \
+        r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not run.exists()

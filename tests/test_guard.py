@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import env, finish, lnsp, read_json, release, wait_until
+from lnsp.rundir import ExitCode
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_train.py"
 
@@ -77,11 +78,12 @@ def test_a_plain_script_finishes_with_a_heartbeat_per_optimizer_step(tmp_path):
     run = tmp_path / "run"
     proc = start_run(run, "--steps", 700, "--workers", 2)
     code, out = finish(proc, 120)
-    assert code == 0, out[-3000:]
+    assert code == ExitCode.DONE, out[-3000:]
     assert "done 700 steps" in out  # the script's own output, echoed unchanged
     beat, ended = read_json(run / "heartbeat.json"), read_json(run / "exit.json")
     assert beat["step"] == 700 and beat["pid"] == read_json(run / "run.json")["pid"]
-    assert ended["state"] == "finished" and ended["exit_code"] == 0 and ended["step"] == 700
+    assert ended["state"] == "finished" and ended["exit_code"] == ExitCode.DONE \
+        and ended["step"] == 700
     # its output line by line in training.log, each line timestamped
     assert re.search(r"^\[\d\d:\d\d:\d\d\] step 700 loss \d", log_of(run), re.M)
     steps = [r["step"] for r in map(json.loads,
@@ -107,7 +109,7 @@ def test_status_dump_of_a_live_script_which_goes_on(tmp_path):
         assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", r.stdout)
         release(gate)
         code, out = finish(proc, 90)
-    assert code == 0, out[-3000:]
+    assert code == ExitCode.DONE, out[-3000:]
     assert read_json(run / "exit.json")["state"] == "finished"
     assert read_json(run / "heartbeat.json")["step"] == 600
 
@@ -119,11 +121,12 @@ def test_a_script_blocked_in_a_system_call_is_caught_within_15s(tmp_path):
                    what="the [WATCHDOG] line within 15 s of the block")
         seen = time.monotonic() - blocked
         code, out = finish(proc, 60)
-    assert seen <= 15 and code == 3, out[-3000:]
+    assert seen <= 15 and code == ExitCode.STALLED, out[-3000:]
     log = log_of(run)
     assert "[WATCHDOG] VERDICT blocked-io" in log, log[-3000:]
     ended = read_json(run / "exit.json")
-    assert ended["state"] == "stalled" and ended["exit_code"] == 3 and ended["step"] == 299
+    assert ended["state"] == "stalled" and ended["exit_code"] == ExitCode.STALLED \
+        and ended["step"] == 299
     assert ended["cause"].startswith("blocked-io") and "gate" in ended["cause"]
     assert list((run / "dumps").glob("dump-*-stall-*.txt"))
 
@@ -132,8 +135,8 @@ def test_lnsp_stop_ends_a_script_as_stopped(tmp_path):
     with at_gate(tmp_path, 200, "--steps", 3000) as (run, proc, gate):
         r = lnsp("stop", run, "--grace", 30, timeout=60)
         code, out = finish(proc, 60)
-    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
-    assert code == 0, out[-3000:]
+    assert r.returncode == ExitCode.DONE and "stopped" in r.stdout, r.stdout + r.stderr
+    assert code == ExitCode.DONE, out[-3000:]
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and ended["signal"] == "SIGTERM" and ended["step"] == 199
 
@@ -144,7 +147,7 @@ def test_a_script_that_asks_should_stop_stops_at_its_own_boundary(tmp_path):
         wait_until(lambda: "SIGTERM received" in log_of(run), 30, what="the stop request")
         release(gate)  # the script asks should_stop() after this step, and returns
         code, out = finish(proc, 60)
-    assert code == 0 and "stopping at step 150" in out, out[-3000:]
+    assert code == ExitCode.DONE and "stopping at step 150" in out, out[-3000:]
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and ended["step"] == 150
 
@@ -209,7 +212,7 @@ def test_bad_commands_get_one_line_exit_2_and_no_run_directory(tmp_path):
     for command, words in cases.items():
         run = tmp_path / "run"
         r = lnsp("run", "--run-dir", run, "--", *command, cwd=tmp_path)
-        assert r.returncode == 2 and words in r.stderr, (command, r.stderr)
+        assert r.returncode == ExitCode.BAD_INPUT and words in r.stderr, (command, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
         assert not run.exists()
 
@@ -243,7 +246,7 @@ def test_restarts_and_the_attempt_number_and_a_crash_loop(tmp_path):
     run = tmp_path / "run"
     code, out = finish(start_run(run, guard_args=["--max-restarts", 3],
                                  command=[sys.executable, str(script), "1"]), 60)
-    assert code == 0 and "attempt 0" in out and "attempt 1" in out, out
+    assert code == ExitCode.DONE and "attempt 0" in out and "attempt 1" in out, out
     assert read_json(run / "run.json")["restarts"] == 1
     assert read_json(run / "exit.json")["state"] == "finished"
     assert read_json(run / "heartbeat.json")["step"] == 10  # guard.step() counts steps
@@ -251,7 +254,7 @@ def test_restarts_and_the_attempt_number_and_a_crash_loop(tmp_path):
     loop = tmp_path / "loop"
     code, out = finish(start_run(loop, guard_args=["--max-restarts", 5],
                                  command=[sys.executable, str(script), "99"]), 60)
-    assert code == 4, out
+    assert code == ExitCode.CRASH_LOOP, out
     ended = read_json(loop / "exit.json")
     assert ended["state"] == "failed" and ended["cause"].startswith("crash loop")
     assert read_json(loop / "run.json")["restarts"] == 2
@@ -347,7 +350,7 @@ def test_the_frozen_rank_of_a_ddp_script_is_named(tmp_path):
         code, out = finish(proc, 90)
     finally:
         proc.kill()
-    assert code == 3, out[-3000:]
+    assert code == ExitCode.STALLED, out[-3000:]
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stalled" and ended["rank"] == 1, ended
     assert ended["cause"].startswith("rank 1: blocked-io"), ended
@@ -392,7 +395,7 @@ def test_a_long_named_phase_and_busy_work_are_not_stalls(tmp_path):
     run = tmp_path / "run"
     code, out = finish(start_run(run, guard_args=["--stall-timeout", 60],
                                  command=[sys.executable, script, 12]), 120)
-    assert code == 0 and "steps done" in out, out[-3000:]
+    assert code == ExitCode.DONE and "steps done" in out, out[-3000:]
     assert "[WATCHDOG] no progress" not in log_of(run)
     assert read_json(run / "heartbeat.json")["step"] == 150
     assert read_json(run / "exit.json")["state"] == "finished"
@@ -438,7 +441,7 @@ def test_lightning_and_hugging_face_trainers_beat_once_per_optimizer_step(tmp_pa
     run = tmp_path / "run"
     command = [sys.executable, SCRIPT.with_name(name), tmp_path / "out"]
     code, out = finish(start_run(run, command=command, cwd=tmp_path), 120)
-    assert code == 0 and words in out, out[-3000:]
+    assert code == ExitCode.DONE and words in out, out[-3000:]
     assert read_json(run / "heartbeat.json")["step"] == 120
     assert read_json(run / "exit.json")["state"] == "finished"
 
@@ -455,7 +458,7 @@ def test_a_process_the_command_leaves_behind_does_not_hold_the_run_open(tmp_path
     finally:
         if marker.exists():
             reap(int(marker.read_text()))
-    assert code == 0 and "left one behind" in out
+    assert code == ExitCode.DONE and "left one behind" in out
     assert read_json(run / "exit.json")["state"] == "finished"
 
 
@@ -463,10 +466,12 @@ def test_a_second_run_on_a_live_run_directory_is_refused(tmp_path):
     with at_gate(tmp_path, 50, "--steps", 100) as (run, proc, gate):
         r = lnsp("run", "--run-dir", run, "--resume", "--", sys.executable, SCRIPT,
                  "--steps", 10, cwd=tmp_path)
-        assert r.returncode == 2 and "already live" in r.stderr, r.stdout + r.stderr
+        assert r.returncode == ExitCode.BAD_INPUT and "already live" in r.stderr, \
+            r.stdout + r.stderr
         release(gate)
         code, out = finish(proc, 60)
-    assert code == 0 and read_json(run / "exit.json")["state"] == "finished", out[-2000:]
+    assert code == ExitCode.DONE and read_json(run / "exit.json")["state"] == "finished", \
+        out[-2000:]
 
 
 def test_stop_of_a_frozen_command_ends_the_run_with_no_restart(tmp_path, reap):
@@ -478,7 +483,7 @@ def test_stop_of_a_frozen_command_ends_the_run_with_no_restart(tmp_path, reap):
         os.kill(child, signal.SIGSTOP)
         r = lnsp("stop", run, "--grace", 3, timeout=60)
         code, out = finish(proc, 60)
-    assert r.returncode == 3 and "killed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.STALLED and "killed" in r.stdout, r.stdout + r.stderr
     ended = read_json(run / "exit.json")
     assert ended["state"] == "stopped" and read_json(run / "run.json").get("restarts", 0) == 0
     assert "restart 1/3" not in log_of(run)

@@ -14,6 +14,7 @@ from conftest import (FAST_TRAIN, MACOS, NO_STACKS_ON_MACOS, env, finish, lnsp, 
 from lnsp import procs, system
 from lnsp.config import TrainConfig
 from lnsp.launch.command import caffeinate_argv, trainer_argv
+from lnsp.rundir import ExitCode
 
 
 def launch(backend, run, data, *extra, cwd, extra_env=None):
@@ -43,6 +44,35 @@ def test_caffeinate_holds_the_assertions_of_a_computation_tied_to_the_trainer():
     argv = trainer_argv(config)
     assert argv[:6] == [sys.executable, "-u", "-X", "faulthandler", "-m", "lnsp"]
     assert argv[6] == "supervise" and "--run-dir" in argv
+
+
+@pytest.mark.parametrize("name", ["foreground", "nohup", "tmux", "docker", "ddp",
+                                  "ddp-docker"])
+def test_every_backend_has_every_operation(name):
+    """Callers never ask which operations a backend has: each has all of Backend's."""
+    import inspect
+    import types
+
+    from lnsp.launch import Backend, backend
+
+    module = backend(name)
+    operations = [op for op in dir(Backend) if not op.startswith("_")]
+    assert len(operations) == 10 and isinstance(module, Backend), \
+        [op for op in operations if not hasattr(module, op)]
+    for op in operations:  # each takes what the protocol passes
+        assert list(inspect.signature(getattr(module, op)).parameters) == \
+            list(inspect.signature(getattr(Backend, op)).parameters)[1:], (name, op)
+    assert not isinstance(types.SimpleNamespace(alive=None, send=None), Backend)
+
+
+def test_a_foreground_run_is_not_launched_and_adds_nothing_to_status():
+    from lnsp.errors import LaunchError
+    from lnsp.launch import backend
+
+    native = backend("foreground")
+    with pytest.raises(LaunchError, match="not launched"):
+        native.plan(TrainConfig(run_dir="runs/x"), {})
+    assert native.notes(None, {}) == [] and native.extra_status({}) == {}
 
 
 def test_nohup_run_outlives_its_shell_and_records_the_trainers_pid(small_data, tmp_path, reap):
@@ -89,15 +119,15 @@ def test_tmux_run_is_listed_and_finishes(small_data, tmp_path, tmux_socket):
     assert ls.stdout.startswith("run1:"), ls
     again = lnsp("launch", "tmux", "--data", small_data, "--run-dir", tmp_path / "other",
                  "--session", "run1", cwd=tmp_path, extra_env=extra)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == ExitCode.BAD_INPUT and "already exists" in again.stderr
     assert not (tmp_path / "other").exists()
     wait_until(lambda: (read_json(run / "exit.json") or {}).get("state") == "finished", 120,
                what="the tmux run to finish")
     info = read_json(run / "run.json")
     assert info["backend"] == "tmux" and info["tmux_session"] == "run1"
-    # exit.json is written before the last lines (goodput, the plot): wait for the line
+    # exit.json is written first, the log's last line a moment later
     wait_until(lambda: "Finished" in (run / "training.log").read_text(), 30,
-               what="the Finished line")
+               what="the log's Finished line")
 
 
 def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap):
@@ -126,7 +156,7 @@ def test_status_through_running_stalled_and_finished(small_data, tmp_path, reap)
     release(gate)
     proc.wait(60)
     final = state(run, tmp_path)
-    assert final["state"] == "finished" and final["exit_code"] == 0
+    assert final["state"] == "finished" and final["exit_code"] == ExitCode.DONE
 
 
 def test_dump_by_pid_and_run_keeps_the_run_alive(small_data, tmp_path, reap):
@@ -141,14 +171,14 @@ def test_dump_by_pid_and_run_keeps_the_run_alive(small_data, tmp_path, reap):
     assert len(list((run / "dumps").glob("*.txt"))) == 3
     assert psutil.pid_exists(pid) and state(run, tmp_path)["state"] == "running"
     r = lnsp("stop", run, "--grace", "30", cwd=tmp_path)
-    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "stopped" in r.stdout, r.stdout + r.stderr
 
 
 def test_dump_refuses_a_process_that_is_not_an_lnsp_run(tmp_path, reap):
     other = subprocess.Popen(["sleep", "60"])
     reap(other.pid)
     r = lnsp("dump", other.pid, cwd=tmp_path)
-    assert r.returncode == 2 and "not an lnsp trainer" in r.stderr, r.stderr
+    assert r.returncode == ExitCode.BAD_INPUT and "not an lnsp trainer" in r.stderr, r.stderr
     # A SIGUSR1 would have ended `sleep` at once (its default action); the refusal
     # came back after any signal would have landed, so it is still alive, not killed.
     assert other.poll() is None and psutil.Process(other.pid).status() != "zombie"
@@ -164,7 +194,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     wait_until(lambda: (read_json(run / "heartbeat.json") or {}).get("step", 0) >= 20, 60,
                what="step 20")
     r = lnsp("stop", run, cwd=tmp_path)
-    assert r.returncode == 0 and "stopped at step" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == ExitCode.DONE and "stopped at step" in r.stdout, r.stdout + r.stderr
     assert state(run, tmp_path)["state"] == "stopped"
     config = read_json(run / "config.json")
     ds = data.load(small_data, config["ctx_len"])
@@ -173,7 +203,7 @@ def test_stop_then_resume_finishes_with_every_step(small_data, tmp_path, reap):
     epochs = read_json(run / "exit.json")["step"] // per_epoch + 1  # end in the stopped epoch
     r = lnsp("train", "--run-dir", run, "--resume", "--epochs", epochs, cwd=tmp_path,
              timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == ExitCode.DONE, r.stderr
     ended = read_json(run / "exit.json")
     assert ended["state"] == "finished" and read_json(run / "config.json")["epochs"] == epochs
     assert ended["step"] == epochs * per_epoch
@@ -196,7 +226,7 @@ def test_a_frozen_run_is_dumped_killed_and_restarted_to_completion(small_data, t
     wait_until(lambda: marker.exists() or proc.poll() is not None, 60, what="the freeze")
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     code, out = finish(proc, timeout=240)  # the supervisor's output read as it comes
-    assert code == 0, out[-3000:]
+    assert code == ExitCode.DONE, out[-3000:]
     assert read_json(run / "run.json")["restarts"] == 1 and not procs.alive(first)
     ended = read_json(run / "exit.json")
     assert ended["state"] == "finished", ended

@@ -9,8 +9,8 @@ import pytest
 from lnsp.train.distributed import classify as classify_failure, laggards, stalled_pid
 from lnsp.errors import (ConfigError, DataError, LaunchError, LnspError, RunDirError,
                          TrainingError)
-from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, StepRecord, run_staleness,
-                         staleness)
+from lnsp.rundir import (ExitCode, ExitRecord, Heartbeat, RunDir, RunRecord, StepRecord,
+                         run_staleness, staleness)
 from lnsp.observe.status import classify
 
 
@@ -21,7 +21,8 @@ def test_records_round_trip_and_keep_unknown_fields(tmp_path):
                                             loss=1.5)
     ended = rd.write_exit("stopped", ExitCode.DONE, 40, signal="SIGTERM")
     on_disk = json.loads(rd.exit.read_text())
-    assert on_disk["signal"] == "SIGTERM" and on_disk["exit_code"] == 0 and "cause" not in on_disk
+    assert on_disk["signal"] == "SIGTERM" and on_disk["exit_code"] == ExitCode.DONE \
+        and "cause" not in on_disk
     assert rd.read_exit() == ended and ended.extra == {"signal": "SIGTERM"}
     rd.append_step(StepRecord(5, 1, 2.0, 80.0, {"forward": 0.01}, 300.0, 1.0))
     with open(rd.steps, "a") as f:
@@ -29,6 +30,57 @@ def test_records_round_trip_and_keep_unknown_fields(tmp_path):
     assert [r.step for r in rd.read_steps()] == [5]
     rd.rank_heartbeat(1).write_text(json.dumps({"pid": 8, "time": 5.0, "step": 3}))
     assert rd.rank_heartbeats()[1].step == 3
+
+
+def test_run_json_reads_as_a_record_written_in_parts(tmp_path):
+    """Launcher, supervisor and trainer each add their own fields; the record reads them
+    all, with defaults for what is not there yet and any other key kept as it is."""
+    rd = RunDir(tmp_path)
+    assert rd.read_run_record() is None  # no run.json: no record, not an empty one
+    rd.update_run(backend="tmux", launch_time=5.0, tmux_session="exp1")
+    rd.update_run(supervisor_pid=11, supervisor_start=6.0, max_restarts=2)
+    rd.update_run(pid=12, start_time=7.0, ranks=[{"rank": 0, "pid": 12}], future_field=[1])
+    run = rd.read_run_record()
+    assert (run.backend, run.pid, run.start_time, run.supervisor_pid, run.max_restarts,
+            run.restarts, run.world_size, run.ranks) == ("tmux", 12, 7.0, 11, 2, 0, 1,
+                                                         [{"rank": 0, "pid": 12}])
+    assert run.extra == {"tmux_session": "exp1", "future_field": [1]}
+    assert RunRecord.of(None) == RunRecord() and RunRecord().backend == "foreground"
+    with pytest.raises(AttributeError):  # frozen: run.json changes through update_run only
+        run.pid = 13
+
+
+def test_no_other_module_spells_a_run_directory_file_name():
+    """The run directory's file names live in lnsp/rundir.py alone: a string in any other
+    module's code (its docstrings aside) that is one, ends in one or starts a per-rank
+    one fails here."""
+    import ast
+    from pathlib import Path
+
+    import lnsp
+
+    rd = RunDir("r")
+    names = {getattr(rd, k).name for k, v in vars(RunDir).items() if isinstance(v, property)}
+    names |= {rd.last_checkpoint().name, rd.best_checkpoint().name, rd.verdict(rd.root).name}
+    names |= {p.name.split("7")[0] for p in (rd.rank_heartbeat(7), rd.rank_exit(7),
+                                             rd.survivor_mark(7), rd.node_console("7"),
+                                             rd.epoch_checkpoint(7))}
+    assert {"run.json", "heartbeat.json", "dumps", "tb", "heartbeat-rank"} <= names
+    found = []
+    for path in sorted(Path(lnsp.__file__).parent.rglob("*.py")):
+        if path.name == "rundir.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                        ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        found += [f"{path.relative_to(path.parents[2])}:{node.lineno} {node.value!r}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings
+                  and any(node.value == n or node.value.endswith("/" + n) for n in names)]
+    assert not found, found
 
 
 def test_a_record_missing_its_required_fields_reads_as_none(tmp_path):
@@ -63,17 +115,29 @@ def test_run_staleness_ignores_the_heartbeat_of_an_earlier_trainer():
 ])
 def test_state_of_a_run(ended, alive, trainer, beat_age, expected):
     now = 1000.0
-    run = {"pid": 42, "start_time": 900.0, "stall_timeout": 2, "startup_timeout": 60,
-           "restarts": 0, "max_restarts": 1}
+    run = RunRecord(pid=42, start_time=900.0, stall_timeout=2, startup_timeout=60,
+                    restarts=0, max_restarts=1)
     beat = Heartbeat(pid=42, time=now - beat_age) if beat_age is not None else None
     assert classify(run, beat, ended, alive, trainer, now) == expected
 
 
 def test_a_run_still_starting_and_one_never_started():
     now = 1000.0
-    assert classify({"launch_time": now - 5}, None, None, False, False, now) == "starting"
-    assert classify({"pid": 1, "start_time": now - 100, "startup_timeout": 60}, None, None,
+    assert classify(RunRecord(launch_time=now - 5), None, None, False, False, now) == "starting"
+    assert classify(RunRecord(pid=1, start_time=now - 100, startup_timeout=60), None, None,
                     True, True, now) == "stalled"
+
+
+def test_a_run_that_names_no_budgets_is_judged_by_the_configs_defaults():
+    from lnsp.config import TrainConfig
+
+    stall, startup, now = TrainConfig().stall_timeout, TrainConfig().startup_timeout, 1e4
+    run = RunRecord(pid=1, start_time=0.0)
+    for age, expected in ((stall - 1, "running"), (stall + 1, "stalled")):
+        assert classify(run, Heartbeat(pid=1, time=now - age), None, True, True, now) == expected
+    for age, expected in ((startup - 1, "running"), (startup + 1, "stalled")):
+        run = RunRecord(pid=1, start_time=now - age)  # no heartbeat yet: still starting
+        assert classify(run, None, None, True, True, now) == expected
 
 
 def test_laggards_name_the_oldest_other_rank():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lnsp.guard.threads import policy_env, user_environment
+from lnsp.rundir import RunDir
 
 PLAIN = Path(__file__).with_name("plainloop.py")
 
@@ -151,7 +152,7 @@ def guard_overhead(batch: int = 8, hidden: int = 768, ctx: int = 10, k: int = 10
         steps, times = alternate(sides, blocks, block_s)
         step_ms = {n: 1000 * float(np.median(v)) / steps for n, v in times.items()}
         ratios = [g / b for g, b in zip(times["guarded"], times["bare"])]
-        beat = json.loads((folder / "run" / "heartbeat.json").read_text())
+        beat = json.loads(RunDir(folder / "run").heartbeat.read_text())
         return {"batch": batch, "hidden": hidden, "steps_per_block": steps, "blocks": blocks,
                 "bare_step_ms": step_ms["bare"], "guarded_step_ms": step_ms["guarded"],
                 "overhead": float(np.median(ratios)) - 1,

@@ -107,7 +107,7 @@ def run_facts(target: Target, first: dict, last: dict) -> dict:
              "heartbeat_age_s": round(now - beat["time"], 1) if beat.get("time") else None,
              "stall_timeout": config.get("stall_timeout"), "ranks": []}
     for r in target.run.get("ranks", []):
-        b = read_json(rd.root / f"heartbeat-rank{r['rank']}.json") or {}
+        b = read_json(rd.rank_heartbeat(r["rank"])) or {}
         facts["ranks"].append({"rank": r["rank"], "pid": r.get("pid"), "step": b.get("step"),
                                "phase": b.get("phase"),
                                "age_s": round(now - b["time"], 1) if b.get("time") else None})

@@ -84,15 +84,14 @@ def write(rd: RunDir, verdict: dict, folder: Path) -> Path:
     summary = {k: verdict.get(k) for k in ("kind", "summary", "evidence", "fix", "pid",
                                            "run_dir", "bundle")}
     summary["time"] = time.time()
-    write_json(tmp / "verdict.json", summary)
+    write_json(rd.verdict(tmp), summary)
     atomic_write(tmp / "verdict.txt", diagnose.text(verdict) + "\n")
     write_json(tmp / "samples.json", {"samples": verdict.get("samples", [])}, durable=False)
     atomic_write(tmp / "folded.txt", verdict.get("folded", ""))
-    for source, name in ((rd.heartbeat, "heartbeat.json"), (rd.config, "config.json"),
-                         (rd.run, "run.json")):
+    for source in (rd.heartbeat, rd.config, rd.run):  # under their own names
         if source.exists():
-            shutil.copyfile(source, tmp / name)
-    for beat in rd.root.glob("heartbeat-rank*.json"):
+            shutil.copyfile(source, tmp / source.name)
+    for beat in rd.rank_heartbeat_files():
         shutil.copyfile(beat, tmp / beat.name)
     atomic_write(tmp / "log-tail.txt", _tail(rd.log, LOG_LINES))
     write_json(tmp / "doctor.json", _doctor(verdict.get("pid")))

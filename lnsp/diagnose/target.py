@@ -37,11 +37,10 @@ def find_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict | Non
         rd = RunDir(target)
         return rd, read_json(rd.run)
     pid, found = int(target), (None, None)
-    base = Path(root)
-    for path in sorted(base.glob("*/run.json")) if base.is_dir() else []:
-        run = read_json(path) or {}
+    for rd in RunDir.runs_under(root):
+        run = read_json(rd.run) or {}
         if run.get("pid") == pid and run.get("backend") != "docker":
-            found = RunDir(path.parent), run
+            found = rd, run
     if found[0] is None:
         args = procs.cmdline(pid)
         if "--run-dir" in args[:-1]:

@@ -161,7 +161,9 @@ def _resumed_policy(argv: list[str]) -> str | None:
         return None
     import json
 
-    path = os.path.join(argv[argv.index("--run-dir") + 1], "config.json")
+    from lnsp.rundir import RunDir  # here: every `import lnsp` runs this module
+
+    path = RunDir(argv[argv.index("--run-dir") + 1]).config
     try:
         with open(path) as f:
             return json.load(f).get("threads")

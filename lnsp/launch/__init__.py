@@ -1,30 +1,62 @@
-"""Launchers: one interface with one backend per module (nohup, tmux, docker, ddp,
-ddp-docker).
+"""Launchers: one interface (`Backend`) with one backend per module (nohup, tmux,
+docker, ddp, ddp-docker; native for runs started in the foreground).
 
-Each backend module has `start(config, options) -> dict` (what goes into run.json),
-`alive(run) -> bool` and `send(run, signum)`. The run's state lives in its run
-directory, so status, dump, stop and logs work the same for every backend.
+The run's state lives in its run directory, so status, dump, stop and logs work the
+same for every backend: each asks the backend of run.json only whether the run's
+processes live and how to signal them.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from typing import Protocol, cast, runtime_checkable
 
 from lnsp.errors import LaunchError, RunDirError
-from lnsp.rundir import ExitCode, RunDir
+from lnsp.observe.status import Processes
+from lnsp.rundir import ExitCode, RunDir, RunRecord
 
-__all__ = ["LaunchError", "backend", "start"]
+__all__ = ["Backend", "LaunchError", "backend", "start"]
 
 
-MODULES = {"docker": "docker", "ddp": "ddp", "ddp-docker": "ddp_docker"}
+MODULES = {"nohup": "nohup", "tmux": "tmux", "docker": "docker", "ddp": "ddp",
+           "ddp-docker": "ddp_docker"}
 COMMAND_BACKENDS = ("nohup", "tmux", "ddp", "docker")  # backends that run a user's command (lnsp run)
 
 
-def backend(name: str):
-    """The module that operates a backend's runs (nohup, tmux and foreground runs are
-    plain processes on this machine)."""
-    return importlib.import_module(f"lnsp.launch.{MODULES.get(name, 'native')}")
+@runtime_checkable
+class Backend(Processes, Protocol):
+    """What every backend module has, so no caller asks which operations one has: a
+    backend with nothing to do for one (no supervisor of its own to kill, nothing to
+    add to the status row) has it as a no-op. `run` is run.json's record."""
+
+    def plan(self, config, options: dict) -> dict:
+        """The launch facts for run.json, checked before anything starts (a container
+        name that is free, a tmux session): a refusal here leaves nothing behind."""
+
+    def start(self, config, info: dict) -> None:
+        """Start the run detached; `info` is plan's answer and the user's command."""
+
+    def notes(self, config, info: dict) -> list[str]:
+        """Lines for the user after the start (where to attach, the containers)."""
+
+    def send(self, run: RunRecord, signum: int) -> None:
+        """A signal to the run's processes (a dump, a stop), each checked to be ours."""
+
+    def kill(self, run: RunRecord) -> None:
+        """SIGKILL to the trainer(s): the last stage of a stop."""
+
+    def kill_supervisor(self, run: RunRecord) -> None:
+        """SIGKILL to a supervisor that outlived its killed trainer (stopped, deaf)."""
+
+    def wait_gone(self, run: RunRecord, timeout: float) -> bool:
+        """Whether every process of the run ended within `timeout` seconds."""
+
+
+def backend(name: str) -> Backend:
+    """The module of a backend by its run.json name; a run started in the foreground
+    (or by an unknown launcher) is plain processes on this machine."""
+    return cast(Backend, importlib.import_module(f"lnsp.launch.{MODULES.get(name, 'native')}"))
 
 
 def _undo(rd: RunDir, created: bool, before: dict | None) -> None:
@@ -64,7 +96,7 @@ def start(name: str, config, options: dict) -> str:
     if holder is not None:  # --resume of a run that is still running
         raise RunDirError(f"{rd.root}: a trainer is already running in this run directory "
                           f"(pid {holder or '?'}); stop it first (lnsp stop {rd.root})")
-    module = importlib.import_module(f"lnsp.launch.{MODULES.get(name, name)}")
+    module = backend(name)
     # run.json gets the launch facts before the process exists: the trainer and the
     # supervisor add their own PIDs to it, so nothing is written by two at once.
     info = module.plan(config, options)
@@ -83,7 +115,7 @@ def start(name: str, config, options: dict) -> str:
                           f"({type(e).__name__}: {first}); nothing was left in {rd.root}",
                           ExitCode.INTERNAL) from None
     lines = [f"Started {name} run: {rd.root}"]
-    lines += module.notes(config, info) if hasattr(module, "notes") else []
+    lines += module.notes(config, info)
     lines += [f"  status: lnsp status {rd.root}      (make status)",
               f"  logs:   lnsp logs {rd.root} -f     (make logs RUN={rd.root})",
               f"  dump:   lnsp dump {rd.root}        (make dump RUN={rd.root})",

@@ -8,7 +8,7 @@ import sys
 
 from lnsp import procs
 from lnsp.launch.command import detach, environment
-from lnsp.rundir import RunDir
+from lnsp.rundir import RunDir, RunRecord
 
 
 def torchrun_argv(config, nproc: int, nnodes: int = 1, node_rank: int = 0,
@@ -65,47 +65,55 @@ def notes(config, info: dict) -> list[str]:
             f"{RunDir(config.run_dir).console}"]
 
 
-def ranks_here(run: dict) -> list[dict]:
+def ranks_here(run: RunRecord) -> list[dict]:
     """The job's live ranks on this host, each still the process rank 0 recorded in
     run.json (its PID and start time)."""
     here = socket.gethostname()
-    return [r for r in run.get("ranks", [])
+    return [r for r in run.ranks
             if r.get("host") == here and procs.running(r["pid"], r.get("start"))]
 
 
-def rank_pids(run: dict) -> list[int]:
+def rank_pids(run: RunRecord) -> list[int]:
     """Live PIDs of the job's ranks on this host (rank 0 records them in run.json)."""
     return [r["pid"] for r in ranks_here(run)]
 
 
-def agent_alive(run: dict) -> bool:
+def agent_alive(run: RunRecord) -> bool:
     """torchrun's agent (rank 0's parent, recorded with its start time)."""
-    return procs.running(run.get("supervisor_pid"), run.get("supervisor_start"))
+    return procs.running(run.supervisor_pid, run.supervisor_start)
 
 
-def alive(run: dict) -> bool:
+def alive(run: RunRecord) -> bool:
     return agent_alive(run) or bool(rank_pids(run))
 
 
-def trainer_alive(run: dict) -> bool:
+def trainer_alive(run: RunRecord) -> bool:
     return bool(rank_pids(run))
 
 
-def send(run: dict, signum: int) -> None:
+def send(run: RunRecord, signum: int) -> None:
     """To every rank: a dump from each, or a stop that all ranks agree on."""
     for r in ranks_here(run):
         procs.send_signal(r["pid"], r.get("start"), signum, f"rank {r['rank']}")
 
 
-def kill(run: dict) -> None:
+def kill(run: RunRecord) -> None:
     """The agent first, so that it cannot restart what is killed next, then the ranks."""
     import signal
 
     if agent_alive(run):
-        procs.send_signal(run["supervisor_pid"], run.get("supervisor_start"),
+        procs.send_signal(run.supervisor_pid, run.supervisor_start,
                           signal.SIGKILL, "torchrun agent")
     send(run, signal.SIGKILL)
 
 
-def wait_gone(run: dict, timeout: float) -> bool:
+def kill_supervisor(run: RunRecord) -> None:
+    """Nothing left to do: kill() ended the agent first."""
+
+
+def wait_gone(run: RunRecord, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
+
+
+def extra_status(run: RunRecord) -> dict:
+    return {}  # the ranks are in every row of a job already

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from lnsp import procs
 from lnsp.launch import LaunchError
-from lnsp.launch.command import detach, environment
+from lnsp.launch.command import detach
 from lnsp.launch.ddp import run_id, torchrun_argv
-from lnsp.launch.docker import LABEL, client, make_room, require_image, run_tag
-from lnsp.rundir import RunDir, update_json
+from lnsp.launch.docker import (client, container_environment, create, make_room,
+                                require_image, run_labels, run_tag)
+from lnsp.rundir import RunDir, RunRecord, update_json
 
 RDZV_PORT = 29400
 PYTHON = "/opt/lnsp/bin/python"  # the image's virtual environment
@@ -44,8 +45,7 @@ def plan(config, options: dict) -> dict:
     c = client()
     image = require_image(c, options)
     network, containers = names(config.run_dir, nodes)
-    for name in containers:  # an ended job of this run (stopped, lost): make room
-        make_room(c, name)
+    make_room(c, *containers)  # an ended job of this run (stopped, lost)
     for old in c.networks.list(names=[network]):
         old.remove()
     return {"nodes": nodes, "nproc_per_node": per_node, "image": image, "network": network,
@@ -56,18 +56,13 @@ def plan(config, options: dict) -> dict:
 
 def node_environment(config, info: dict) -> dict[str, str]:
     from lnsp.train.distributed import nccl_environment
-    from lnsp.guard.threads import user_environment
 
     run = str(RunDir(config.run_dir).root.resolve())
-    env = {**environment(config, "ddp-docker", info["nproc_per_node"]), "HOME": "/tmp",
-           **nccl_environment(Path(run) / "dumps"),
-           # A store per rendezvous round, not the agent's: a node that comes back
-           # starts counting its attempts at 0, so attempts cannot name the keys.
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-           "LNSP_AUTO_RESUME": "1"}
-    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
-                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
-    return env
+    return container_environment(
+        config, "ddp-docker", info["nproc_per_node"], **nccl_environment(RunDir(run).dumps),
+        # A store per rendezvous round, not the agent's: a node that comes back
+        # starts counting its attempts at 0, so attempts cannot name the keys.
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", LNSP_AUTO_RESUME="1")
 
 
 def start(config, info: dict) -> None:
@@ -76,25 +71,18 @@ def start(config, info: dict) -> None:
     inside = config.replace(data=data, run_dir=run)
     rd.dumps.mkdir(parents=True, exist_ok=True)  # the NCCL traces' folder must exist
     c = client()
-    label = {LABEL: Path(run).name, "lnsp.run_dir": run}
-    network = c.networks.create(info["network"], driver="bridge", internal=True, labels=label)
-    kwargs = {}
-    if info.get("cpus"):
-        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
-    if info.get("memory"):
-        kwargs["mem_limit"] = info["memory"]
+    network = c.networks.create(info["network"], driver="bridge", internal=True,
+                                labels=run_labels(run))
     env, ids = node_environment(config, info), []
     try:
         for i, name in enumerate(info["containers"]):
             argv = torchrun_argv(inside, info["nproc_per_node"], info["nodes"], i,
                                  rendezvous=info["rendezvous"], python=PYTHON)
-            container = c.containers.create(
-                info["image"], entrypoint=argv[:1], command=argv[1:], name=name,
-                hostname=name, labels={**label, "lnsp.node": str(i)}, network=network.name,
-                init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
+            container = create(
+                c, info, name, run, labels={"lnsp.node": str(i)}, entrypoint=argv[:1],
+                command=argv[1:], hostname=name, network=network.name,
                 volumes={data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}},
-                working_dir=run, cap_add=["SYS_PTRACE"], shm_size="1g", environment=env,
-                **kwargs)
+                working_dir=run, environment=env)
             ids.append(container.id)
         update_json(rd.run, container_ids=ids)
         for cid in ids:
@@ -108,7 +96,7 @@ def start(config, info: dict) -> None:
         network.remove()
         raise LaunchError(f"could not start the nodes: {type(e).__name__}: {e}", 1) from None
     # The reaper outlives this command, as the job does.
-    detach([sys.executable, "-m", "lnsp.launch.ddp_docker", run], {}, rd.root / "reaper.log")
+    detach([sys.executable, "-m", "lnsp.launch.ddp_docker", run], {}, rd.reaper_log)
 
 
 def notes(config, info: dict) -> list[str]:
@@ -117,10 +105,10 @@ def notes(config, info: dict) -> list[str]:
             f"rendezvous {info['rendezvous']}"]
 
 
-def _containers(run: dict) -> list:
+def _containers(run: RunRecord) -> list:
     c = client()
     found = []
-    for name in run.get("containers", []):
+    for name in run.containers:
         try:
             found.append(c.containers.get(name))
         except Exception:
@@ -128,14 +116,14 @@ def _containers(run: dict) -> list:
     return found
 
 
-def alive(run: dict) -> bool:
+def alive(run: RunRecord) -> bool:
     return any(x is not None and x.status in RUNNING for x in _containers(run))
 
 
 trainer_alive = alive
 
 
-def send(run: dict, signum: int) -> None:
+def send(run: RunRecord, signum: int) -> None:
     """SIGKILL ends the containers; other signals go to every rank (a dump from each,
     or a stop all ranks agree on) through the engine, never to torchrun itself, whose
     default action for SIGUSR1 would end the node. By name, as in the docker backend:
@@ -145,13 +133,13 @@ def send(run: dict, signum: int) -> None:
     name = signal_name(signum)
     live = [x for x in _containers(run) if x is not None and x.status == "running"]
     if not live:
-        raise LaunchError(f"no node of {run.get('network', 'the job')} is running")
+        raise LaunchError(f"no node of {run.network or 'the job'} is running")
     if name == "SIGKILL":
         for x in live:
             x.kill()
         return
     pids: dict[str, list[str]] = {}
-    for r in run.get("ranks", []):  # each rank's PID with its start time, inside its node
+    for r in run.ranks:  # each rank's PID with its start time, inside its node
         pids.setdefault(r["host"], []).extend([str(r["pid"]), str(r.get("start"))])
     for x in live:
         mine = pids.get(x.name, [])
@@ -180,30 +168,39 @@ for pid, start in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
-def wait_gone(run: dict, timeout: float) -> bool:
+def kill(run: RunRecord) -> None:
+    """SIGKILL ends the node containers themselves (torchrun's agents with them)."""
+    import signal
+
+    send(run, signal.SIGKILL)
+
+
+def kill_supervisor(run: RunRecord) -> None:
+    """Nothing left to do: each node's agent lived in a container kill() ended."""
+
+
+def wait_gone(run: RunRecord, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 
 
-def extra_status(run: dict) -> dict:
+def extra_status(run: RunRecord) -> dict:
     nodes = []
-    for name, x in zip(run.get("containers", []), _containers(run)):
+    for name, x in zip(run.containers, _containers(run)):
         state = (x.attrs.get("State", {}) if x is not None else {})
         nodes.append({"container": name, "state": state.get("Status"),
                       "exit_code": None if state.get("Running") or x is None
                       else state.get("ExitCode")})
-    return {"network": run.get("network"), "nodes": nodes}
+    return {"network": run.network, "nodes": nodes}
 
 
 def reap(run_dir: str, poll: float = 1.0) -> None:
     """Wait until no node runs, then keep each node's console output and remove the
     network. A node restarted while others wait (--max-restarts) counts as running."""
     rd = RunDir(run_dir)
-    from lnsp.rundir import read_json
-
-    run = read_json(rd.run) or {}
+    run = rd.read_run_record() or RunRecord()
     while True:
         try:
-            if not alive(read_json(rd.run) or run):
+            if not alive(rd.read_run_record() or run):
                 break
         except LaunchError:
             pass  # the engine is briefly unreachable: ask again
@@ -213,11 +210,11 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
     c = client()
     for x in _containers(run):
         try:  # a node removed meanwhile (relaunched, or cleaned up) has no output left
-            (rd.root / f"console-{x.name.rsplit('-', 1)[-1]}.log").write_bytes(
+            rd.node_console(x.name.rsplit('-', 1)[-1]).write_bytes(
                 x.logs(stdout=True, stderr=True))
         except (AttributeError, docker.errors.NotFound):
             pass
-    for network in c.networks.list(names=[run["network"]]):
+    for network in c.networks.list(names=[run.network]):
         try:
             network.reload()
             for x in network.containers:
@@ -225,7 +222,7 @@ def reap(run_dir: str, poll: float = 1.0) -> None:
             network.remove()
         except docker.errors.NotFound:
             pass
-    print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run['network']} removed",
+    print(f"{time.strftime('%H:%M:%S')} nodes ended; network {run.network} removed",
           flush=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from lnsp import procs
 from lnsp.errors import LaunchError
 from lnsp.launch.command import environment
-from lnsp.rundir import ExitCode
+from lnsp.rundir import ExitCode, RunRecord
 from lnsp.guard.threads import user_environment
 
 IMAGE = "lnsp:latest"
@@ -63,14 +63,15 @@ def existing(c, name: str):
                  if x.name == name), None)
 
 
-def make_room(c, name: str) -> None:
-    """An ended container of this name (a stopped run, a lost node) is removed; a
+def make_room(c, *names: str) -> None:
+    """Ended containers of these names (a stopped run, a lost node) are removed; a
     running one is refused."""
-    old = existing(c, name)
-    if old is not None and old.status == "running":
-        raise LaunchError(f"container {name} is already running")
-    if old is not None:
-        old.remove(force=True)
+    for name in names:
+        old = existing(c, name)
+        if old is not None and old.status == "running":
+            raise LaunchError(f"container {name} is already running")
+        if old is not None:
+            old.remove(force=True)
 
 
 def require_image(c, options: dict) -> str:
@@ -94,6 +95,37 @@ def plan(config, options: dict) -> dict:
             "memory": options.get("memory")}
 
 
+def run_labels(run: str) -> dict[str, str]:
+    """The labels that tie a container (or a network) to its run directory."""
+    return {LABEL: Path(run).name, "lnsp.run_dir": run}
+
+
+def container_environment(config, backend: str, ranks: int = 1, **more: str) -> dict[str, str]:
+    """A run's environment inside a container: the native one (thread policy,
+    unbuffered output), a HOME any uid can write, `more`, and the user's own LNSP_
+    settings except those that name host paths or the backend."""
+    env = {**environment(config, backend, ranks), "HOME": "/tmp", **more}
+    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
+                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
+    return env
+
+
+def create(c, info: dict, name: str, run: str, labels: dict | None = None, **options):
+    """One container of the run, created for the caller to start: labelled with its run
+    directory, an init process so signals reach the trainer, the invoking user's
+    uid:gid, SYS_PTRACE for native dumps, 1 GB of /dev/shm, and plan's image and
+    --cpus and --memory limits (`info`). `options` go to docker-py as they are (the
+    command, volumes, working folder, environment)."""
+    if info.get("cpus"):
+        options["nano_cpus"] = int(float(info["cpus"]) * 1e9)
+    if info.get("memory"):
+        options["mem_limit"] = info["memory"]
+    return c.containers.create(
+        info["image"], name=name, labels={**run_labels(run), **(labels or {})}, init=True,
+        detach=True, user=f"{os.getuid()}:{os.getgid()}", cap_add=["SYS_PTRACE"],
+        shm_size="1g", **options)
+
+
 def start(config, info: dict) -> None:
     from lnsp.rundir import RunDir
 
@@ -106,21 +138,9 @@ def start(config, info: dict) -> None:
         inside = config.replace(data=data, run_dir=run)
         command, workdir = ["supervise", *inside.to_argv()], run
         volumes = {data: {"bind": data, "mode": "ro"}, run: {"bind": run, "mode": "rw"}}
-    env = {**environment(config, "docker"), "HOME": "/tmp"}
-    env.update({k: v for k, v in user_environment().items() if k.startswith("LNSP_")
-                and k not in ("LNSP_DATA", "LNSP_RUN_DIR", "LNSP_BACKEND")})
-    kwargs = {}
-    if info.get("cpus"):
-        kwargs["nano_cpus"] = int(float(info["cpus"]) * 1e9)
-    if info.get("memory"):
-        kwargs["mem_limit"] = info["memory"]
-    container = client().containers.create(
-        info["image"], command=command, name=info["container_name"],
-        labels={LABEL: Path(run).name, "lnsp.run_dir": run},
-        init=True, detach=True, user=f"{os.getuid()}:{os.getgid()}",
-        volumes=volumes, working_dir=workdir, cap_add=["SYS_PTRACE"], shm_size="1g",
-        environment=env,
-        **kwargs)
+    container = create(client(), info, info["container_name"], run, command=command,
+                       volumes=volumes, working_dir=workdir,
+                       environment=container_environment(config, "docker"))
     rd.update_run(container_id=container.id)
     container.start()
 
@@ -153,30 +173,30 @@ def notes(config, info: dict) -> list[str]:
     return [f"  container: {info['container_name']} (image {info['image']})"]
 
 
-def _container(run: dict):
+def _container(run: RunRecord):
     """The run's container; None when the engine says it does not exist (removed). Any
     other failure (a timeout, a server error) is an EngineError: not an answer."""
     import docker
 
     engine = client()
     try:
-        return engine.containers.get(run["container_id"])
+        return engine.containers.get(run.container_id)
     except docker.errors.NotFound:
         return None
     except Exception as e:
         raise EngineError(f"Docker engine did not answer about container "
-                          f"{run['container_id'][:12]} ({type(e).__name__}: {e})") from None
+                          f"{run.container_id[:12]} ({type(e).__name__}: {e})") from None
 
 
-def alive(run: dict) -> bool:
-    c = _container(run) if run.get("container_id") else None
+def alive(run: RunRecord) -> bool:
+    c = _container(run) if run.container_id else None
     return bool(c and c.status in ("created", "running", "restarting"))
 
 
 trainer_alive = alive
 
 
-def send(run: dict, signum: int) -> None:
+def send(run: RunRecord, signum: int) -> None:
     """Through the engine: the init process passes the signal to the supervisor,
     which passes it to the trainer. By name: the container is Linux, where this host's
     number may mean another signal (macOS's SIGUSR1, 30, is Linux's SIGPWR, which ends
@@ -185,16 +205,27 @@ def send(run: dict, signum: int) -> None:
 
     c = _container(run)
     if c is None:
-        raise LaunchError(f"container {run.get('container_id', '?')[:12]} not found")
+        raise LaunchError(f"container {(run.container_id or '?')[:12]} not found")
     c.kill(signal=signal_name(signum))
 
 
-def wait_gone(run: dict, timeout: float) -> bool:
+def kill(run: RunRecord) -> None:
+    """SIGKILL through the engine: the container ends, its supervisor and trainer with it."""
+    import signal
+
+    send(run, signal.SIGKILL)
+
+
+def kill_supervisor(run: RunRecord) -> None:
+    """Nothing left to do: the supervisor lives in the container kill() ended."""
+
+
+def wait_gone(run: RunRecord, timeout: float) -> bool:
     return procs.wait_for(lambda: not alive(run), timeout, interval=0.2)
 
 
-def extra_status(run: dict) -> dict:
-    c = _container(run) if run.get("container_id") else None
+def extra_status(run: RunRecord) -> dict:
+    c = _container(run) if run.container_id else None
     if c is None:
         return {"container": None}
     state = c.attrs.get("State", {})

@@ -16,7 +16,7 @@ from lnsp.errors import LaunchError
 from lnsp.rundir import ExitCode
 from lnsp.launch.docker import IMAGE, client
 
-SOURCE = Path(__file__).resolve().parent.parent  # the checkout that holds docker/
+SOURCE = Path(__file__).resolve().parents[2]  # the checkout that holds docker/ (lnsp/launch/ is two down)
 ONLINE_BASE = "python:3.11-slim"  # the Dockerfile's default FROM
 OFFLINE_BASE = os.environ.get("LNSP_OFFLINE_BASE", "lnsp-base:bookworm")
 SOURCE_LABEL = "lnsp.source"  # hash of what the image was built from

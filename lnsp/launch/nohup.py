@@ -4,6 +4,9 @@ unbuffered output into the run directory, caffeinate on macOS."""
 from __future__ import annotations
 
 from lnsp.launch.command import caffeinate, detach, environment, trainer_argv
+# Its runs are processes on this machine, operated as every native run is.
+from lnsp.launch.native import (alive, extra_status, kill, kill_supervisor,  # noqa: F401
+                                send, trainer_alive, wait_gone)
 from lnsp.rundir import RunDir
 
 

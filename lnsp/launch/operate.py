@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 from lnsp import procs
 from lnsp.diagnose.target import find_run
 from lnsp.launch import LaunchError, backend
-from lnsp.rundir import ExitCode, RunDir
+from lnsp.rundir import ExitCode, RunDir, RunRecord
 
 
 def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
@@ -29,35 +30,42 @@ def resolve_run(target: str, root: str = "runs") -> tuple[RunDir | None, dict]:
     return rd, run
 
 
-def check_dumpable(run: dict) -> None:
+def _record(target: str, root: str = "runs") -> tuple[RunDir | None, RunRecord]:
+    """resolve_run's answer with its run.json as a record."""
+    rd, run = resolve_run(target, root)
+    return rd, RunRecord.of(run)
+
+
+def check_dumpable(run: RunRecord) -> RunRecord:
     """Refuse unless the target is a live lnsp trainer with its SIGUSR1 handler:
-    SIGUSR1's default action would kill it."""
-    if run.get("backend") in ("docker", "ddp-docker"):
-        if not backend(run["backend"]).alive(run):
+    SIGUSR1's default action would kill it. The record to signal, pinned to the
+    process found."""
+    if run.backend in ("docker", "ddp-docker"):
+        if not backend(run.backend).alive(run):
             raise LaunchError(f"the run's container(s) "
-                              f"{run.get('container_id', ','.join(run.get('containers', [])))[:40]}"
+                              f"{(run.container_id or ','.join(run.containers))[:40]}"
                               " not running")
-        return
-    pid = run.get("pid")
+        return run
+    pid = run.pid
     if not procs.alive(pid):
         raise LaunchError(f"process {pid} is not running")
-    if not procs.is_trainer(pid, run):
+    if not procs.is_trainer(pid, run.start_time):
         raise LaunchError(f"process {pid} is not an lnsp trainer "
                           f"({' '.join(procs.cmdline(pid))[:80]!r}); not signalling it")
     if procs.catches(pid, signal.SIGUSR1) is False:
         raise LaunchError(f"process {pid} has no SIGUSR1 handler installed yet; "
                           "SIGUSR1 would kill it, so no signal was sent")
-    if not run.get("start_time"):  # known by its command line just now: pin it to this
-        run["start_time"] = procs.start_time(pid)  # process, not a later one with its PID
+    # Known by its command line just now: pinned to this process, not a later one with its PID.
+    return run if run.start_time else dataclasses.replace(run, start_time=procs.start_time(pid))
 
 
 def dump(target: str, root: str = "runs", native: bool = False, timeout: float = 30.0) -> str:
-    rd, run = resolve_run(target, root)
-    check_dumpable(run)
+    rd, run = _record(target, root)
+    run = check_dumpable(run)
     before = set(rd.dumps.glob("*.txt")) if rd else set()
-    backend(run.get("backend", "foreground")).send(run, signal.SIGUSR1)
+    backend(run.backend).send(run, signal.SIGUSR1)
     if rd is None:
-        return f"SIGUSR1 sent to {run['pid']}: the dump is in the trainer's log"
+        return f"SIGUSR1 sent to {run.pid}: the dump is in the trainer's log"
     def fresh():
         return sorted(set(rd.dumps.glob("*.txt")) - before)
 
@@ -66,11 +74,11 @@ def dump(target: str, root: str = "runs", native: bool = False, timeout: float =
                           "(the process may be frozen: try --native)", ExitCode.STALLED)
     newest = fresh()[-1]
     text = f"{newest}\n{newest.read_text()}"
-    if native and run.get("backend") not in ("docker", "ddp-docker"):
+    if native and run.backend not in ("docker", "ddp-docker"):
         from lnsp.guard.dumps import native_stacks
 
         text += "\nNative stacks (py-spy dump --native, from outside):\n" + (
-            native_stacks(run["pid"]) or "(py-spy not available or not permitted)\n")
+            native_stacks(run.pid) or "(py-spy not available or not permitted)\n")
     return text
 
 
@@ -79,11 +87,11 @@ def stop(target: str, grace: float = 30.0) -> tuple[str, int]:
     SIGTERM (to the supervisor when there is one, which passes it on), then after the
     grace SIGKILL. What happened and the exit code: 0 stopped (or not running), 3 killed
     after the grace (it did not stop in time)."""
-    rd, run = resolve_run(target)
+    rd, run = _record(target)
     if rd is None:
         raise LaunchError(f"{target}: no run directory records this process; "
                           "name the run directory")
-    ops = backend(run.get("backend", "foreground"))
+    ops = backend(run.backend)
     if not ops.alive(run):  # its recorded processes (PID and start time) are gone
         ended = rd.read_exit()
         return (f"{rd.root}: not running ({ended.state if ended else 'no exit record'})",
@@ -96,12 +104,9 @@ def stop(target: str, grace: float = 30.0) -> tuple[str, int]:
         return (f"{rd.root}: {ended.state if ended else 'ended'} at step "
                 f"{ended.step if ended else '?'}; checkpoint {rd.last_checkpoint()}",
                 ExitCode.DONE)
-    run = rd.read_run() or run  # the trainer's PID changes on a restart
-    if hasattr(ops, "kill"):
-        ops.kill(run)
-    else:
-        ops.send(run, signal.SIGKILL)
-    if not ops.wait_gone(run, KILL_WAIT_S) and hasattr(ops, "kill_supervisor"):
+    run = rd.read_run_record() or run  # the trainer's PID changes on a restart
+    ops.kill(run)
+    if not ops.wait_gone(run, KILL_WAIT_S):
         ops.kill_supervisor(run)  # stopped itself (SIGSTOP), or not listening
         ops.wait_gone(run, KILL_WAIT_S)
     ended = rd.read_exit()
@@ -123,10 +128,10 @@ def _step(rd: RunDir) -> int:
 
 def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
     """Print the log; with `follow`, keep printing until the run's process is gone."""
-    rd, run = resolve_run(target)
+    rd, run = _record(target)
     if not rd.log.exists():
         raise LaunchError(f"{rd.log}: no log yet")
-    ops = backend(run.get("backend", "foreground"))
+    ops = backend(run.backend)
     with open(rd.log) as f:
         out.write(f.read())
         out.flush()
@@ -135,7 +140,7 @@ def logs(target: str, follow: bool = False, out=sys.stdout) -> None:
             if line:
                 out.write(line)
                 out.flush()
-            elif ops.alive(rd.read_run() or run):  # pids change on a restart
+            elif ops.alive(rd.read_run_record() or run):  # pids change on a restart
                 time.sleep(0.25)
             else:
                 break

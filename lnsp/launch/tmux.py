@@ -12,6 +12,9 @@ from pathlib import Path
 from lnsp.errors import LaunchError
 from lnsp.rundir import ExitCode
 from lnsp.launch.command import OPEN_FILES, caffeinate, environment, trainer_argv
+# Its runs are processes on this machine, operated as every native run is.
+from lnsp.launch.native import (alive, extra_status, kill, kill_supervisor,  # noqa: F401
+                                send, trainer_alive, wait_gone)
 
 
 def tmux(*args: str, socket: str | None = None) -> subprocess.CompletedProcess:

@@ -6,62 +6,77 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from typing import Callable, Protocol
 
+from lnsp.config import TrainConfig
 from lnsp.errors import LaunchError
 from lnsp.progress import format_eta
-from lnsp.rundir import ExitRecord, Heartbeat, RunDir, read_json, run_staleness
+from lnsp.rundir import ExitRecord, Heartbeat, RunDir, RunRecord, read_json, run_staleness
+
+# A run whose records name no budgets is judged by the defaults it ran with.
+STALL_TIMEOUT, STARTUP_TIMEOUT = TrainConfig.stall_timeout, TrainConfig.startup_timeout
 
 
-def classify(run: dict, beat: Heartbeat | None, ended: ExitRecord | None, alive: bool,
+class Processes(Protocol):
+    """What status asks a run's backend (lnsp.launch.Backend has it all): whether the
+    run's processes live, and the backend's own fields for the row (its containers)."""
+
+    def alive(self, run: RunRecord) -> bool:
+        """Any process of the run lives (a supervisor between two trainers counts)."""
+
+    def trainer_alive(self, run: RunRecord) -> bool:
+        """The recorded trainer itself lives (not a later process with its PID)."""
+
+    def extra_status(self, run: RunRecord) -> dict:
+        """Fields the backend adds to the status row ({} when it has none)."""
+
+
+def classify(run: RunRecord, beat: Heartbeat | None, ended: ExitRecord | None, alive: bool,
              trainer_alive: bool, now: float, config: dict | None = None) -> str:
     """The state of a run from its records and whether its processes live: running,
     stalled, finished, stopped, failed, starting or restarting (a pure function)."""
     config = config or {}
     if ended:  # written just before the trainer exits, removed when one starts
         if ended.state != "finished" and alive and \
-                run.get("restarts", 0) < run.get("max_restarts", 0):
+                run.restarts < run.max_restarts:
             return "restarting"
         return ended.state
     if trainer_alive:
-        if run.get("guard") is False:  # a command that is not Python: no heartbeat to age
+        if run.guard is False:  # a command that is not Python: no heartbeat to age
             return "running"
-        s = run_staleness(beat, run.get("pid"), run.get("start_time",
-                                                        run.get("launch_time", now)),
-                          run.get("stall_timeout") or config.get("stall_timeout", 120),
-                          run.get("startup_timeout") or config.get("startup_timeout", 600), now)
+        s = run_staleness(beat, run.pid, run.start_time or run.launch_time or now,
+                          run.stall_timeout or config.get("stall_timeout", STALL_TIMEOUT),
+                          run.startup_timeout or config.get("startup_timeout", STARTUP_TIMEOUT),
+                          now)
         if s.stale:
             return "stalled"
         # s.stepping: the heartbeat is this trainer's own (not an earlier one's)
         return "slow" if s.stepping and beat.extra.get("slow") else "running"
-    if alive or (not run.get("pid") and now - run.get("launch_time", 0) < 60):
+    if alive or (not run.pid and now - (run.launch_time or 0) < 60):
         return "starting"
     return "failed"  # the process is gone and left no exit.json: killed or crashed
 
 
-def state(rd: RunDir, backend, now: float | None = None) -> dict:
+def state(rd: RunDir, backend: Callable[[str], Processes], now: float | None = None) -> dict:
     """One run's status row. `backend(kind)` answers whether the run's processes live
     (lnsp.launch.backend): the records are read here, the processes asked there."""
     now = now or time.time()
-    run = rd.read_run()
+    run = rd.read_run_record() or RunRecord()
     beat = rd.read_heartbeat()
     ended = rd.read_exit()
-    kind = run.get("backend", "foreground")
-    ops = backend(kind)
-    extra = {}
+    ops = backend(run.backend)
     try:
         label = classify(run, beat, ended, ops.alive(run),
                          not ended and ops.trainer_alive(run), now, read_json(rd.config))
-        if hasattr(ops, "extra_status"):
-            extra = ops.extra_status(run)
+        extra = ops.extra_status(run)
     except LaunchError as e:  # the engine did not answer: no verdict on the processes
         label, extra = (ended.state if ended else "unknown"), {"error": str(e)}
     age = now - beat.time if beat else None
-    row = {"run": str(rd.root), "backend": kind, "state": label, "pid": run.get("pid"),
+    row = {"run": str(rd.root), "backend": run.backend, "state": label, "pid": run.pid,
            "epoch": beat and beat.epoch, "step": ended.step if ended else beat and beat.step,
            "loss": beat and beat.loss, "samples_per_s": beat and beat.samples_per_s,
            "heartbeat_age_s": None if age is None else round(age, 1),
-           "exit_code": ended and ended.exit_code, "restarts": run.get("restarts", 0),
+           "exit_code": ended and ended.exit_code, "restarts": run.restarts,
            "phase": beat and beat.phase, "total_steps": beat and beat.extra.get("total_steps"),
            "eta_s": eta(label, beat, age)}
     cause = _cause(rd, ended, beat) if label in ("stalled", "failed", "restarting") \
@@ -75,10 +90,10 @@ def state(rd: RunDir, backend, now: float | None = None) -> dict:
         row["goodput"] = {k: goodput[k] for k in ("goodput", "wall_s", "shares", "attempts")
                           if k in goodput}
     row.update(extra)
-    if run.get("world_size", 1) > 1:  # one line per rank
+    if run.world_size > 1:  # one line per rank
         beats = rd.rank_heartbeats()
         row["ranks"] = []
-        for r in run.get("ranks", []):
+        for r in run.ranks:
             b = beats.get(r["rank"])
             row["ranks"].append({"rank": r["rank"], "pid": r["pid"], "host": r["host"],
                                  "step": b and b.step, "phase": b and b.phase,
@@ -102,18 +117,14 @@ def _cause(rd: RunDir, ended: ExitRecord | None, beat: Heartbeat | None) -> str 
     if ended and ended.cause:
         return ended.cause
     for bundle in reversed(rd.bundles()):
-        verdict = read_json(bundle / "verdict.json") or {}
+        verdict = read_json(rd.verdict(bundle)) or {}
         if verdict.get("kind") and (beat is None or verdict.get("time", 0) >= beat.time):
             return f"{verdict['kind']}: {verdict.get('summary', '')}"
     return None
 
 
 def find(runs: tuple[str, ...], root: str) -> list[RunDir]:
-    if runs:
-        return [RunDir(r) for r in runs]
-    base = Path(root)
-    return [RunDir(p) for p in sorted(base.iterdir()) if RunDir(p).run.exists()] \
-        if base.is_dir() else []
+    return [RunDir(r) for r in runs] if runs else RunDir.runs_under(root)
 
 
 def show(runs: tuple[str, ...], backend, root: str = "runs", as_json: bool = False) -> str:

@@ -219,8 +219,10 @@ def write_into_checkpoint(path: Path, calibration: dict,
 
 def run_dir_of(checkpoint_path: Path) -> Path | None:
     """The run directory that holds a checkpoint (runs/x/checkpoints/best.pt)."""
+    from lnsp.rundir import RunDir
+
     parent = Path(checkpoint_path).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
+    return parent.parent if RunDir(parent.parent).checkpoints == parent else None
 
 
 def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
@@ -241,7 +243,7 @@ def on_demand(checkpoint_path: str, data_dir: str, out: str | None = None,
     result["data"] = str(data_dir)
     run_dir = run_dir_of(Path(checkpoint_path))
     target = Path(out) if out else (RunDir(run_dir).calibration if run_dir else
-                                    Path(checkpoint_path).parent / "calibration.json")
+                                    RunDir(Path(checkpoint_path).parent).calibration)
     if store and not write_into_checkpoint(Path(checkpoint_path), result, expect=calibrated):
         # A live run wrote a newer checkpoint meanwhile: it is kept, not put back.
         result["stored"] = False

@@ -222,13 +222,13 @@ class Dist:
         from lnsp.rundir import read_json, write_json
 
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        write_json(self.root / f"alive-after-error-rank{self.rank}.json",
+        write_json(RunDir(self.root).survivor_mark(self.rank),
                    {"rank": self.rank, "attempt": attempt, "time": time.time()}, durable=False)
         start = time.time()
 
         def survivors():
             seen = set()
-            for p in self.root.glob("alive-after-error-rank*.json"):
+            for p in RunDir(self.root).survivor_marks():
                 m = read_json(p) or {}
                 if m.get("time", 0) >= start - 60 and m.get("attempt") == attempt:
                     seen.add(int(m["rank"]))
@@ -238,7 +238,7 @@ class Dist:
             time.sleep(0.1)
         beats, gone = self.beats(), {}
         # before its first heartbeat a rank is known from run.json (rank 0 wrote it)
-        known = {r["rank"]: r for r in (read_json(self.root / "run.json") or {}).get("ranks", [])}
+        known = {r["rank"]: r for r in RunDir(self.root).read_run().get("ranks", [])}
         for rank in sorted(set(range(self.world)) - survivors()):
             b = beats.get(rank)
             host, pid = (b.host, b.pid) if b else (known.get(rank, {}).get("host", "?"),
@@ -273,9 +273,8 @@ def _kill_rank(pid: int, root: Path | None, log) -> None:
     recorded in run.json (with its start time)."""
     from lnsp.errors import LaunchError
     from lnsp.procs import send_signal
-    from lnsp.rundir import read_json
 
-    ranks = (read_json(root / "run.json") or {}).get("ranks", []) if root else []
+    ranks = RunDir(root).read_run().get("ranks", []) if root else []
     here = socket.gethostname()
     started = next((r.get("start") for r in ranks
                     if r.get("pid") == pid and r.get("host") == here), None)
