@@ -65,3 +65,19 @@ def test_seed_scale_chains_stay_within_a_topic(tmp_path):
     same = (bank[ids[0]] * bank[ids[1]]).sum()
     other = (bank[ids[0]] * bank[ids[-1]]).sum() if labels[ids[0]] != labels[ids[-1]] else 0
     assert same > 0.3 > other
+
+
+def test_the_guards_own_work_is_timed_on_a_real_runtime_and_leaves_this_process_as_it_was():
+    """`make bench`'s guard figure times a real runtime's hook and ticks in the bench's
+    process: the figures are there, and the runtime's signal handlers do not stay."""
+    import signal
+
+    from lnsp.bench.versus import guard_work
+    from lnsp.guard import runtime
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                               signal.SIGUSR1, signal.SIGCONT)}
+    work = guard_work(steps=200, ticks=20)
+    assert work["step_us"] > 0 and work["tick_us"] > 0 and work["ticks_per_s"] == 4
+    assert {n: signal.getsignal(n) for n in before} == before
+    assert runtime.current is None

@@ -403,8 +403,8 @@ def summary(b: dict) -> tuple[list[str], dict]:
         "probe_wall_s": b["probe"]["wall_s"],
         "decider_p99_ms": b["decider"]["p99_ms"],
     }
-    if "guard" in b:
-        ratios["guard_overhead_b8"] = b["guard"]["overhead"]
+    if "guard" in b:  # the guard's own CPU per step, timed directly (see versus.guard_work)
+        ratios["guard_overhead_b8"] = b["guard"]["overhead_direct"]
     if "seed_scale" in b:
         ratios["ivf_p95_ms"] = min(b["seed_scale"][k]["p95_ms"] for k in SEED_INDEXES
                                    if b["seed_scale"][k]["nprobe"])
@@ -470,6 +470,13 @@ def summary(b: dict) -> tuple[list[str], dict]:
         met = value <= target if lower_is_better else value >= target
         lines.append(f"{key:<22} {value:>9.3f} {('<=' if lower_is_better else '>=')}"
                      f"{target:>7}  {'yes' if met else 'NO'}")
+    if "guard" in b:
+        g = b["guard"]
+        lines.append(f"guard: {g['guard_step_us']:.1f} us a step on the script's thread, "
+                     f"{g['guard_tick_us']:.0f} us a tick ({g['bare_step_ms']:.1f} ms steps); "
+                     f"whole steps A/B under lnsp run: median {g['overhead']:+.1%}, "
+                     f"quartiles {g['overhead_spread'][0]:+.1%} .. "
+                     f"{g['overhead_spread'][1]:+.1%} (the blocks' noise)")
     return lines, ratios
 
 

@@ -153,7 +153,14 @@ def guard_overhead(batch: int = 8, hidden: int = 768, ctx: int = 10, k: int = 10
         step_ms = {n: 1000 * float(np.median(v)) / steps for n, v in times.items()}
         ratios = [g / b for g, b in zip(times["guarded"], times["bare"])]
         beat = json.loads(RunDir(folder / "run").heartbeat.read_text())
+        work = guard_work()
+        # The guard's CPU per step: its hook on the script's thread, and its thread's
+        # ticks (which take a core from the script's pool while they run).
+        direct = (work["step_us"] + work["tick_us"] * work["ticks_per_s"]
+                  * step_ms["bare"] / 1000) / (1000 * step_ms["bare"])
         return {"batch": batch, "hidden": hidden, "steps_per_block": steps, "blocks": blocks,
+                "guard_step_us": round(work["step_us"], 2),
+                "guard_tick_us": round(work["tick_us"], 2), "overhead_direct": direct,
                 "bare_step_ms": step_ms["bare"], "guarded_step_ms": step_ms["guarded"],
                 "overhead": float(np.median(ratios)) - 1,
                 "overhead_spread": [round(float(np.percentile(ratios, q)) - 1, 4)
@@ -165,6 +172,49 @@ def guard_overhead(batch: int = 8, hidden: int = 768, ctx: int = 10, k: int = 10
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def guard_work(steps: int = 20_000, ticks: int = 2_000) -> dict:
+    """The guard's own work, timed directly (CPU seconds of this process, which a
+    paired A/B of whole steps cannot resolve below its noise): what one optimizer step
+    costs the script's thread (the hook: counters, the watchdog's step event, a
+    steps.jsonl record per --log-every steps) and what one tick of the watchdog's thread
+    costs (its checks, the heartbeat written when the count moved). A real runtime on
+    a temporary run directory; no torch."""
+    import shutil
+
+    from lnsp.config import TrainConfig
+    from lnsp.guard import runtime
+
+    import signal
+
+    folder = Path(tempfile.mkdtemp(prefix="lnsp-guard-work-"))
+    # The runtime installs signal handlers (stop, dump, continue): this process gets its
+    # own back afterwards.
+    kept = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                              signal.SIGUSR1, signal.SIGCONT)}
+    rt = runtime.Runtime(TrainConfig(run_dir=str(folder)).guard_settings("exit"),
+                         log=lambda line: None)
+    try:
+        rt.install()
+        rt.watchdog.stop()  # its thread's ticks are timed here, one by one
+        t = time.process_time()
+        for _ in range(steps):
+            rt.optimizer_stepped()
+        step_us = 1e6 * (time.process_time() - t) / steps
+        t = time.process_time()
+        for _ in range(ticks):
+            rt.optimizer_stepped()  # the count moved: each tick writes the heartbeat
+            rt.watchdog._tick()
+        tick_us = 1e6 * (time.process_time() - t) / ticks - step_us
+    finally:
+        rt.close()
+        for n, handler in kept.items():
+            signal.signal(n, handler)
+        shutil.rmtree(folder, ignore_errors=True)
+    from lnsp.guard.watchdog import TICK_S
+
+    return {"step_us": step_us, "tick_us": tick_us, "ticks_per_s": 1 / TICK_S}
 
 
 def compare(batch: int, hidden: int = 768, ctx: int = 10, k: int = 100, bank_rows: int = 10_000,
