@@ -435,11 +435,6 @@ def summary(b: dict) -> tuple[list[str], dict]:
                      f"lnsp default ({v['lnsp_index']}) {v['lnsp_samples_per_s']:8.1f}: "
                      f"{v['ratio']:.2f}x; FLOP fraction {v['flop_fraction']:.3f} (plain "
                      f"{v['plain_flop_fraction']:.3f}); load {v['load_median']:.1f}")
-    if "guard" in b:
-        g = b["guard"]
-        lines.append(f"guard on the plain loop, batch {g['batch']}: bare {g['bare_step_ms']:.2f} "
-                     f"ms/step, under lnsp run {g['guarded_step_ms']:.2f} ms/step "
-                     f"({g['overhead']:+.2%})")
     if "seed_scale" in b:
         s = b["seed_scale"]
         lines.append(f"seed scale {s['bank_rows']:,} x {s['dim']}, {s['topics']} topics "
