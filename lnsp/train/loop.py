@@ -143,9 +143,9 @@ def fit(job: Trainer, state: RunState, rec: Recorder, dist) -> int:
     stopping = False
     while state.step < rec.total and state.epoch < cfg.epochs:
         # The epoch's batches are a function of (seed, epoch): a resumed run skips the
-        # ones it has done and sees the rest exactly as it would have.
-        # The epoch's start (its DataLoader workers starting up) is a phase of its own;
-        # once the first step is done the guard's optimizer hook marks each step's end.
+        # ones it has done and sees the rest exactly as it would have. The epoch's start
+        # (its DataLoader workers starting up) is a phase of its own; from its first step
+        # on, the guard's optimizer hook marks each step's end.
         with guard.phase(Phase.TRAIN):
             batches = job.epoch_batches(state.epoch)
             feed = job.micro_batches(batches[state.position * cfg.accum_steps:])
@@ -155,8 +155,7 @@ def fit(job: Trainer, state: RunState, rec: Recorder, dist) -> int:
                     rec.checkpoint(rd.last_checkpoint(), job, state)
                     return rec.stopped()
                 if dist.active:  # this rank reached the collectives of this step
-                    with guard.phase(Phase.SYNC):
-                        rec.beat(state, Phase.SYNC)
+                    rec.beat(state, Phase.SYNC)
                 # Forward, mine, loss and backward per micro-batch; one optimizer step.
                 phases: dict = {}
                 loss = job.step([next(feed) for _ in range(cfg.accum_steps)], phases)
