@@ -211,6 +211,7 @@ def explain(run_dir, pid, ignore):
     import json
 
     from lnsp.diagnose import hangbundle
+    from lnsp.guard.watchdog import BUNDLE_WAIT_S
     from lnsp.rundir import RunDir
 
     job = hangbundle.Explanation(RunDir(run_dir), pid, ignore={
@@ -218,7 +219,7 @@ def explain(run_dir, pid, ignore):
     job.known.wait()
     verdict = job.verdict or {"kind": "error", "summary": "no verdict"}
     click.echo(json.dumps({k: v for k, v in verdict.items() if k not in ("samples", "folded")}))
-    job.done.wait(hangbundle.BUNDLE_WAIT_S)
+    job.done.wait(BUNDLE_WAIT_S)
 
 
 @main.command(hidden=True)

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from lnsp.guard.watchdog import BUNDLE_WAIT_S, VERDICT_WAIT_S, cause, own_threads  # noqa: F401
+from lnsp.guard.watchdog import VERDICT_WAIT_S, own_threads
 from lnsp.rundir import RunDir, atomic_write, write_json
 
 # Fast enough that the verdict follows the stall line within seconds: ~1 s of sleep,

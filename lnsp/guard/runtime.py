@@ -277,16 +277,10 @@ class Runtime:
 
     def _stalled(self, phase: str, verdict: dict | None) -> None:
         """Before the watchdog's stall exit: exit.json with the diagnosis as its cause."""
-        from lnsp.guard.watchdog import cause
         from lnsp.rundir import ExitCode
 
-        stall = getattr(self.watchdog, "last_stall", None) or {}
-        extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
-            if cause(verdict) else {}
         self._exit("stalled", ExitCode.STALLED, self.step,
-                           cause=cause(verdict) or f"no progress in phase '{phase}'"
-                           + (f"; {stall['main_thread']}" if stall else ""),
-                           phase=phase, **extra)
+                   **self.watchdog.stall_exit(phase, verdict))
         self.write_goodput()
 
     def _exit(self, state: str, code: int, step: int, cause: str | None = None,

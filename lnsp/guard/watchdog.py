@@ -278,6 +278,15 @@ class Watchdog(threading.Thread):
             self.log(f"[SLOW] {self.label}recovered: {self.slow.rate(now) or 0:.2f} steps/s "
                      f"(best {self.slow.best:.2f})")
 
+    def stall_exit(self, phase: str, verdict: dict | None) -> dict:
+        """exit.json's fields for this stall (beside state, code and step): the
+        diagnosis as its cause when there is one, else the phase and the main thread."""
+        stall = getattr(self, "last_stall", None) or {}
+        extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
+            if cause(verdict) else {}
+        return {"cause": cause(verdict) or f"no progress in phase '{phase}'"
+                + (f"; {stall['main_thread']}" if stall else ""), "phase": phase, **extra}
+
     def vitals(self) -> dict:
         """What the heartbeat carries besides the step: learned budgets, slowdown."""
         out = {"budgets": self.budgets.learned(), "slow": self.slow_since is not None}

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from lnsp.config import GUARD_FIELDS
 from lnsp.errors import LaunchError, RunDirError
 from lnsp.guard.restarts import CRASH_LOOP_ATTEMPTS, RESTARTABLE, alike_endings, classify_ending
 from lnsp.rundir import ExitCode, RunDir
@@ -96,12 +95,6 @@ def prepare(command: list[str], nproc: int = 0) -> tuple[list[str], bool]:
     return guarded, True
 
 
-def settings(config, python: str) -> dict:
-    """What the in-process guard reads (LNSP_GUARD): the run's budgets and lnsp's own
-    interpreter, where the diagnosis runs."""
-    return config.guard_settings("exit", python)
-
-
 def environment(config, guarded: dict | None, attempt: int, ranks: int = 1) -> dict[str, str]:
     """The child's environment: the user's, the thread policy (the user's own values
     win), unbuffered output, the guard's settings and the attempt number."""
@@ -160,7 +153,7 @@ class Runner:
         self.log_file = open(rd.log, "ab")
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
-        guard = settings(config, sys.executable) if guarded else None
+        guard = config.guard_settings("exit", sys.executable) if guarded else None
         attempt = int(rd.read_run().get("attempts", 0)) if config.resume else 0
         restarts, endings = 0, []
         while True:

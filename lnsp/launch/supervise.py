@@ -18,6 +18,7 @@ import time
 
 from lnsp import procs
 from lnsp.diagnose import hangbundle
+from lnsp.guard.watchdog import BUNDLE_WAIT_S, VERDICT_WAIT_S, cause
 from lnsp.guard.budgets import Goodput
 from lnsp.guard.restarts import CRASH_LOOP_ATTEMPTS, RESTARTABLE, classify_ending, crash_loop
 from lnsp.guard.dumps import native_stacks
@@ -169,7 +170,7 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, log, stopping) -> int:
                      f"# frozen trainer pid {proc.pid}, heartbeat {s.idle:.1f}s old\n{stacks}")
         # Why it froze, before it is killed: the verdict goes into the log and exit.json.
         verdict = _explain(hangbundle.Explanation(rd, proc.pid, log=log).start(), proc)
-        why = hangbundle.cause(verdict)
+        why = cause(verdict)
         if why:
             log(f"[SUPERVISOR] VERDICT {why} fix: {verdict['fix']} "
                 f"(bundle {verdict.get('bundle')})")
@@ -194,8 +195,7 @@ def _watch(proc: subprocess.Popen, rd: RunDir, config, log, stopping) -> int:
 def _explain(job, proc: subprocess.Popen) -> dict | None:
     """The diagnosis's verdict, then its bundle, each waited for in slices: a trainer that
     ends meanwhile (its own watchdog got there first) is not waited on for seconds."""
-    for event, limit in ((job.known, hangbundle.VERDICT_WAIT_S),
-                         (job.done, hangbundle.BUNDLE_WAIT_S)):
+    for event, limit in ((job.known, VERDICT_WAIT_S), (job.done, BUNDLE_WAIT_S)):
         end = time.monotonic() + limit
         while not event.wait(0.25) and proc.poll() is None and time.monotonic() < end:
             pass

@@ -266,16 +266,9 @@ class Recorder:
     def stalled(self, phase: str, verdict: dict | None = None) -> None:
         """The watchdog's exit (from its thread, just before os._exit); the cause is the
         diagnosis when there is one."""
-        from lnsp.guard.watchdog import cause
-
         if self.main:
-            stall = getattr(self.watchdog, "last_stall", None) or {}
-            extra = {"verdict": verdict["kind"], "bundle": verdict.get("bundle")} \
-                if cause(verdict) else {}
             self.rd.write_exit("stalled", ExitCode.STALLED, self.step,
-                               cause=cause(verdict) or f"no progress in phase '{phase}'"
-                               + (f"; {stall['main_thread']}" if stall else ""),
-                               phase=phase, **extra)
+                               **self.watchdog.stall_exit(phase, verdict))
             self.write_goodput()
 
     def failed(self, error: BaseException) -> None:
